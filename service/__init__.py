@@ -1,0 +1,1 @@
+"""The normcore job service: FastAPI app, settings, store, auth, client CLI."""

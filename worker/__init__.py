@@ -1,0 +1,1 @@
+"""The normcore worker: Celery app and the task that runs training jobs."""
