@@ -1,0 +1,282 @@
+"""The job spec: what a user sends to train one normalized CNN, as pydantic models.
+
+A spec is plain JSON (or YAML) shaped as in DESIGN.md. Every field has a sane default except the
+model architecture and the dataset, and every bad value is refused with a message that says
+what to change. ``JobSpec.model_json_schema()`` is the reference the README is generated from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ARCHS = ("convblock", "lenet", "vgg11", "resnet20", "resnet18", "edsr")
+DATASETS = (
+    "synthetic",
+    "brightness",
+    "digits",
+    "sr-synthetic",
+    "mnist",
+    "cifar10",
+    "imagefolder",
+    "npz",
+)
+FILE_DATASETS = ("mnist", "cifar10", "imagefolder", "npz")
+SR_ARCHS = ("edsr",)
+SR_DATASETS = ("sr-synthetic",)
+
+NormChoice = str | dict[str, Any]
+
+
+class _Strict(BaseModel):
+    """Base for spec sections: unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """Which network to build and how it is normalized."""
+
+    arch: Literal["convblock", "lenet", "vgg11", "resnet20", "resnet18", "edsr"] = Field(
+        description="Network architecture."
+    )
+    norm: NormChoice = Field(
+        default="bn",
+        description='Normalization, any name make_norm accepts: "bn", "gn:8", "ln", "in", '
+        '"frozen_bn", "brn", "ghost_bn:16", "sync_bn", "l2", "none", "bn(momentum=0.01)", '
+        'or a dict such as {"type": "batch", "momentum": 0.01}. edsr defaults to "none".',
+    )
+    num_classes: int = Field(default=10, ge=1, le=100_000, description="Output classes.")
+    scale: int = Field(default=2, ge=1, le=8, description="Upscaling factor (edsr only).")
+    in_channels: int | None = Field(
+        default=None, ge=1, le=64, description="Input channels; default: taken from the data."
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout probability.")
+    norm_position: Literal["before", "after"] = Field(
+        default="before", description="Norm before (default) or after the activation."
+    )
+    width: int | None = Field(
+        default=None, ge=1, le=1024, description="Base channel width; default: the arch's own."
+    )
+    depth: int | None = Field(
+        default=None, ge=1, le=64, description="Blocks (convblock, edsr); default: the arch's own."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edsr_norm_default(cls, data: Any) -> Any:
+        # The seeds explain that BN destroys the contrast SR must keep, so edsr defaults to none.
+        if isinstance(data, dict) and data.get("arch") == "edsr" and "norm" not in data:
+            data = {**data, "norm": "none"}
+        return data
+
+    @field_validator("norm")
+    @classmethod
+    def _check_norm(cls, value: NormChoice) -> NormChoice:
+        from normcore.factory import validate_norm
+
+        validate_norm(value)
+        return value
+
+
+class DataSpec(_Strict):
+    """Which data to train on, how it is split, batched and augmented."""
+
+    dataset: Literal[
+        "synthetic",
+        "brightness",
+        "digits",
+        "sr-synthetic",
+        "mnist",
+        "cifar10",
+        "imagefolder",
+        "npz",
+    ] = Field(description="Built-in set (no download) or a reader of files under the data root.")
+    path: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="For mnist, cifar10, imagefolder and npz: a path relative to the data root.",
+    )
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Training batch size.")
+    eval_batch_size: int | None = Field(
+        default=None, ge=1, le=8192, description="Validation batch size; default: batch_size."
+    )
+    val_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="Share of the data held out for validation."
+    )
+    augment: bool = Field(
+        default=False, description="Random crop with padding and horizontal flip on train batches."
+    )
+    normalize: bool = Field(
+        default=True, description="Per-channel input normalization from the train split."
+    )
+    num_samples: int | None = Field(
+        default=None, ge=2, le=1_000_000, description="Samples to generate (synthetic sets)."
+    )
+    image_size: int | None = Field(
+        default=None, ge=4, le=512, description="Image side (generated sets, image folders)."
+    )
+    channels: int | None = Field(
+        default=None, ge=1, le=16, description="Image channels (generated sets)."
+    )
+    num_classes: int | None = Field(
+        default=None, ge=2, le=1000, description="Classes (synthetic set)."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _relative_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if "\x00" in value:
+            raise ValueError("path must not contain NUL bytes")
+        pure = PurePosixPath(value.replace("\\", "/"))
+        if pure.is_absolute() or ".." in pure.parts:
+            raise ValueError(
+                f"path {value!r} must be relative to the data root and must not contain '..'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> DataSpec:
+        if self.dataset in FILE_DATASETS and not self.path:
+            raise ValueError(
+                f"dataset {self.dataset!r} reads files: give data.path relative to the data root"
+            )
+        if self.dataset not in FILE_DATASETS and self.path:
+            raise ValueError(f"dataset {self.dataset!r} is built in and takes no data.path")
+        return self
+
+
+class OptimSpec(_Strict):
+    """Optimizer, learning-rate schedule and gradient clipping."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.1, gt=0.0, le=10.0, description="Peak learning rate.")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    nesterov: bool = False
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(default=5e-4, ge=0.0, le=1.0)
+    decay_norm_and_bias: bool = Field(
+        default=False, description="Apply weight decay to norm parameters and biases too."
+    )
+    schedule: Literal["constant", "step", "cosine"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0.0, le=1000.0, description="Linear warm-up.")
+    step_epochs: int = Field(default=30, ge=1, description="Step schedule: epochs per decay.")
+    step_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="Step schedule factor.")
+    grad_clip: float | None = Field(
+        default=None, gt=0.0, description="Clip the global gradient norm to this value."
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("betas must each lie in [0, 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> OptimSpec:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0.0):
+            raise ValueError("nesterov needs optim.name 'sgd' with momentum > 0")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    """Where the job runs: device, number of GPUs (or CPU processes), mixed precision."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: CUDA when the worker has it, else CPU."
+    )
+    gpus: int = Field(
+        default=1, ge=1, le=16, description="Data-parallel processes (GPUs; gloo on CPU)."
+    )
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        default="none", description="Mixed precision on CUDA (ignored on CPU)."
+    )
+    channels_last: bool = Field(default=True, description="channels_last memory format on CUDA.")
+    sync_bn: bool = Field(
+        default=False, description="With gpus > 1: convert BatchNorm to SyncBatchNorm."
+    )
+
+
+class CheckpointSpec(_Strict):
+    """When checkpoints are written and how many are kept."""
+
+    every_epochs: int = Field(default=1, ge=1, le=10_000)
+    keep_last: int = Field(default=3, ge=1, le=1000)
+    precise_bn_batches: int = Field(
+        default=0, ge=0, le=10_000, description="Recalibrate BN over this many batches first."
+    )
+
+
+class JobSpec(_Strict):
+    """A whole training job: model, data, optimizer, epochs, seed, resources and checkpoints."""
+
+    name: str = Field(
+        default="job",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]*$",
+        description="A label for people; need not be unique.",
+    )
+    model: ModelSpec
+    data: DataSpec
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        from normcore.factory import norm_uses_batch_stats
+
+        if self.data.batch_size == 1 and norm_uses_batch_stats(self.model.norm):
+            raise ValueError(
+                f"batch_size 1 with norm {self.model.norm!r}: batch statistics of a single "
+                "sample have no variance per channel, so BatchNorm cannot train. Use a batch "
+                'size of at least 2, or a per-sample norm such as "gn:8", "ln" or "in".'
+            )
+        sr_model = self.model.arch in SR_ARCHS
+        sr_data = self.data.dataset in SR_DATASETS
+        if sr_model != sr_data:
+            raise ValueError(
+                f"arch {self.model.arch!r} and dataset {self.data.dataset!r} do not fit: "
+                f"super-resolution archs {SR_ARCHS} need datasets {SR_DATASETS} and vice versa"
+            )
+        return self
+
+    @property
+    def task(self) -> Literal["classification", "super_resolution"]:
+        """The kind of training the spec asks for."""
+        return "super_resolution" if self.model.arch in SR_ARCHS else "classification"
+
+
+def load_spec(source: str | Path | dict[str, Any] | JobSpec) -> JobSpec:
+    """Read a JobSpec from a dict, a JSON/YAML file path, or return it unchanged."""
+    if isinstance(source, JobSpec):
+        return source
+    if isinstance(source, dict):
+        return JobSpec.model_validate(source)
+    path = Path(source)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: a job spec must be a JSON/YAML object, got {type(data).__name__}"
+        )
+    return JobSpec.model_validate(data)
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """The JSON schema of JobSpec, for clients and the README's reference."""
+    return JobSpec.model_json_schema()
