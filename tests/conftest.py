@@ -1,0 +1,109 @@
+"""Shared fixtures: real PostgreSQL and Redis servers, and deployments of the real service."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ServiceEnv, Stack, make_env, running_stack
+
+PG_ADMIN_URL = os.environ.get("NORMCORE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_HOST = os.environ.get("NORMCORE_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("NORMCORE_TEST_REDIS_PORT", "6379"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _missing(what: str, error: Exception) -> None:
+    """Fail in CI (a missing server is a broken build), skip on a laptop."""
+    message = f"{what} is not reachable: {error}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _xdist_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The admin URL of the real PostgreSQL server (fails in CI when it is down)."""
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:
+        _missing("PostgreSQL at 127.0.0.1:5432", exc)
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    import psycopg
+
+    name = f"normcore_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database of its own for this test (per xdist worker), flushed before and after."""
+    try:
+        import redis
+
+        db = 1 + _xdist_index() % 15
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, socket_connect_timeout=3)
+        client.ping()
+    except Exception as exc:
+        _missing("Redis at 127.0.0.1:6379", exc)
+    client.flushdb()
+    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def sqlite_env(tmp_path: Path) -> ServiceEnv:
+    """An embedded deployment's environment: SQLite store and SQLite broker in a temp dir."""
+    return make_env(tmp_path / "nc", mode="sqlite")
+
+
+@pytest.fixture
+def cluster_env(tmp_path: Path, postgres_url: str, redis_url: str) -> ServiceEnv:
+    """A cluster deployment's environment: fresh PostgreSQL database and Redis db."""
+    return make_env(tmp_path / "nc", mode="cluster", postgres_url=postgres_url, redis_url=redis_url)
+
+
+@pytest.fixture(params=["sqlite", "cluster"])
+def any_env(request: pytest.FixtureRequest, tmp_path: Path) -> ServiceEnv:
+    """Both modes, one after the other."""
+    if request.param == "sqlite":
+        return make_env(tmp_path / "nc", mode="sqlite")
+    pg = request.getfixturevalue("postgres_url")
+    rd = request.getfixturevalue("redis_url")
+    return make_env(tmp_path / "nc", mode="cluster", postgres_url=pg, redis_url=rd)
+
+
+@pytest.fixture
+def stack(any_env: ServiceEnv) -> Iterator[Stack]:
+    """A running API plus one CPU worker, in each mode."""
+    with running_stack(any_env) as running:
+        yield running
+
+
+@pytest.fixture
+def sqlite_stack(sqlite_env: ServiceEnv) -> Iterator[Stack]:
+    """A running embedded-mode API plus one CPU worker."""
+    with running_stack(sqlite_env) as running:
+        yield running
