@@ -1,0 +1,257 @@
+"""Batch normalization layers that are drop-in twins of ``torch.nn.BatchNorm1d/2d/3d``.
+
+Same constructor, parameter and buffer names, state dict and numerics as torch.nn (the forward
+is ``F.batch_norm``); the difference is in the errors: a batch with one value per channel, a
+wrong channel count or a wrong input rank raise a ``ValueError`` that names the layer and says
+what to do about it.
+
+``_NormBase`` holds what BatchNorm and InstanceNorm share (parameters, buffers, state-dict
+compatibility); ``_BatchNorm`` is the base for every batch-statistics layer in normcore
+(BatchNorm1d/2d/3d, SyncBatchNorm, GhostBatchNorm2d, BatchRenorm2d).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "_BatchNorm", "_NormBase"]
+
+
+class _NormBase(nn.Module):
+    """Parameters, buffers and state-dict handling shared by BatchNorm and InstanceNorm.
+
+    Registers ``weight``/``bias`` (parameters) and ``running_mean``/``running_var``/
+    ``num_batches_tracked`` (buffers) under exactly the names, shapes, dtypes and order that
+    ``torch.nn`` uses, so state dicts load both ways.
+    """
+
+    _version = 2
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.running_mean: Tensor | None
+        self.running_var: Tensor | None
+        self.num_batches_tracked: Tensor | None
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Reset running_mean to 0, running_var to 1 and num_batches_tracked to 0."""
+        if self.track_running_stats:
+            assert self.running_mean is not None
+            assert self.running_var is not None
+            assert self.num_batches_tracked is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics and set weight to 1 and bias to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def _layer_name(self) -> str:
+        """Short description of this layer for error messages, e.g. ``BatchNorm2d(64)``."""
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version")
+        if (version is None or version < 2) and self.track_running_stats:
+            # state dicts from before num_batches_tracked existed (torch < 0.4.1) lack the key
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                nbt = self.num_batches_tracked
+                state_dict[key] = (
+                    nbt
+                    if nbt is not None and nbt.device != torch.device("meta")
+                    else torch.tensor(0, dtype=torch.long)
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class _BatchNorm(_NormBase):
+    """Batch normalization over the channel dimension (dim 1), as ``torch.nn``'s ``_BatchNorm``.
+
+    Subclasses set ``_input_dims`` (the accepted ``input.dim()`` values). Building blocks for
+    subclasses: ``_check_input`` (rank, channels, one-value-per-channel), ``_use_batch_stats``
+    and ``_average_factor`` (increments ``num_batches_tracked``, returns the momentum to use).
+    """
+
+    _input_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            bias=bias,
+        )
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._input_dims:
+            want = " or ".join(f"{d}D" for d in self._input_dims)
+            raise ValueError(
+                f"{self._layer_name()}: expected {want} input (got {input.dim()}D input "
+                f"of size {tuple(input.shape)})"
+            )
+
+    def _check_input(self, input: Tensor, batch_stats: bool) -> None:
+        """Raise a ValueError naming this layer for inputs that torch.nn would reject."""
+        self._check_input_dim(input)
+        channels = input.shape[1]
+        # torch.nn only notices a channel mismatch when some per-channel tensor exists
+        if channels != self.num_features and (
+            self.weight is not None or self.bias is not None or self.running_mean is not None
+        ):
+            raise ValueError(
+                f"{self._layer_name()}: expected input with {self.num_features} channels "
+                f"(dim 1), got {channels} channels in input of size {tuple(input.shape)}"
+            )
+        if batch_stats:
+            values = input.shape[0] * math.prod(input.shape[2:])
+            if values == 1:
+                raise ValueError(
+                    f"{self._layer_name()}: expected more than 1 value per channel when "
+                    f"training, got input of size {tuple(input.shape)}. Batch statistics need "
+                    "at least 2 values per channel: use a batch size of 2 or more, call "
+                    ".eval() to normalize with the running statistics, or use a norm that "
+                    "does not depend on the batch (GroupNorm, LayerNorm, FrozenBatchNorm2d)."
+                )
+
+    def _use_batch_stats(self) -> bool:
+        """True when batch statistics normalize: in training, or when no buffers are kept."""
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def _average_factor(self) -> float:
+        """Count this batch and return the running-average factor (torch.nn's rule).
+
+        ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked``.
+        """
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input`` (N, C, *) per channel; update the running stats in training."""
+        batch_stats = self._use_batch_stats()
+        self._check_input(input, batch_stats)
+        return self._batch_norm(input, batch_stats)
+
+    def _batch_norm(self, input: Tensor, batch_stats: bool) -> Tensor:
+        """torch.nn's BatchNorm forward on an already checked input."""
+        factor = self._average_factor()
+        # buffers are passed when they are updated (training and tracked) or used (eval)
+        use_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization over (N, C) or (N, C, L) input; twin of ``torch.nn.BatchNorm1d``."""
+
+    _input_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization over (N, C, H, W) input; twin of ``torch.nn.BatchNorm2d``."""
+
+    _input_dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization over (N, C, D, H, W) input; twin of ``torch.nn.BatchNorm3d``."""
+
+    _input_dims = (5,)

@@ -1,0 +1,92 @@
+"""GroupNorm: a drop-in twin of ``torch.nn.GroupNorm`` with errors that name the layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+
+__all__ = ["GroupNorm"]
+
+
+class GroupNorm(nn.Module):
+    """Group normalization over (N, C, *) input (Wu & He, 2018); twin of ``torch.nn.GroupNorm``.
+
+    Channels are split into ``num_groups`` groups, each normalized per sample, so the output
+    does not depend on the batch size.
+    """
+
+    num_groups: int
+    num_channels: int
+    eps: float
+    affine: bool
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_groups < 1 or num_channels % num_groups != 0:
+            raise ValueError(
+                f"GroupNorm: num_channels ({num_channels}) must be divisible by num_groups "
+                f"({num_groups})"
+            )
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set weight to 1 and bias to 0."""
+        if self.affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize each group of channels of each sample."""
+        if input.dim() < 2:
+            raise ValueError(
+                f"{self._layer_name()}: expected input of at least 2 dimensions (N, C, *), "
+                f"got {input.dim()}D input of size {tuple(input.shape)}"
+            )
+        channels = input.shape[1]
+        # torch.nn accepts any channel count divisible by the groups when there is no weight
+        if channels % self.num_groups != 0 or (
+            channels != self.num_channels and (self.weight is not None or self.bias is not None)
+        ):
+            raise ValueError(
+                f"{self._layer_name()}: expected input with {self.num_channels} channels "
+                f"(dim 1), got {channels} channels in input of size {tuple(input.shape)}"
+            )
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def _layer_name(self) -> str:
+        return f"GroupNorm({self.num_groups}, {self.num_channels})"
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"bias={self.bias is not None}"
+        )

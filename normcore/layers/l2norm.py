@@ -1,0 +1,53 @@
+"""L2Norm from SSD: unit L2 norm over channels at each position, times a learned scale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+
+__all__ = ["L2Norm"]
+
+
+class L2Norm(nn.Module):
+    """``y = weight * x / max(||x||_2, eps)`` with the norm over channels (dim 1) per position.
+
+    SSD (Liu et al., 2016) puts it after VGG's conv4_3, whose activations have a much larger
+    scale than deeper maps; ``weight`` is per-channel and starts at ``scale`` (20 in SSD).
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        scale: float = 20.0,
+        eps: float = 1e-10,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.scale = float(scale)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set every channel's weight to ``scale``."""
+        init.constant_(self.weight, self.scale)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize each position's channel vector to unit length and scale it per channel."""
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"L2Norm({self.num_channels}): expected input (N, {self.num_channels}, *), "
+                f"got input of size {tuple(input.shape)}"
+            )
+        shape = [1, self.num_channels] + [1] * (input.dim() - 2)
+        # F.normalize clamps the norm from below, so an all-zero vector gives 0, not NaN
+        return F.normalize(input, p=2.0, dim=1, eps=self.eps) * self.weight.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, scale={self.scale}, eps={self.eps}"

@@ -1,0 +1,132 @@
+"""LayerNorm (twin of ``torch.nn.LayerNorm``) and LayerNorm2d (over C of an NCHW map)."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+
+__all__ = ["LayerNorm", "LayerNorm2d"]
+
+
+class LayerNorm(nn.Module):
+    """Layer normalization over the trailing ``normalized_shape`` dims; twin of torch.nn's."""
+
+    normalized_shape: tuple[int, ...]
+    eps: float
+    elementwise_affine: bool
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int] | torch.Size,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (int(normalized_shape),)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        factory_kwargs = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set weight to 1 and bias to 0."""
+        if self.elementwise_affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize each sample over its trailing ``normalized_shape`` dims."""
+        n = len(self.normalized_shape)
+        if tuple(input.shape[input.dim() - n :]) != self.normalized_shape or input.dim() < n:
+            raise ValueError(
+                f"LayerNorm({self.normalized_shape}): expected input of size "
+                f"(*, {', '.join(map(str, self.normalized_shape))}), got input of size "
+                f"{tuple(input.shape)}; for a (N, C, H, W) conv map use LayerNorm2d(C)"
+            )
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )
+
+
+class LayerNorm2d(nn.Module):
+    """Layer normalization over the channels of an (N, C, H, W) map at each position.
+
+    Same parameters (``weight``, ``bias`` of shape (C,)) and numerics as ``torch.nn.LayerNorm(C)``
+    applied to the NHWC permutation; the output has the input's shape and memory layout.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.normalized_shape = (num_channels,)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        factory_kwargs = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set weight to 1 and bias to 0."""
+        if self.elementwise_affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize each position's channel vector; returns NCHW in the input's layout."""
+        if input.dim() != 4 or input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"LayerNorm2d({self.num_channels}): expected (N, {self.num_channels}, H, W) "
+                f"input, got input of size {tuple(input.shape)}"
+            )
+        # F.layer_norm on the NHWC view benchmarks 2-4x faster than a var_mean formula on CPU;
+        # for channels_last input the permutes are free.
+        out = F.layer_norm(
+            input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+        ).permute(0, 3, 1, 2)
+        if input.is_contiguous():
+            out = out.contiguous()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
