@@ -1,23 +1,23 @@
 """Normalization layers: drop-in twins of torch.nn's norms plus the variants normcore adds."""
 
-import contextlib
-
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .frozen import FrozenBatchNorm2d
+from .ghost import GhostBatchNorm2d
 from .groupnorm import GroupNorm
 from .identity import Identity
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .l2norm import L2Norm
 from .layernorm import LayerNorm, LayerNorm2d
-
-with contextlib.suppress(ImportError):  # written separately; may not have landed yet
-    from .syncbn import SyncBatchNorm
+from .renorm import BatchRenorm2d
+from .syncbn import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm2d",
     "FrozenBatchNorm2d",
+    "GhostBatchNorm2d",
     "GroupNorm",
     "Identity",
     "InstanceNorm1d",

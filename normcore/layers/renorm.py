@@ -1,0 +1,116 @@
+"""BatchRenorm2d (Ioffe, 2017): batch norm corrected towards the running statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .batchnorm import _BatchNorm
+
+__all__ = ["BatchRenorm2d"]
+
+
+class BatchRenorm2d(_BatchNorm):
+    """Batch renormalization over (N, C, H, W) input; state dict as ``BatchNorm2d``.
+
+    Training normalizes with the batch statistics and corrects towards the running ones:
+    ``x_hat = (x - mu_B) / sigma_B * r + d`` with ``r = clip(sigma_B / sigma, 1/r_max, r_max)``
+    and ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``, both without gradient, where
+    ``sigma = sqrt(running_var + eps)`` and ``mu = running_mean`` as they were before this
+    batch. Running statistics are then updated exactly as BatchNorm updates them; eval mode
+    normalizes with them. With ``r_max=1, d_max=0`` this is BatchNorm2d.
+
+    Warm-up (r, d are meaningless until the running statistics settle): with ``t`` the number
+    of training batches seen before this one (``num_batches_tracked``), the limits in use are
+    ``1 + (r_max - 1) * p`` and ``d_max * p`` where ``p = clip((t - warmup_start) /
+    warmup_steps, 0, 1)`` (``p = 1`` once ``t >= warmup_start`` when ``warmup_steps=0``).
+    So the layer is plain BatchNorm for the first ``warmup_start`` batches, and the limits
+    then widen linearly to ``(r_max, d_max)`` over ``warmup_steps`` batches.
+    """
+
+    _input_dims = (4,)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        warmup_start: int = 500,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        if not r_max >= 1.0 or not d_max >= 0.0:
+            raise ValueError(
+                f"BatchRenorm2d: need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}"
+            )
+        if warmup_steps < 0 or warmup_start < 0:
+            raise ValueError(
+                f"BatchRenorm2d: warmup_steps and warmup_start must be >= 0, got "
+                f"{warmup_steps} and {warmup_start}"
+            )
+        super().__init__(
+            num_features, eps, momentum, affine, True, device=device, dtype=dtype, bias=bias
+        )
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_start = int(warmup_start)
+
+    def limits(self) -> tuple[Tensor, Tensor]:
+        """The (r_max, d_max) in use for the next training batch, after the warm-up schedule."""
+        assert self.num_batches_tracked is not None
+        t = (self.num_batches_tracked - self.warmup_start).to(torch.float64)
+        if self.warmup_steps > 0:
+            p = (t / self.warmup_steps).clamp(0.0, 1.0)
+        else:
+            p = (t >= 0).to(torch.float64)
+        return 1.0 + (self.r_max - 1.0) * p, self.d_max * p
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Renormalize with batch statistics in training; normalize with running ones in eval."""
+        self._check_input(input, self.training)
+        if not self.training or input.shape[0] == 0:
+            return self._batch_norm(input, self.training)
+        assert self.running_mean is not None and self.running_var is not None
+        r_max, d_max = self.limits()
+        factor = self._average_factor()
+
+        acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        x = input.to(acc)
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        std = (var + self.eps).sqrt()
+        with torch.no_grad():
+            running_std = (self.running_var.to(acc) + self.eps).sqrt()
+            r_max, d_max = r_max.to(acc), d_max.to(acc)
+            r = torch.clamp(std / running_std, 1.0 / r_max, r_max)
+            d = torch.clamp((mean - self.running_mean.to(acc)) / running_std, -d_max, d_max)
+            m = input.numel() // input.shape[1]
+            unbiased = var * (m / (m - 1))
+            rm, rv = self.running_mean, self.running_var
+            rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
+            rv.mul_(1.0 - factor).add_(unbiased.to(rv.dtype), alpha=factor)
+
+        # y = w * ((x - mean) / std * r + d) + b, folded into one per-channel scale and shift
+        scale = r / std
+        shift = d - mean * scale
+        if self.weight is not None:
+            scale = scale * self.weight.to(acc)
+            shift = shift * self.weight.to(acc)
+        if self.bias is not None:
+            shift = shift + self.bias.to(acc)
+        out = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+        return out.to(input.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
+            f"warmup_steps={self.warmup_steps}, warmup_start={self.warmup_start}"
+        )
