@@ -1,0 +1,506 @@
+"""``train``: build the data and model a JobSpec describes and train it, with exact resume.
+
+The step is the one a reader expects (set lr, forward, loss, backward, clip, step, zero_grad);
+everything else (metrics, evaluation, checkpoints, callbacks) happens around it.
+
+Divergence: on CPU each step's loss is turned into a float right away (free there), so a NaN or
+inf raises ``TrainingDiverged`` at the step it appears. On CUDA the losses of up to
+``CUDA_SYNC_EVERY`` steps are kept as tensors and converted in one host sync, so the check (and
+the train rows) come in batches and a divergence is reported up to that many steps late, but
+always with the step it first appeared at.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normcore.checkpoint import (
+    CheckpointInfo,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from normcore.engine.callbacks import (
+    Callback,
+    CallbackList,
+    MetricRow,
+    TrainingDiverged,
+    TrainResult,
+)
+from normcore.engine.optim import build_optimizer
+from normcore.engine.precision import Precision, determinism, resolve_device, setup_precision
+from normcore.engine.rng import capture_rng, restore_rng, seed_everything
+from normcore.engine.schedule import lr_at
+from normcore.spec import JobSpec, load_spec
+
+__all__ = ["CUDA_SYNC_EVERY", "train"]
+
+CUDA_SYNC_EVERY = 50
+RESUME_LATEST = "latest"
+
+
+def train(
+    spec: JobSpec | dict[str, Any] | str | Path,
+    workdir: str | Path,
+    callbacks: Iterable[Callback] | Callback = (),
+    resume: str | Path | None = None,
+    *,
+    data_root: str | Path | None = None,
+    device: str | torch.device | None = None,
+) -> TrainResult:
+    """Train the model ``spec`` describes; checkpoints go to ``workdir/checkpoints/epoch-NNNN``.
+
+    Args:
+        spec: a JobSpec, its dict, or a path to a JSON/YAML file.
+        workdir: folder for checkpoints and ``train.log`` (created if missing).
+        callbacks: receive metric rows, log lines and checkpoints, and may cancel the run.
+        resume: a checkpoint folder to continue from (the epoch after its own), or
+            ``"latest"`` for the newest checkpoint in ``workdir`` that verifies (a fresh start
+            if there is none).
+        data_root: where file datasets (mnist, cifar10, imagefolder, npz) are read from.
+        device: overrides ``spec.resources.device`` ("auto", "cpu", "cuda", "cuda:1").
+
+    Returns:
+        a TrainResult with status "succeeded" or "cancelled" (a callback's ``should_stop``).
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite.
+        ValueError: the spec does not fit the data, or the resume checkpoint is corrupt.
+    """
+    started = time.perf_counter()
+    spec = load_spec(spec)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cbs = CallbackList([*CallbackList.of(callbacks).callbacks, _FileLog(workdir / "train.log")])
+    dev = resolve_device(device if device is not None else spec.resources.device)
+    with determinism(dev) as deterministic:
+        result = _run(spec, workdir, cbs, resume, data_root, dev, deterministic, started)
+    cbs.train_end(result)
+    return result
+
+
+def _run(
+    spec: JobSpec,
+    workdir: Path,
+    cbs: CallbackList,
+    resume: str | Path | None,
+    data_root: str | Path | None,
+    dev: torch.device,
+    deterministic: bool,
+    started: float,
+) -> TrainResult:
+    from normcore.data import build_data
+
+    seed_everything(spec.seed)
+    bundle = build_data(
+        spec.data, seed=spec.seed, data_root=data_root, task=spec.task, scale=spec.model.scale
+    )
+    in_channels = _check_fit(spec, bundle)
+    model = _build_model(spec, in_channels).to(dev)
+    prec = setup_precision(spec.resources, dev, model, cbs.log)
+    optimizer = build_optimizer(model, spec.optim)
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = (
+        F.cross_entropy if spec.task == "classification" else F.l1_loss
+    )
+    batch_size = spec.data.batch_size
+    eval_batch_size = spec.data.eval_batch_size or batch_size
+    steps_per_epoch = bundle.steps_per_epoch(batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"data.batch_size {batch_size} is larger than the {bundle.num_train} training "
+            "samples: lower it or use more data"
+        )
+    total_steps = steps_per_epoch * spec.epochs
+
+    epoch, step, metrics, resumed_from = 0, 0, {}, None  # epochs completed, updates done
+    if resume is not None:
+        loaded = _resume(resume, workdir, spec, model, optimizer, prec, steps_per_epoch, cbs)
+        if loaded is not None:
+            resumed_from, epoch, step, metrics = loaded
+    _log_setup(spec, bundle, model, prec, deterministic, steps_per_epoch, cbs)
+    cbs.train_start(
+        {
+            "spec": spec.model_dump(mode="json"),
+            "device": str(dev),
+            "amp": str(prec.amp_dtype).removeprefix("torch.") if prec.amp_dtype else "none",
+            "deterministic": deterministic,
+            "epochs": spec.epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "start_epoch": epoch,
+            "start_step": step,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+            "num_train": bundle.num_train,
+            "num_val": bundle.num_val,
+            "in_channels": in_channels,
+            "num_classes": bundle.num_classes,
+            "task": spec.task,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "workdir": str(workdir),
+        }
+    )
+
+    rows = _TrainRows(cbs, batch_size, every=1 if dev.type == "cpu" else CUDA_SYNC_EVERY)
+    written: list[CheckpointInfo] = []
+    status = "succeeded"
+    while epoch < spec.epochs and status == "succeeded":
+        epoch += 1
+        epoch_started = time.perf_counter()
+        model.train()
+        meter = _Meter(spec.task, dev)
+        rows.restart_timer()
+        for x, y in bundle.train_batches(epoch - 1, batch_size, device=dev):
+            lr = lr_at(step, spec.optim, steps_per_epoch, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with prec.autocast():
+                out = model(prec.inputs(x))
+                loss = loss_fn(out, y)
+            prec.scaler.scale(loss).backward()
+            if spec.optim.grad_clip is not None:
+                prec.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), spec.optim.grad_clip)
+            prec.scaler.step(optimizer)
+            prec.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            meter.add(loss, out, y)
+            rows.add(step, epoch, loss, lr)
+            if cbs.should_stop():
+                status = "cancelled"
+                break
+        rows.flush()
+        if status == "cancelled":
+            cbs.log(f"cancelled at step {step} (epoch {epoch}); no checkpoint written for it")
+            epoch -= 1
+            break
+
+        _precise_bn(spec, bundle, model, prec, epoch, cbs)
+        metrics = {
+            **meter.values("train_"),
+            **_evaluate(model, bundle, eval_batch_size, prec, loss_fn, spec.task),
+        }
+        cbs.metrics(MetricRow(step, epoch, "val", metrics, time.time()))
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        cbs.log(
+            f"epoch {epoch}/{spec.epochs} step {step}: {summary} "
+            f"({time.perf_counter() - epoch_started:.1f}s)"
+        )
+        if epoch % spec.checkpoint.every_epochs == 0 or epoch == spec.epochs:
+            info = _save(
+                workdir, spec, model, optimizer, prec, epoch, step, metrics, in_channels, bundle
+            )
+            written.append(info)
+            cbs.checkpoint(info)
+            cbs.log(f"checkpoint {info.path}")
+
+    return TrainResult(
+        status=status,  # type: ignore[arg-type]
+        epochs_completed=epoch,
+        global_step=step,
+        metrics=metrics,
+        checkpoints=[c for c in written if c.path.is_dir()],  # minus those pruned by keep_last
+        workdir=workdir,
+        duration_s=time.perf_counter() - started,
+        resumed_from=resumed_from,
+    )
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _check_fit(spec: JobSpec, bundle: Any) -> int:
+    """The model's input channels, after checking the spec's model fits the data."""
+    in_channels = spec.model.in_channels or bundle.in_channels
+    if in_channels != bundle.in_channels:
+        raise ValueError(
+            f"model.in_channels is {in_channels} but dataset {spec.data.dataset!r} has "
+            f"{bundle.in_channels} channel(s): leave model.in_channels unset or set it to "
+            f"{bundle.in_channels}"
+        )
+    if bundle.num_classes is not None and spec.model.num_classes < bundle.num_classes:
+        raise ValueError(
+            f"model.num_classes is {spec.model.num_classes} but dataset {spec.data.dataset!r} "
+            f"has {bundle.num_classes} classes: set model.num_classes to at least "
+            f"{bundle.num_classes}"
+        )
+    return in_channels
+
+
+def _build_model(spec: JobSpec, in_channels: int) -> nn.Module:
+    from normcore.models import build_model
+
+    return build_model(spec.model, in_channels=in_channels)
+
+
+def _log_setup(
+    spec: JobSpec,
+    bundle: Any,
+    model: nn.Module,
+    prec: Precision,
+    deterministic: bool,
+    steps_per_epoch: int,
+    cbs: CallbackList,
+) -> None:
+    dev = prec.device
+    where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
+    amp = str(prec.amp_dtype).removeprefix("torch.") if prec.amp_dtype else "none"
+    cbs.log(
+        f"device {where}, torch {torch.__version__}, amp {amp}, "
+        f"channels_last {prec.channels_last}, deterministic {deterministic}"
+    )
+    params = sum(p.numel() for p in model.parameters())
+    cbs.log(
+        f"{spec.model.arch} (norm {spec.model.norm}, {params:,} parameters) on "
+        f"{spec.data.dataset}: {bundle.num_train} train / {bundle.num_val} val samples, "
+        f"{steps_per_epoch} steps per epoch, {spec.epochs} epochs"
+    )
+    if spec.resources.gpus > 1 or spec.resources.sync_bn:
+        cbs.log(
+            f"warning: resources.gpus={spec.resources.gpus}, sync_bn={spec.resources.sync_bn}: "
+            "normcore.train runs a single process on one device; data parallel is not used"
+        )
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class _TrainRows:
+    """Per-step train rows; losses become floats in one host sync every ``every`` steps."""
+
+    def __init__(self, cbs: CallbackList, batch_size: int, every: int) -> None:
+        self.cbs, self.batch_size, self.every = cbs, batch_size, every
+        self.pending: list[tuple[int, int, Tensor, float]] = []
+        self.t0 = time.perf_counter()
+
+    def restart_timer(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, epoch: int, loss: Tensor, lr: float) -> None:
+        self.pending.append((step, epoch, loss.detach(), lr))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([p[2] for p in self.pending]).tolist()
+        # samples/s over the window: a per-step timer on CPU, a per-window average on CUDA.
+        rate = self.batch_size * len(self.pending) / max(time.perf_counter() - self.t0, 1e-9)
+        now = time.time()
+        pending, self.pending = self.pending, []
+        for (step, epoch, _, lr), value in zip(pending, losses, strict=True):
+            if not math.isfinite(value):
+                raise TrainingDiverged(step, epoch, value)
+            row = MetricRow(
+                step, epoch, "train", {"loss": value, "lr": lr, "samples_per_s": rate}, now
+            )
+            self.cbs.metrics(row)
+        self.t0 = time.perf_counter()
+
+
+class _Meter:
+    """Running sums over an epoch (or the val split) kept on the device: no sync per step."""
+
+    def __init__(self, task: str, device: torch.device) -> None:
+        self.sr = task == "super_resolution"
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.score_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, loss: Tensor, out: Tensor, y: Tensor) -> None:
+        n = y.shape[0]
+        self.count += n
+        self.loss_sum += loss.detach() * n
+        if self.sr:
+            self.score_sum += _psnr(out.detach(), y).sum()
+        else:
+            self.score_sum += (out.detach().argmax(1) == y).sum()
+
+    def values(self, prefix: str) -> dict[str, float]:
+        score = "psnr" if self.sr else "accuracy"
+        n = max(self.count, 1)
+        return {
+            f"{prefix}loss": self.loss_sum.item() / n,
+            f"{prefix}{score}": self.score_sum.item() / n,
+        }
+
+
+def _psnr(out: Tensor, target: Tensor) -> Tensor:
+    """Per-image PSNR in dB of images in [0, 1] (the output clamped to that range)."""
+    mse = (out.float().clamp(0, 1) - target.float()).square().flatten(1).mean(1)
+    return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module,
+    bundle: Any,
+    batch_size: int,
+    prec: Precision,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    task: str,
+) -> dict[str, float]:
+    """Loss and accuracy (or PSNR) over the val split in eval mode (running statistics)."""
+    model.eval()
+    meter = _Meter(task, prec.device)
+    for x, y in bundle.val_batches(batch_size, device=prec.device):
+        with prec.autocast():
+            out = model(prec.inputs(x))
+            loss = loss_fn(out, y)
+        meter.add(loss.float(), out, y)
+    model.train()
+    return meter.values("val_")
+
+
+# ----------------------------------------------------------------------------- precise BN
+
+
+def _has_running_stats(model: nn.Module) -> bool:
+    """True when some BatchNorm-like module tracks running statistics updated in training."""
+    return any(
+        getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None
+        for m in model.modules()
+    )
+
+
+def _precise_bn(
+    spec: JobSpec, bundle: Any, model: nn.Module, prec: Precision, epoch: int, cbs: CallbackList
+) -> None:
+    """Recalibrate BN running statistics over train batches before eval and checkpoint."""
+    num_batches = spec.checkpoint.precise_bn_batches
+    if num_batches <= 0 or not _has_running_stats(model):
+        return
+    from normcore.stats import recalibrate_bn
+
+    recalibrate_bn(model, _precise_bn_batches(bundle, spec, epoch, prec), num_batches=num_batches)
+    cbs.log(f"precise BN: running statistics recalibrated over {num_batches} train batches")
+
+
+def _precise_bn_batches(
+    bundle: Any, spec: JobSpec, epoch: int, prec: Precision
+) -> Iterator[Tensor]:
+    """Train batches in an order drawn from a generator of their own, seeded by (seed, epoch).
+
+    Neither the global RNG nor the training order is touched, so resume stays exact.
+    """
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
+    order = torch.randperm(bundle.num_train, generator=generator)
+    batch_size = spec.data.batch_size
+    for start in range(0, bundle.num_train - batch_size + 1, batch_size):
+        index = order[start : start + batch_size]
+        yield prec.inputs(bundle.train_x[index].to(prec.device))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save(
+    workdir: Path,
+    spec: JobSpec,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    prec: Precision,
+    epoch: int,
+    step: int,
+    metrics: dict[str, float],
+    in_channels: int,
+    bundle: Any,
+) -> CheckpointInfo:
+    rng_tensors, rng_states = capture_rng()
+    return save_checkpoint(
+        workdir / "checkpoints",
+        epoch=epoch,
+        step=step,
+        model=model,
+        optimizer=optimizer,
+        spec=spec,
+        metrics=metrics,
+        rng_tensors=rng_tensors,
+        state={"rng": rng_states, "scaler": prec.scaler.state_dict()},
+        meta={
+            "in_channels": in_channels,
+            "num_classes": spec.model.num_classes if spec.task == "classification" else None,
+            "task": spec.task,
+            "data": {
+                "image_size": bundle.image_size,
+                "mean": _floats(bundle.mean),
+                "std": _floats(bundle.std),
+            },
+        },
+        keep_last=spec.checkpoint.keep_last,
+    )
+
+
+def _floats(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return [float(v) for v in value.flatten().tolist()]
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
+def _resume(
+    resume: str | Path,
+    workdir: Path,
+    spec: JobSpec,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    prec: Precision,
+    steps_per_epoch: int,
+    cbs: CallbackList,
+) -> tuple[Path, int, int, dict[str, float]] | None:
+    """Restore model, optimizer, scaler and RNG states; returns (path, epoch, step, metrics)."""
+    if str(resume) == RESUME_LATEST:
+        found = latest_valid_checkpoint(workdir, log=cbs.log)
+        if found is None:
+            cbs.log(f"no valid checkpoint in {workdir}: starting from scratch")
+            return None
+        resume = found
+    ckpt = load_checkpoint(resume)
+    saved_spec = ckpt.meta.get("spec") or {}
+    current = spec.model_dump(mode="json")
+    changed = sorted(
+        k for k in set(saved_spec) | set(current) if saved_spec.get(k) != current.get(k)
+    )
+    if changed:
+        cbs.log(
+            f"warning: resuming with a spec that differs from the checkpoint's in: {', '.join(changed)}"
+        )
+    model.load_state_dict(ckpt.model_state)
+    if ckpt.optimizer_state is not None:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    if prec.scaler.is_enabled() and ckpt.state.get("scaler"):
+        prec.scaler.load_state_dict(ckpt.state["scaler"])
+    for warning in restore_rng(ckpt.rng_tensors, ckpt.state["rng"]):
+        cbs.log(f"warning: {warning}")
+    if ckpt.step != ckpt.epoch * steps_per_epoch:
+        cbs.log(
+            f"warning: checkpoint step {ckpt.step} is not {ckpt.epoch} epochs of "
+            f"{steps_per_epoch} steps: the data or batch size changed since it was written"
+        )
+    cbs.log(f"resumed from {ckpt.path} (epoch {ckpt.epoch}, step {ckpt.step})")
+    return ckpt.path, ckpt.epoch, ckpt.step, dict(ckpt.meta.get("metrics") or {})
+
+
+class _FileLog(Callback):
+    """Appends each log line, timestamped, to ``workdir/train.log``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{stamp} {message}\n")
