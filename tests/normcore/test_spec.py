@@ -1,0 +1,185 @@
+"""JobSpec validation messages, file loading, and the exported JSON schema."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from pydantic import ValidationError
+
+from normcore.spec import JobSpec, load_spec, spec_json_schema
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The example spec of DESIGN.md ("A job spec, as a user writes it"), verbatim.
+DESIGN_EXAMPLE: dict[str, Any] = {
+    "name": "resnet20-gn-digits",
+    "model": {"arch": "resnet20", "norm": "gn:8", "num_classes": 10, "dropout": 0.0},
+    "data": {"dataset": "digits", "batch_size": 32, "val_fraction": 0.2},
+    "optim": {
+        "name": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+    },
+    "epochs": 10,
+    "seed": 0,
+    "resources": {"device": "auto", "gpus": 1, "amp": "bf16"},
+    "checkpoint": {"every_epochs": 1, "keep_last": 3, "precise_bn_batches": 0},
+}
+
+
+def _errors(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(dotted field path, message) of every validation error for ``data``."""
+    with pytest.raises(ValidationError) as info:
+        JobSpec.model_validate(data)
+    return [(".".join(map(str, e["loc"])), e["msg"]) for e in info.value.errors()]
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    """DESIGN_EXAMPLE with ``section={...}`` merged in (or a top-level value replaced)."""
+    data = copy.deepcopy(DESIGN_EXAMPLE)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    return data
+
+
+def test_design_example_is_valid() -> None:
+    spec = JobSpec.model_validate(DESIGN_EXAMPLE)
+    assert spec.model.norm == "gn:8"
+    assert spec.task == "classification"
+
+
+def test_unknown_arch_lists_the_valid_ones() -> None:
+    [(where, message)] = _errors(_with(model={"arch": "resnet21"}))
+    assert where == "model.arch"
+    for arch in ("convblock", "lenet", "vgg11", "resnet20", "resnet18", "edsr"):
+        assert arch in message
+
+
+def test_unknown_norm_lists_the_valid_ones() -> None:
+    [(where, message)] = _errors(_with(model={"norm": "batchnorm_typo"}))
+    assert where == "model.norm"
+    assert "unknown norm" in message
+    for name in ("bn", "gn", "ln", "in", "frozen_bn", "brn", "ghost_bn", "none"):
+        assert name in message
+
+
+def test_bad_norm_argument_is_refused() -> None:
+    [(where, _message)] = _errors(_with(model={"norm": "gn:0"}))
+    assert where == "model.norm"
+
+
+@pytest.mark.parametrize("lr", [-0.1, 0.0, 11.0])
+def test_learning_rate_out_of_range(lr: float) -> None:
+    [(where, _message)] = _errors(_with(optim={"lr": lr}))
+    assert where == "optim.lr"
+
+
+def test_batch_size_one_with_batch_norm_is_refused_with_the_reason() -> None:
+    [(_where, message)] = _errors(_with(model={"norm": "bn"}, data={"batch_size": 1}))
+    assert "batch_size 1" in message
+    assert "variance" in message
+    assert "gn:8" in message  # says what to use instead
+
+
+def test_batch_size_one_with_a_per_sample_norm_is_fine() -> None:
+    spec = JobSpec.model_validate(_with(model={"norm": "gn:8"}, data={"batch_size": 1}))
+    assert spec.data.batch_size == 1
+
+
+@pytest.mark.parametrize("path", ["../secret", "a/../../b", "/etc/passwd", "..\\x"])
+def test_data_path_escaping_the_data_root_is_refused(path: str) -> None:
+    [(where, message)] = _errors(_with(data={"dataset": "npz", "path": path}))
+    assert where == "data.path"
+    assert "relative" in message
+
+
+def test_relative_data_path_is_accepted() -> None:
+    spec = JobSpec.model_validate(_with(data={"dataset": "npz", "path": "sets/train.npz"}))
+    assert spec.data.path == "sets/train.npz"
+
+
+def test_file_dataset_needs_a_path_and_built_in_refuses_one() -> None:
+    [(_w, message)] = _errors(_with(data={"dataset": "mnist"}))
+    assert "data.path" in message
+    [(_w, message)] = _errors(_with(data={"dataset": "digits", "path": "x"}))
+    assert "takes no data.path" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [(None, "learning_rate"), ("model", "normalization"), ("optim", "lr_schedule")],
+)
+def test_extra_keys_are_refused(section: str | None, key: str) -> None:
+    data = copy.deepcopy(DESIGN_EXAMPLE)
+    (data[section] if section else data)[key] = 1
+    [(where, message)] = _errors(data)
+    assert where.endswith(key)
+    assert "Extra inputs are not permitted" in message
+
+
+def test_sr_arch_and_dataset_must_match() -> None:
+    [(_w, message)] = _errors(_with(model={"arch": "edsr"}))
+    assert "do not fit" in message
+
+
+def test_edsr_defaults_to_no_norm() -> None:
+    spec = JobSpec.model_validate({"model": {"arch": "edsr"}, "data": {"dataset": "sr-synthetic"}})
+    assert spec.model.norm == "none"
+    assert spec.task == "super_resolution"
+
+
+def test_nesterov_needs_sgd_with_momentum() -> None:
+    [(_w, message)] = _errors(_with(optim={"name": "adamw", "nesterov": True}))
+    assert "nesterov" in message
+
+
+def test_load_spec_from_json_yaml_and_dict(tmp_path: Path) -> None:
+    json_path = tmp_path / "spec.json"
+    json_path.write_text(json.dumps(DESIGN_EXAMPLE))
+    yaml_path = tmp_path / "spec.yaml"
+    yaml_path.write_text(
+        "model: {arch: lenet, norm: bn}\ndata: {dataset: digits, batch_size: 16}\nepochs: 2\n"
+    )
+    assert load_spec(json_path) == JobSpec.model_validate(DESIGN_EXAMPLE)
+    assert load_spec(DESIGN_EXAMPLE) == load_spec(json_path)
+    assert load_spec(yaml_path).data.batch_size == 16
+    bad = tmp_path / "list.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON/YAML object"):
+        load_spec(bad)
+
+
+def test_example_specs_in_the_repo_are_valid() -> None:
+    examples = sorted((REPO / "examples").glob("*.json")) + sorted(
+        (REPO / "examples").glob("*.yaml")
+    )
+    assert examples, "examples/ holds no spec"
+    for path in examples:
+        load_spec(path)
+
+
+def test_json_schema_validates_the_design_example() -> None:
+    schema = spec_json_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    validator.check_schema(schema)
+    assert not list(validator.iter_errors(DESIGN_EXAMPLE))
+
+
+def test_json_schema_rejects_what_the_model_rejects() -> None:
+    validator = jsonschema.Draft202012Validator(spec_json_schema())
+    assert list(validator.iter_errors(_with(model={"arch": "resnet21"})))
+    assert list(validator.iter_errors(_with(optim={"lr": -1})))
+    assert list(validator.iter_errors(_with(extra_key=1)))
+    missing_model = copy.deepcopy(DESIGN_EXAMPLE)
+    del missing_model["model"]
+    assert list(validator.iter_errors(missing_model))
