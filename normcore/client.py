@@ -1,0 +1,224 @@
+"""A small HTTP client for the normcore training service (needs only httpx).
+
+    from normcore.client import Client
+    client = Client("http://127.0.0.1:8000", token="...")
+    job = client.submit("spec.json")
+    for row in client.iter_metrics(job["id"]):
+        print(row["epoch"], row["split"], row["values"])
+    path = client.download(job["id"])
+
+URL and token default to the ``NORMCORE_URL`` and ``NORMCORE_TOKEN`` environment variables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["DEFAULT_URL", "ApiError", "Client", "JobFailed"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(Exception):
+    """The server answered with an error: ``status`` and the server's ``detail``."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class JobFailed(RuntimeError):
+    """A job waited for ended as failed; ``job`` is its last state, ``error`` its message."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job = job
+        self.error = job.get("error")
+        super().__init__(f"job {job.get('id')} failed: {self.error}")
+
+
+class ChecksumMismatch(RuntimeError):
+    """A downloaded file's sha256 differs from the server's ETag."""
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml  # only for YAML specs
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a job spec must be a JSON/YAML object")
+    return data
+
+
+class Client:
+    """Talks to the service's HTTP API; every error answer raises ApiError."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+    ) -> None:
+        import httpx
+
+        self.url = (url or os.environ.get("NORMCORE_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("NORMCORE_TOKEN")
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _check(response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except (ValueError, AttributeError):
+                detail = response.text
+            raise ApiError(response.status_code, detail)
+        return response
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._check(self._http.request(method, path, **kwargs)).json()
+
+    def submit(
+        self, spec: dict[str, Any] | str | Path, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Submit a job spec (a dict or a JSON/YAML file); returns the job."""
+        body = spec if isinstance(spec, dict) else _read_spec(Path(spec))
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._request("POST", "/jobs", json=body, headers=headers)
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        """One job with its status, last metrics and checkpoints."""
+        return self._request("GET", f"/jobs/{job_id}")
+
+    def list(self, status: str | None = None, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """Every job visible to the caller, newest first, fetched ``limit`` per page."""
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": limit}
+            if status:
+                params["status"] = status
+            if cursor:
+                params["cursor"] = cursor
+            page = self._request("GET", "/jobs", params=params)
+            yield from page["items"]
+            cursor = page.get("next")
+            if not cursor:
+                return
+
+    def metrics(self, job_id: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """Metric rows with ``seq > after``: ``{"items": [...], "next": seq}``."""
+        return self._request(
+            "GET", f"/jobs/{job_id}/metrics", params={"after": after, "limit": limit}
+        )
+
+    def iter_metrics(
+        self, job_id: str, poll: float = 1.0, until_done: bool = True, after: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Each metric row exactly once, in seq order; with ``until_done`` keep polling until
+        the job finishes, else stop when no more rows are there now."""
+        page_size = 1000
+        while True:
+            # Read the status first: rows written before the job finished are then in the drain.
+            finished = until_done and self.get(job_id)["status"] in FINISHED
+            while True:
+                page = self.metrics(job_id, after=after, limit=page_size)
+                yield from page["items"]
+                after = page["next"]
+                if len(page["items"]) < page_size:
+                    break
+            if not until_done or finished:
+                return
+            time.sleep(poll)
+
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> dict[str, Any]:
+        """Poll until the job finishes; return it, or raise JobFailed (failed) / TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job["status"] == "failed":
+                raise JobFailed(job)
+            if job["status"] in FINISHED:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+            time.sleep(poll)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask the job to stop (cancelled at once if still queued); returns the job."""
+        return self._request("POST", f"/jobs/{job_id}/cancel")
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's checkpoints: name, epoch, step, bytes, sha256, metrics."""
+        return self._request("GET", f"/jobs/{job_id}/checkpoints")
+
+    def download(
+        self, job_id: str, name: str | None = None, path: str | Path | None = None
+    ) -> Path:
+        """Stream a checkpoint's model.safetensors to ``path`` (default: the newest checkpoint,
+        into the current folder) and verify its sha256 against the ETag."""
+        if name is None:
+            points = self.checkpoints(job_id)
+            if not points:
+                raise ApiError(404, f"job {job_id} has no checkpoints yet")
+            name = max(points, key=lambda c: (c.get("epoch") or 0, c.get("step") or 0))["name"]
+        target = Path(path) if path is not None else Path.cwd()
+        if target.is_dir():
+            target = target / f"{job_id}-{name}.safetensors"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.part")
+        digest = hashlib.sha256()
+        with self._http.stream("GET", f"/jobs/{job_id}/checkpoints/{name}") as response:
+            if response.status_code >= 400:
+                response.read()
+                self._check(response)
+            etag = response.headers.get("etag", "").removeprefix("W/").strip('"')
+            with open(partial, "wb") as fh:
+                for chunk in response.iter_bytes():
+                    digest.update(chunk)
+                    fh.write(chunk)
+        if etag and digest.hexdigest() != etag:
+            partial.unlink(missing_ok=True)
+            raise ChecksumMismatch(
+                f"checkpoint {name} of job {job_id}: sha256 {digest.hexdigest()} != ETag {etag}"
+            )
+        partial.replace(target)
+        return target
+
+    def stats(self, job_id: str, name: str) -> dict[str, Any]:
+        """Running statistics of every norm layer of a checkpoint."""
+        return self._request("GET", f"/jobs/{job_id}/checkpoints/{name}/stats")
+
+    def logs(self, job_id: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """The job's log lines with ``seq > after``: ``{"items": [...], "next": seq}``."""
+        return self._request("GET", f"/jobs/{job_id}/logs", params={"after": after, "limit": limit})
+
+    def jobspec_schema(self) -> dict[str, Any]:
+        """The JSON schema the server validates job specs against."""
+        return self._request("GET", "/schema/jobspec")

@@ -1,0 +1,205 @@
+"""The FastAPI application factory: ``uvicorn service.api.app:create_app --factory``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import normcore
+from service import auth, queue
+from service.api import routes_checkpoints, routes_health, routes_jobs
+from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
+from service.settings import Settings, get_settings
+from service.store import Store
+
+log = logging.getLogger(__name__)
+
+BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+
+DESCRIPTION = """
+Send a CNN training job as JSON, watch its loss and accuracy while it runs, and download
+checkpoints whose normalization layers carry their running statistics.
+
+Authenticate with `Authorization: Bearer <token>` (create one with `normcore token create NAME`).
+`/healthz`, `/readyz`, `/metrics`, `/docs` and `/openapi.json` need no token.
+"""
+
+
+def _json_response(status_code: int, detail: Any) -> tuple[Message, Message]:
+    body = json.dumps({"detail": detail}).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status_code,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    return start, {"type": "http.response.body", "body": body}
+
+
+class BodyLimitMiddleware:
+    """Answer 413 for a body over ``max_bytes``, by Content-Length and by the bytes received.
+
+    The body (at most ``max_bytes``) is buffered before the app runs, so an oversized chunked
+    upload is refused before any handler sees it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Send) -> None:
+        for message in _json_response(
+            status.HTTP_413_CONTENT_TOO_LARGE, f"request body over {self.max_bytes} bytes"
+        ):
+            await send(message)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the declared and the streamed size, then replay the body to the app."""
+        if scope["type"] != "http" or scope.get("method") not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    for message in _json_response(400, "invalid Content-Length header"):
+                        await send(message)
+                    return
+                if declared > self.max_bytes:
+                    await self._reject(send)
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class LoopbackOnlyMiddleware:
+    """With auth off, answer 403 to any client that is not on this machine (defence in depth)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse non-loopback clients; pass everything else through."""
+        if scope["type"] == "http":
+            client = scope.get("client")
+            if client and not auth.is_loopback(client[0]):
+                for message in _json_response(
+                    status.HTTP_403_FORBIDDEN,
+                    "this server runs without auth and only answers loopback clients",
+                ):
+                    await send(message)
+                return
+        await self.app(scope, receive, send)
+
+
+def _human_msg(error: dict[str, Any]) -> str:
+    """A validation message a user can act on: no pydantic prefixes, the bad value shown."""
+    msg = str(error.get("msg", "invalid value"))
+    kind = error.get("type", "")
+    loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+    where = ".".join(loc) or "body"
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "missing":
+        return f"{where} is required"
+    if kind == "extra_forbidden":
+        return f"unknown field {where!r}: remove it or check its spelling"
+    value = error.get("input")
+    if kind != "value_error" and isinstance(value, str | int | float | bool):
+        return f"{msg} (got {value!r})"
+    return msg
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """422 with ``detail`` a list of ``{loc, msg, type}``; malformed JSON is a 400."""
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+            return JSONResponse(
+                {"detail": f"malformed JSON body: {reason}; send a JSON object"},
+                status_code=status.HTTP_400_BAD_REQUEST,
+            )
+    detail = [
+        {
+            "loc": [p for p in error.get("loc", ()) if p != "body"] or ["body"],
+            "msg": _human_msg(error),
+            "type": str(error.get("type", "value_error")),
+        }
+        for error in errors
+    ]
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API: migrate the store, wire routes, auth, body limit and metrics."""
+    settings = settings or get_settings()
+    auth.check_auth_allowed(settings.auth, settings.host)
+    store = Store.from_settings(settings)
+    store.upgrade()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        store.dispose()
+
+    app = FastAPI(
+        title="normcore training service",
+        version=normcore.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.local_user = None if settings.auth else auth.local_admin(store)
+    metrics = Metrics()
+    metrics.add_collector(
+        ServiceCollector(store.count_by_status, lambda: queue.queue_depth(settings))
+    )
+    app.state.metrics = metrics
+
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.include_router(routes_health.router)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_checkpoints.router)
+
+    # The last added is the outermost: metrics see every answer, 413 and 403 included, and the
+    # body limit runs before anything reads the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if not settings.auth:
+        app.add_middleware(LoopbackOnlyMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

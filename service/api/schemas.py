@@ -1,0 +1,153 @@
+"""Request and response models of the HTTP API (the job spec itself is normcore.spec.JobSpec)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: ``detail`` is a message, or a list of field errors for a 422."""
+
+    detail: str | list[FieldError] | dict[str, Any]
+
+
+class FieldError(BaseModel):
+    """One invalid field: where it is (``loc``) and what to change (``msg``)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str | None = None
+
+
+class CheckpointOut(_Out):
+    """A saved checkpoint: its name, when it was taken, its size and hash, the metrics then."""
+
+    name: str
+    epoch: int | None = None
+    step: int | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+class JobOut(_Out):
+    """A job as listed: identity, owner, status and timestamps, and its spec."""
+
+    id: str
+    name: str
+    owner_id: int | str
+    status: JobStatus
+    queue: str
+    attempt: int
+    error: str | None = None
+    status_reason: str | None = None
+    cancel_requested: bool = False
+    created_at: datetime
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    idempotency_key: str | None = None
+    attempts: list[dict[str, Any]] = Field(
+        default_factory=list, description="One entry per attempt: worker, times, outcome."
+    )
+    spec: dict[str, Any]
+
+
+class JobDetail(JobOut):
+    """A job with its last metric values and its checkpoints."""
+
+    last_metrics: dict[str, Any] | None = None
+    checkpoints: list[CheckpointOut] = Field(default_factory=list)
+
+
+class JobPage(BaseModel):
+    """One page of jobs, newest first; pass ``next`` as ``?cursor=`` for the following page."""
+
+    items: list[JobOut]
+    next: str | None = None
+
+
+class MetricOut(_Out):
+    """One metric row; ``seq`` grows with every write (a replaced row gets a new seq)."""
+
+    seq: int
+    step: int
+    epoch: int | float | None = None
+    split: str
+    values: dict[str, Any]
+    time: datetime | float | None = None
+
+
+class MetricPage(BaseModel):
+    """Metric rows after ``?after=``; poll again with ``after=next``."""
+
+    items: list[MetricOut]
+    next: int
+
+
+class LogOut(_Out):
+    """One log line of a job."""
+
+    seq: int = Field(validation_alias=AliasChoices("seq", "id"))
+    time: datetime | float | None = None
+    level: str
+    message: str
+    attempt: int | None = None
+
+
+class LogPage(BaseModel):
+    """Log lines after ``?after=``; poll again with ``after=next``."""
+
+    items: list[LogOut]
+    next: int
+
+
+class NormLayerStats(BaseModel):
+    """Running statistics of one normalization layer of a checkpoint."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kind: str
+    num_channels: int | None = None
+    running_mean: list[float | None] | None = None
+    running_var: list[float | None] | None = None
+    summary: dict[str, Any] | None = None
+    affine: dict[str, Any] | None = None
+
+
+class StatsOut(BaseModel):
+    """Per-layer running statistics of one checkpoint's normalization layers."""
+
+    job_id: str
+    checkpoint: str
+    layers: list[NormLayerStats]
+
+
+class HealthOut(BaseModel):
+    """Liveness answer."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(BaseModel):
+    """Readiness answer: whether the store and the broker answer."""
+
+    status: Literal["ready", "unavailable"]
+    store: bool
+    broker: bool
+    detail: str | None = None
+
+
+ErrorOut.model_rebuild()

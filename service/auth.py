@@ -1,0 +1,109 @@
+"""Bearer-token authentication and the loopback rule for running without auth.
+
+Tokens are opaque random strings; the store keeps only their sha256 and answers
+``authenticate(token)`` with the user or None (unknown or revoked).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+    from service.store import Store
+
+LOCAL_ADMIN_NAME = "local-admin"
+ADMIN_TOKEN_NAME = "admin"
+ADMIN_USER_NAME = "admin"
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+class AuthError(Exception):
+    """Raised when a request carries no usable credentials; the API turns it into a 401."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InsecureConfigError(RuntimeError):
+    """Raised when the service would listen beyond loopback without authentication."""
+
+
+def is_loopback(host: str | None) -> bool:
+    """True when ``host`` (a name or an IP literal) only reaches this machine."""
+    if not host:
+        return False
+    host = host.strip().strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth_allowed(auth: bool, host: str) -> None:
+    """Refuse a configuration where a server bound beyond loopback runs without auth."""
+    if not auth and not is_loopback(host):
+        raise InsecureConfigError(
+            f"auth is off but the server would listen on {host!r}, which is not loopback: "
+            "set NORMCORE_AUTH=true or bind to 127.0.0.1"
+        )
+
+
+def parse_bearer(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header, or AuthError."""
+    if not authorization:
+        raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
+    return token
+
+
+def authenticate(store: Store, authorization: str | None) -> Any:
+    """The UserRecord behind the request's bearer token; AuthError if none or revoked."""
+    token = parse_bearer(authorization)
+    user = store.authenticate(token)
+    if user is None:
+        raise AuthError("invalid or revoked token")
+    return user
+
+
+def local_admin(store: Store) -> Any:
+    """The built-in admin every request acts as when auth is off (created on first use)."""
+    return store.create_user(LOCAL_ADMIN_NAME, admin=True)
+
+
+def new_token_name(prefix: str = "token") -> str:
+    """A fresh, unique-enough token name for automatic tokens."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def ensure_admin_token(store: Store, settings: Settings) -> tuple[str | None, Any]:
+    """Create the first admin token if the store has no users yet.
+
+    Returns ``(token, path)``: the plaintext token when one was created now (also written to
+    ``<data_dir>/admin.token`` with mode 0600), else None; ``path`` is where the token file lives.
+    """
+    import os
+    from pathlib import Path
+
+    path = Path(settings.data_dir) / "admin.token"
+    if store.has_users() and path.exists():
+        return None, path
+    if store.has_users() and not path.exists():
+        # Users exist but the file is gone (deleted by hand): issue a new admin token.
+        token = store.create_token(ADMIN_USER_NAME, new_token_name("admin"), admin=True)
+    else:
+        token = store.create_token(ADMIN_USER_NAME, ADMIN_TOKEN_NAME, admin=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token, path

@@ -1,0 +1,493 @@
+"""The ``normcore`` command: run the service (``serve``, ``worker``), manage tokens, and talk to
+a running server (``submit``, ``jobs``, ``metrics``, ``download``, ``cancel``, ``logs``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="normcore",
+    help="Train normalized CNNs locally or through the normcore service.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+token_app = typer.Typer(help="Create and revoke API tokens (works on the local store).")
+app.add_typer(token_app, name="token")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="NORMCORE_DATA_DIR", help="Local state folder."),
+]
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", envvar="NORMCORE_URL", help="Server URL.", show_default=False)
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="NORMCORE_TOKEN", help="API token.", show_default=False),
+]
+
+
+def _settings(data_dir: Path | None = None, **overrides: Any) -> Any:
+    """Settings from the environment, with explicit CLI options on top."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    if data_dir is not None:
+        kwargs["data_dir"] = data_dir
+    try:
+        return Settings(**kwargs)
+    except ValidationError as exc:
+        msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        err_console.print(f"[red]invalid settings:[/red] {msgs}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _api_error(exc: Any) -> typer.Exit:
+    detail = exc.detail
+    if isinstance(detail, list):
+        lines = [
+            f"  {'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}"
+            if isinstance(d, dict)
+            else f"  {d}"
+            for d in detail
+        ]
+        return _fail(f"HTTP {exc.status}\n" + "\n".join(lines))
+    if isinstance(detail, dict):
+        detail = detail.get("message") or json.dumps(detail)
+    return _fail(f"HTTP {exc.status}: {detail}")
+
+
+def _client(url: str | None, token: str | None) -> Any:
+    """A Client for ``url``; a local server's admin token is read from <data_dir>/admin.token."""
+    from normcore.client import Client
+    from service.auth import is_loopback
+
+    settings = None
+    if not url:
+        settings = _settings()
+        url = f"http://{settings.host}:{settings.port}"
+    if not token:
+        from urllib.parse import urlsplit
+
+        if is_loopback(urlsplit(url).hostname):
+            settings = settings or _settings()
+            path = Path(settings.data_dir) / "admin.token"
+            with contextlib.suppress(OSError):
+                token = path.read_text(encoding="utf-8").strip() or None
+    return Client(url, token=token)
+
+
+@contextlib.contextmanager
+def _api_errors() -> Any:
+    """Turn ApiError and connection failures into a one-line message and exit code 1."""
+    import httpx
+
+    from normcore.client import ApiError, JobFailed
+
+    try:
+        yield
+    except ApiError as exc:
+        raise _api_error(exc) from None
+    except JobFailed as exc:
+        raise _fail(str(exc)) from None
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the server: {exc}") from None
+
+
+# --------------------------------------------------------------------------- running the service
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM every child's process group, wait up to ``grace`` seconds, then SIGKILL."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.", show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port.", show_default=False)] = None,
+    data_dir: DataDirOpt = None,
+    worker: Annotated[
+        bool, typer.Option("--worker/--no-worker", help="Start one worker beside the API.")
+    ] = True,
+) -> None:
+    """Embedded mode: migrate the store, make sure an admin token exists, run API + one worker."""
+    from service.auth import InsecureConfigError, check_auth_allowed, ensure_admin_token
+    from service.store import Store
+
+    settings = _settings(data_dir, host=host, port=port)
+    try:
+        check_auth_allowed(settings.auth, settings.host)
+    except InsecureConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_root.mkdir(parents=True, exist_ok=True)
+    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    store = Store.from_settings(settings)
+    try:
+        store.upgrade()
+        token, token_path = ensure_admin_token(store, settings) if settings.auth else (None, None)
+    finally:
+        store.dispose()
+
+    env = {
+        **os.environ,
+        "NORMCORE_DATA_DIR": str(settings.data_dir),
+        "NORMCORE_DATABASE_URL": settings.database_url,
+        "NORMCORE_BROKER_URL": settings.broker_url,
+        "NORMCORE_ARTIFACT_DIR": str(settings.artifact_dir),
+        "NORMCORE_DATA_ROOT": str(settings.data_root),
+        "NORMCORE_HOST": settings.host,
+        "NORMCORE_PORT": str(settings.port),
+        "NORMCORE_AUTH": "true" if settings.auth else "false",
+    }
+    api_cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "service.api.app:create_app",
+        "--factory",
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+    ]
+    # Own process groups: signals reach the children only through us, so shutdown is ordered.
+    procs = [subprocess.Popen(api_cmd, env=env, start_new_session=True)]
+    if worker:
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "worker"], env=env, start_new_session=True)
+        )
+    shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{shown_host}:{settings.port}"
+
+    stopping = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        if not _wait_healthy(url, procs[0]):
+            raise _fail("the API did not come up; see its output above")
+        console.print(f"[green]normcore serving[/green] at {url}  (docs: {url}/docs)")
+        if not settings.auth:
+            console.print("[yellow]auth is off[/yellow]: loopback clients act as the local admin")
+        elif token:
+            console.print(f"admin token (also written to {token_path}):\n  {token}")
+        else:
+            console.print(f"admin token: in {token_path}")
+        console.print("Ctrl-C stops the API and the worker.")
+        while not stopping:
+            exited = [p for p in procs if p.poll() is not None]
+            if exited:
+                code = exited[0].returncode or 1
+                err_console.print(f"[red]a child process exited ({code}); stopping[/red]")
+                break
+            time.sleep(0.3)
+    finally:
+        console.print("stopping ...")
+        _stop(procs, grace=settings.cancel_grace_seconds + 5)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    raise typer.Exit(code)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def worker(ctx: typer.Context) -> None:
+    """Run a worker: ``python -m worker`` with the given arguments (--queues, --concurrency)."""
+    args = [sys.executable, "-m", "worker", *ctx.args]
+    os.execv(sys.executable, args)
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="A unique name for the token.")],
+    admin: Annotated[bool, typer.Option(help="The user is an admin (sees every job).")] = False,
+    user: Annotated[
+        str | None, typer.Option(help="User the token belongs to (default: NAME).")
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Create a token and print it (it is shown only this once)."""
+    from service.store import Store
+
+    settings = _settings(data_dir)
+    store = Store.from_settings(settings)
+    try:
+        store.upgrade()
+        token = store.create_token(user or name, name, admin=admin)
+    except Exception as exc:
+        raise _fail(f"cannot create token {name!r}: {exc}") from None
+    finally:
+        store.dispose()
+    print(token)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.")],
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Revoke a token by name."""
+    from service.store import Store
+
+    settings = _settings(data_dir)
+    store = Store.from_settings(settings)
+    try:
+        store.upgrade()
+        ok = store.revoke_token(name)
+    finally:
+        store.dispose()
+    if not ok:
+        raise _fail(f"no active token named {name!r}")
+    console.print(f"revoked {name}")
+
+
+# --------------------------------------------------------------------------- talking to a server
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _watch(client: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """A live progress bar (epoch, loss, accuracy) until the job finishes."""
+    total = float(job.get("spec", {}).get("epochs") or 1)
+    last: dict[str, dict[str, Any]] = {}
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed:.2f}/{task.total:g}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(job["id"][:8], total=total, info="queued")
+        for row in client.iter_metrics(job["id"], poll=1.0):
+            last[row["split"]] = row["values"]
+            parts = []
+            for split in ("train", "val"):
+                values = last.get(split, {})
+                if "loss" in values:
+                    parts.append(f"{split} loss {_fmt(values['loss'])}")
+                acc = values.get("accuracy", values.get("acc"))
+                if acc is not None:
+                    parts.append(f"{split} acc {_fmt(acc)}")
+            epoch = row.get("epoch") or 0
+            progress.update(task, completed=min(float(epoch), total), info="  ".join(parts))
+    return client.get(job["id"])
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON or YAML spec.")],
+    wait: Annotated[bool, typer.Option(help="Follow the job with a live progress bar.")] = False,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retry-safe submission key.", show_default=False)
+    ] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Submit a job spec; prints the job id (and with --wait, follows it to the end)."""
+    client = _client(url, token)
+    with _api_errors():
+        try:
+            job = client.submit(spec, idempotency_key=idempotency_key)
+        except ValueError as exc:
+            raise _fail(f"{spec}: {exc}") from None
+        if not wait:
+            print(job["id"])
+            return
+        console.print(f"submitted {job['id']} ({job['name']}) to queue {job['queue']}")
+        job = _watch(client, job)
+    style = {"succeeded": "green", "failed": "red"}.get(job["status"], "yellow")
+    console.print(f"job {job['id']} [{style}]{job['status']}[/{style}]")
+    if job.get("error"):
+        console.print(job["error"])
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def jobs(
+    status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many jobs.")] = 50,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """List jobs, newest first."""
+    from itertools import islice
+
+    client = _client(url, token)
+    table = Table("id", "name", "status", "attempt", "queue", "created")
+    with _api_errors():
+        for job in islice(client.list(status=status, limit=min(limit, 200)), limit):
+            table.add_row(
+                job["id"],
+                job["name"],
+                job["status"],
+                str(job["attempt"]),
+                job["queue"],
+                str(job["created_at"])[:19],
+            )
+    console.print(table)
+
+
+@app.command()
+def metrics(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    follow: Annotated[
+        bool, typer.Option(help="Keep printing new rows until the job ends.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row.")] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Print a job's metric rows."""
+    client = _client(url, token)
+    with _api_errors():
+        for row in client.iter_metrics(job_id, until_done=follow):
+            if as_json:
+                print(json.dumps(row))
+                continue
+            values = "  ".join(f"{k}={_fmt(v)}" for k, v in row["values"].items())
+            console.print(
+                f"{row['seq']:>6}  epoch {_fmt(row['epoch']):>6}  step {row['step']:>7}  "
+                f"{row['split']:<6} {values}",
+                highlight=False,
+            )
+
+
+@app.command()
+def download(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    name: Annotated[str | None, typer.Argument(help="Checkpoint (default: the newest).")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File or folder.")] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Download a checkpoint's model.safetensors, verified against its sha256."""
+    from normcore.client import ChecksumMismatch
+
+    client = _client(url, token)
+    with _api_errors():
+        try:
+            path = client.download(job_id, name, output)
+        except ChecksumMismatch as exc:
+            raise _fail(str(exc)) from None
+    console.print(f"saved {path}")
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Ask a job to stop."""
+    client = _client(url, token)
+    with _api_errors():
+        job = client.cancel(job_id)
+    state = "cancel requested" if job["status"] == "running" else job["status"]
+    console.print(f"job {job_id}: {state}")
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Print a job's log lines."""
+    client = _client(url, token)
+    with _api_errors():
+        after = 0
+        while True:
+            page = client.logs(job_id, after=after)
+            for line in page["items"]:
+                console.print(
+                    f"{str(line['time'])[:19]} {line['level']:<7} {line['message']}",
+                    highlight=False,
+                    markup=False,
+                )
+            if page["next"] == after or not page["items"]:
+                break
+            after = page["next"]
+
+
+def _mount_train() -> None:
+    """Add ``normcore train`` from normcore.cli when that module is installed."""
+    try:
+        from normcore import cli as normcore_cli
+    except ImportError:
+        return
+    for command in getattr(normcore_cli.app, "registered_commands", []):
+        name = command.name or (command.callback.__name__ if command.callback else None)
+        if name == "train":
+            app.registered_commands.append(command)
+
+
+_mount_train()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
