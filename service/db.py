@@ -1,0 +1,193 @@
+"""SQLAlchemy models of the store: users, tokens, jobs, metrics, checkpoints, logs.
+
+The same models serve SQLite and PostgreSQL. Datetimes are timezone-aware UTC in Python; SQLite
+keeps them naive (always UTC) and :class:`UTCDateTime` restores the zone on the way out.
+The Alembic migrations in ``service/migrations`` must match this metadata (a test checks it).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("queued", "running")
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid), never a BIGINT one.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time as a timezone-aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A ``DateTime(timezone=True)`` that stores UTC and always returns aware UTC datetimes."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Refuse naive datetimes; convert to UTC (naive UTC for SQLite, which has no zones)."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Attach UTC to naive values (SQLite) and normalise aware ones to UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a constraint naming convention (stable names for migrations)."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: sa.JSON(),
+    }
+
+
+class User(Base):
+    """A person or service account that owns jobs."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    admin: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Token(Base):
+    """An API token; only its sha256 is stored, never the token itself."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Job(Base):
+    """One training job; ``attempt`` is the fencing token of the worker that runs it."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        sa.Index("ix_jobs_owner_id_created_at_id", "owner_id", "created_at", "id"),
+        sa.Index("ix_jobs_created_at_id", "created_at", "id"),
+        sa.Index("ix_jobs_status", "status"),
+        sa.UniqueConstraint("owner_id", "idempotency_key"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(sa.String(200))
+    spec: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    status: Mapped[str] = mapped_column(sa.String(16), default="queued")
+    queue: Mapped[str] = mapped_column(sa.String(64), default="cpu")
+    attempt: Mapped[int] = mapped_column(sa.Integer, default=0)
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON, default=list)
+    error: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    status_reason: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), default=None)
+    request_hash: Mapped[str | None] = mapped_column(sa.String(128), default=None)
+
+
+class Metric(Base):
+    """One metric row; ``seq`` is global and monotone, a row is unique per (job, split, step)."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (
+        sa.Index("ix_metrics_job_id_seq", "job_id", "seq"),
+        sa.UniqueConstraint("job_id", "split", "step"),
+        # Without AUTOINCREMENT SQLite reuses the largest rowid after a delete, and a replaced
+        # row could come back under the seq a poller already saw.
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    split: Mapped[str] = mapped_column(sa.String(64))
+    step: Mapped[int] = mapped_column(sa.BigInteger)
+    epoch: Mapped[float] = mapped_column(sa.Float)
+    values: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    time: Mapped[float] = mapped_column(sa.Float)
+
+
+class Checkpoint(Base):
+    """A checkpoint saved by a job, with its sha256 and the metrics at save time."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (sa.UniqueConstraint("job_id", "name"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    name: Mapped[str] = mapped_column(sa.String(255))
+    epoch: Mapped[int] = mapped_column(sa.Integer)
+    step: Mapped[int] = mapped_column(sa.BigInteger)
+    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    files: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    path: Mapped[str] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Log(Base):
+    """One log line of a job."""
+
+    __tablename__ = "logs"
+    __table_args__ = (
+        sa.Index("ix_logs_job_id_id", "job_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(sa.String(16))
+    message: Mapped[str] = mapped_column(sa.Text)
+
+
+metadata = Base.metadata
+users = User.__table__
+tokens = Token.__table__
+jobs = Job.__table__
+metrics = Metric.__table__
+checkpoints = Checkpoint.__table__
+logs = Log.__table__

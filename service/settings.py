@@ -1,0 +1,113 @@
+"""Service settings: one pydantic-settings class read from ``NORMCORE_*`` environment variables.
+
+Paths default to folders under ``data_dir`` and are made absolute at construction, so the API,
+the worker and its training child (which may run in another working directory) agree on them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = "./normcore-data"
+
+
+def _is_loopback(host: str) -> bool:
+    """True for localhost names and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the API, the worker and the CLI (env prefix ``NORMCORE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="NORMCORE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), description="Root of local state.")
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL; default sqlite:///<data_dir>/normcore.db."
+    )
+    broker_url: str = Field(
+        default="", description="Celery broker URL; default sqla+sqlite:///<data_dir>/broker.db."
+    )
+    artifact_dir: Path = Field(
+        default=Path(), description="Job files; default <data_dir>/artifacts."
+    )
+    data_root: Path = Field(
+        default=Path(),
+        description="Where file datasets are read from; default <data_dir>/datasets.",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    auth: bool = Field(default=True, description="False is only allowed on a loopback host.")
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+    lease_seconds: float = Field(default=15.0, gt=0)
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    reaper_interval_seconds: float = Field(default=2.0, gt=0)
+    cancel_grace_seconds: float = Field(default=10.0, ge=0)
+    worker_queues: str = Field(default="cpu,gpu", description="Queues `python -m worker` consumes.")
+    max_active_jobs_per_user: int = Field(default=20, ge=1)
+    visibility_timeout_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="Redis broker: seconds before an unacked message is redelivered. Must exceed "
+        "the longest job when tasks are acked late; the store's claim makes leftovers harmless.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_paths(cls, data: Any) -> Any:
+        # Runs on the merged input (init kwargs + env), before defaults: an absent or empty value
+        # is derived from data_dir, so NORMCORE_DATA_DIR alone moves everything.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        data_dir = Path(data.get("data_dir") or DEFAULT_DATA_DIR).expanduser().absolute()
+        data["data_dir"] = data_dir
+        if not data.get("database_url"):
+            data["database_url"] = f"sqlite:///{data_dir / 'normcore.db'}"
+        if not data.get("broker_url"):
+            data["broker_url"] = f"sqla+sqlite:///{data_dir / 'broker.db'}"
+        if not data.get("artifact_dir"):
+            data["artifact_dir"] = data_dir / "artifacts"
+        if not data.get("data_root"):
+            data["data_root"] = data_dir / "datasets"
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        self.artifact_dir = self.artifact_dir.expanduser().absolute()
+        self.data_root = self.data_root.expanduser().absolute()
+        if not self.auth and not _is_loopback(self.host):
+            raise ValueError(
+                f"auth=False is only allowed when host is a loopback address, not {self.host!r}: "
+                "set NORMCORE_AUTH=true or NORMCORE_HOST=127.0.0.1"
+            )
+        if not self.queues:
+            raise ValueError("worker_queues must name at least one queue, e.g. 'cpu,gpu'")
+        return self
+
+    @property
+    def queues(self) -> list[str]:
+        """``worker_queues`` as a list of names."""
+        return [q.strip() for q in self.worker_queues.split(",") if q.strip()]
+
+    def job_dir(self, job_id: str) -> Path:
+        """The artifact folder of one job: ``<artifact_dir>/jobs/<job_id>``."""
+        return self.artifact_dir / "jobs" / job_id
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
