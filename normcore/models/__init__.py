@@ -1,0 +1,70 @@
+"""Normalized CNNs built from a ModelSpec, or called directly: ``resnet20(norm="gn:8")``.
+
+Every builder takes ``in_channels``, ``num_classes`` (``scale`` for edsr), ``norm`` (any spec
+``make_norm`` accepts), ``dropout``, ``norm_position`` ("before": conv → norm → ReLU, or
+"after": conv → ReLU → norm) and ``width``; convblock and edsr also take ``depth``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from normcore.models.convblock import convblock
+from normcore.models.edsr import edsr
+from normcore.models.lenet import lenet
+from normcore.models.resnet import resnet18, resnet20
+from normcore.models.vgg import vgg11
+
+if TYPE_CHECKING:
+    from normcore.spec import ModelSpec
+
+__all__ = [
+    "MODEL_BUILDERS",
+    "build_model",
+    "convblock",
+    "edsr",
+    "lenet",
+    "resnet18",
+    "resnet20",
+    "vgg11",
+]
+
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "convblock": convblock,
+    "lenet": lenet,
+    "vgg11": vgg11,
+    "resnet20": resnet20,
+    "resnet18": resnet18,
+    "edsr": edsr,
+}
+
+_TAKES_DEPTH = ("convblock", "edsr")
+
+
+def build_model(spec: ModelSpec, *, in_channels: int) -> nn.Module:
+    """Build the network ``spec`` describes for inputs with ``in_channels`` channels."""
+    builder = MODEL_BUILDERS.get(spec.arch)
+    if builder is None:
+        raise ValueError(f"unknown arch {spec.arch!r}; valid: {', '.join(MODEL_BUILDERS)}")
+    kwargs: dict[str, Any] = {
+        "in_channels": in_channels,
+        "norm": spec.norm,
+        "dropout": spec.dropout,
+        "norm_position": spec.norm_position,
+        "width": spec.width,
+    }
+    if spec.arch == "edsr":
+        kwargs["scale"] = spec.scale
+    else:
+        kwargs["num_classes"] = spec.num_classes
+    if spec.depth is not None:
+        if spec.arch not in _TAKES_DEPTH:
+            raise ValueError(
+                f"model.depth applies to {' and '.join(_TAKES_DEPTH)} only; "
+                f"{spec.arch} has a fixed depth: remove model.depth"
+            )
+        kwargs["depth"] = spec.depth
+    return builder(**kwargs)

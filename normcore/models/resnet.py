@@ -1,0 +1,198 @@
+"""ResNets (He et al., 2016) with the norm as a knob: CIFAR ResNet-20 and ImageNet ResNet-18."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normcore.factory import make_norm
+from normcore.models.blocks import (
+    ConvNormAct,
+    check_args,
+    conv_bias,
+    dropout_layer,
+    init_weights,
+)
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by ``stride`` and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.extra = out_channels - in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Strided identity with ``extra`` zero channels split before and after."""
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a shortcut.
+
+    "before": ``relu(norm2(conv2(relu(norm1(conv1(x))))) + shortcut(x))``;
+    "after": ``norm2(relu(conv2(norm1(relu(conv1(x)))) + shortcut(x)))``, i.e. every norm
+    follows the activation it belongs to.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        *,
+        norm: Any,
+        norm_position: str,
+        shortcut: str,
+    ) -> None:
+        super().__init__()
+        self.norm_position = norm_position
+        self.conv1 = ConvNormAct(
+            in_channels, out_channels, 3, stride, norm=norm, norm_position=norm_position
+        )
+        self.conv2 = nn.Conv2d(
+            out_channels, out_channels, 3, padding=1, bias=conv_bias(norm, norm_position)
+        )
+        self.norm2 = make_norm(norm, out_channels, dims=2)
+        self.act = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = PadShortcut(in_channels, out_channels, stride)
+        else:
+            self.shortcut = ConvNormAct(
+                in_channels, out_channels, 1, stride, padding=0, norm=norm, act=False
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """One residual step."""
+        h = self.conv2(self.conv1(x))
+        if self.norm_position == "before":
+            return self.act(self.norm2(h) + self.shortcut(x))
+        return self.norm2(self.act(h + self.shortcut(x)))
+
+
+class ResNet(nn.Module):
+    """A stem, stages of basic blocks, global average pool, dropout and a linear classifier."""
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        stem_channels: int,
+        stages: list[tuple[int, int, int]],
+        *,
+        num_classes: int,
+        norm: Any,
+        dropout: float,
+        norm_position: str,
+        shortcut: str,
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        layers = []
+        channels = stem_channels
+        for out_channels, blocks, stride in stages:
+            stage = [
+                BasicBlock(
+                    channels if i == 0 else out_channels,
+                    out_channels,
+                    stride if i == 0 else 1,
+                    norm=norm,
+                    norm_position=norm_position,
+                    shortcut=shortcut,
+                )
+                for i in range(blocks)
+            ]
+            layers.append(nn.Sequential(*stage))
+            channels = out_channels
+        self.stages = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = dropout_layer(dropout)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of shape (N, num_classes)."""
+        x = self.stages(self.stem(x))
+        return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
+
+
+def resnet20(
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    norm: Any = "bn",
+    dropout: float = 0.0,
+    norm_position: str = "before",
+    width: int | None = None,
+) -> nn.Module:
+    """CIFAR ResNet-20: 3x3 stem, 3 stages x 3 blocks at 16/32/64 channels, option-A shortcuts.
+
+    0.27M parameters at 10 classes, as in the paper; ``width`` replaces the 16.
+    """
+    check_args(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        dropout=dropout,
+        norm_position=norm_position,
+        width=width,
+    )
+    w = width or 16
+    stem = ConvNormAct(in_channels, w, 3, norm=norm, norm_position=norm_position)
+    model = ResNet(
+        stem,
+        w,
+        [(w, 3, 1), (2 * w, 3, 2), (4 * w, 3, 2)],
+        num_classes=num_classes,
+        norm=norm,
+        dropout=dropout,
+        norm_position=norm_position,
+        shortcut="A",
+    )
+    init_weights(model)
+    return model
+
+
+def resnet18(
+    *,
+    in_channels: int = 3,
+    num_classes: int = 1000,
+    norm: Any = "bn",
+    dropout: float = 0.0,
+    norm_position: str = "before",
+    width: int | None = None,
+) -> nn.Module:
+    """ImageNet ResNet-18: 7x7/2 stem and 3x3/2 max pool, 4 stages x 2 blocks at 64..512.
+
+    11.69M parameters at 1000 classes with BN (torchvision's layout: 1x1 conv shortcuts).
+    Inputs as small as 32x32 run; the last stage then works on 1x1 maps.
+    """
+    check_args(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        dropout=dropout,
+        norm_position=norm_position,
+        width=width,
+    )
+    w = width or 64
+    stem = nn.Sequential(
+        ConvNormAct(in_channels, w, 7, 2, padding=3, norm=norm, norm_position=norm_position),
+        nn.MaxPool2d(3, 2, 1),
+    )
+    model = ResNet(
+        stem,
+        w,
+        [(w, 2, 1), (2 * w, 2, 2), (4 * w, 2, 2), (8 * w, 2, 2)],
+        num_classes=num_classes,
+        norm=norm,
+        dropout=dropout,
+        norm_position=norm_position,
+        shortcut="B",
+    )
+    init_weights(model)
+    return model
