@@ -1,0 +1,174 @@
+"""The Celery side both the API and the worker share: configuration, publishing, broker checks.
+
+The broker only carries job ids; the store is the source of truth. The API publishes
+``normcore.run_job`` by name (service never imports worker), so a duplicate or stale message is
+harmless: the worker's ``Store.claim_job`` refuses it.
+
+Routing: ``queue_for`` sends a spec whose ``resources.device`` is ``"cuda"`` to the ``gpu``
+queue and everything else (``"cpu"`` and ``"auto"``) to ``cpu``. ``"auto"`` jobs still use CUDA
+when the worker that takes them has it (GPU workers consume both queues by default); a lab
+that wants auto jobs on GPUs only can run its GPU workers with ``--queues gpu`` and submit with
+``device: "cuda"``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from celery import Celery
+from kombu import Connection, Exchange, Queue
+
+from normcore.spec import JobSpec
+from service.settings import Settings
+
+TASK_NAME = "normcore.run_job"
+QUEUES = ("cpu", "gpu")
+_PING_TIMEOUT = 2.0
+
+_apps: dict[str, Celery] = {}
+_apps_lock = threading.Lock()
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower()
+
+
+def is_redis(url: str) -> bool:
+    """True for Redis broker URLs (redis://, rediss://, redis+socket://)."""
+    return _scheme(url) in ("redis", "rediss", "redis+socket", "socket")
+
+
+def is_sqlalchemy(url: str) -> bool:
+    """True for kombu's SQLAlchemy transport (``sqla+<database url>``), e.g. the embedded broker."""
+    scheme = _scheme(url)
+    return scheme.startswith("sqla+") or scheme.startswith("sqlalchemy+")
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if is_redis(settings.broker_url):
+        return {
+            "visibility_timeout": int(settings.visibility_timeout_seconds),
+            "health_check_interval": 10,
+            "socket_keepalive": True,
+        }
+    if is_sqlalchemy(settings.broker_url) and ":sqlite:" in settings.broker_url.lower():
+        # This transport hands its options to sqlalchemy.create_engine (see the notes), so only
+        # engine arguments fit: wait for a locked SQLite file instead of failing the publish.
+        return {"connect_args": {"timeout": 30.0}}
+    return {}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The one Celery configuration the API (publisher) and the worker (consumer) both use.
+
+    Acks late with reject-on-worker-lost and prefetch 1, so the broker keeps a message until its
+    task ends; the store's claim makes any redelivery harmless. On Redis the visibility timeout
+    is set in all three places Celery and kombu read it.
+    """
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 4.0,
+        "task_default_queue": "cpu",
+        "task_queues": tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),
+        "task_create_missing_queues": False,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_prefetch_multiplier": 1,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_track_started": False,
+        "worker_send_task_events": False,
+        "broker_transport_options": _transport_options(settings),
+    }
+    if is_redis(settings.broker_url):
+        vt = int(settings.visibility_timeout_seconds)
+        config["result_backend_transport_options"] = {"visibility_timeout": vt}
+        config["visibility_timeout"] = vt
+    return config
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured by :func:`celery_config` (the worker registers its task on it)."""
+    app = Celery("normcore", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def _publisher(settings: Settings) -> Celery:
+    # One app per broker URL: its producer pool keeps the connection open between publishes.
+    key = settings.broker_url
+    app = _apps.get(key)
+    if app is None:
+        with _apps_lock:
+            app = _apps.get(key)
+            if app is None:
+                app = _apps[key] = make_celery(settings)
+    return app
+
+
+def queue_for(spec: JobSpec | dict[str, Any]) -> str:
+    """The queue a job goes to: ``gpu`` when the spec asks for ``device: "cuda"``, else ``cpu``."""
+    if isinstance(spec, dict):
+        spec = JobSpec.model_validate(spec)
+    return "gpu" if spec.resources.device == "cuda" else "cpu"
+
+
+def enqueue(job_id: str, queue: str, settings: Settings) -> str:
+    """Publish ``normcore.run_job(job_id)`` to ``queue``; returns the Celery task id.
+
+    Raises ValueError for an unknown queue and the broker's error (after Celery's short publish
+    retry) when the broker is down; the job row stays queued for the caller to report or retry.
+    """
+    if queue not in QUEUES:
+        raise ValueError(f"unknown queue {queue!r}; one of {', '.join(QUEUES)}")
+    result = _publisher(settings).send_task(
+        TASK_NAME, args=[job_id], queue=queue, routing_key=queue, ignore_result=True
+    )
+    return str(result.id)
+
+
+def _connection(settings: Settings) -> Connection:
+    options = dict(_transport_options(settings))
+    if is_redis(settings.broker_url):
+        options |= {"socket_connect_timeout": _PING_TIMEOUT, "socket_timeout": _PING_TIMEOUT}
+    return Connection(settings.broker_url, connect_timeout=_PING_TIMEOUT, transport_options=options)
+
+
+def broker_ping(settings: Settings) -> bool:
+    """True if the broker answers within about two seconds."""
+    try:
+        with _connection(settings) as conn:
+            conn.ensure_connection(max_retries=1, timeout=_PING_TIMEOUT)
+            channel = conn.default_channel
+            if is_redis(settings.broker_url):
+                channel.client.ping()
+            else:
+                channel.queue_declare(queue=QUEUES[0], passive=False)
+        return True
+    except Exception:
+        return False
+
+
+def queue_depths(settings: Settings) -> dict[str, int] | None:
+    """Messages waiting (not yet delivered) per queue, or None if the broker can't say."""
+    try:
+        with _connection(settings) as conn:
+            conn.ensure_connection(max_retries=1, timeout=_PING_TIMEOUT)
+            channel = conn.default_channel
+            # Redis: LLEN of the queue's lists; SQLAlchemy: rows still visible in kombu_message.
+            return {
+                q: int(channel.queue_declare(queue=q, passive=False).message_count) for q in QUEUES
+            }
+    except Exception:
+        return None
+
+
+def queue_depth(settings: Settings) -> int | None:
+    """Messages waiting in all queues together, or None if the broker can't say."""
+    depths = queue_depths(settings)
+    return None if depths is None else sum(depths.values())
