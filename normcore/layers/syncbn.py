@@ -209,11 +209,10 @@ class SyncBatchNorm(_BatchNorm):
 
     def _sync_target(self) -> tuple[Any, int] | None:
         """(group, world size) when this forward must synchronize, else None."""
-        if not self.training:
+        world = _world_group()
+        if not self.training or world is None:
             return None
-        group = self.process_group if self.process_group is not None else _world_group()
-        if group is None:
-            return None
+        group = self.process_group if self.process_group is not None else world
         world_size = dist.get_world_size(group)
         return (group, world_size) if world_size > 1 else None
 
