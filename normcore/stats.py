@@ -1,0 +1,334 @@
+"""Running statistics of normalization layers: precise-BN recalibration and JSON reports.
+
+``recalibrate_bn`` recomputes every BN's running mean/var as exact averages over N batches
+(fvcore's ``update_bn_stats``). ``norm_stats`` / ``norm_stats_from_state_dict`` report them per
+layer as JSON-able rows (the service serves a checkpoint's rows without building its model),
+and ``stats_drift`` compares two reports.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase as _TorchNormBase
+
+from normcore.convert import is_norm_layer, norm_channels
+from normcore.layers.batchnorm import _NormBase
+
+__all__ = ["norm_stats", "norm_stats_from_state_dict", "recalibrate_bn", "stats_drift"]
+
+
+# --------------------------------------------------------------------------- precise BN
+
+
+def _recalibratable(m: nn.Module) -> bool:
+    """A layer whose training forward updates running stats with ``momentum`` (BN kinds,
+    SyncBN, GhostBN, BatchRenorm, InstanceNorm with tracking). FrozenBatchNorm2d is not."""
+    return (
+        isinstance(m, _TorchNormBase | _NormBase)
+        and m.track_running_stats
+        and m.running_mean is not None
+        and m.running_var is not None
+    )
+
+
+def _first_input(batch: Any) -> Any:
+    """The model input in a batch: the batch itself, or the first item of an (x, y) pair."""
+    if isinstance(batch, tuple | list):
+        if not batch:
+            raise ValueError("recalibrate_bn got an empty tuple as a batch")
+        return batch[0]
+    return batch
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module, batches: Iterable[Any], num_batches: int | None = None
+) -> nn.Module:
+    """Recompute the running statistics of every BN in ``model`` over ``num_batches`` batches.
+
+    Each layer's ``running_mean`` becomes the exact average of the per-batch means and its
+    ``running_var`` the average of the per-batch *unbiased* variances (fvcore's precise BN;
+    with equal batch sizes the mean equals the mean over all the data). Done by resetting the
+    statistics and running with ``momentum=None`` (cumulative average) in train mode under
+    ``no_grad``; momentum and every module's training flag are restored afterwards.
+    ``num_batches_tracked`` ends at its old value plus the number of updates, as if trained.
+
+    Args:
+        model: the model; modified in place (also returned).
+        batches: iterable of input tensors or ``(x, y, ...)`` tuples; tensors are moved to
+            the model's device. Under torch.distributed, SyncBatchNorm layers synchronize, so
+            every rank must call this with the same number of batches.
+        num_batches: how many batches to use (default: all of ``batches``).
+
+    Raises:
+        ValueError: if ``batches`` yields no batch.
+    """
+    bns = [m for m in model.modules() if _recalibratable(m)]
+    if not bns:
+        return model
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    flags = {m: m.training for m in model.modules()}
+    saved = [
+        (
+            bn.momentum,
+            bn.running_mean.clone(),
+            bn.running_var.clone(),
+            None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone(),
+        )
+        for bn in bns
+    ]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    seen = 0
+    try:
+        model.train()
+        it = iter(batches) if num_batches is None else itertools.islice(batches, num_batches)
+        for batch in it:
+            x = _first_input(batch)
+            if isinstance(x, Tensor):
+                x = x.to(device)
+            model(x)
+            seen += 1
+        if seen == 0:
+            raise ValueError("recalibrate_bn got no batches; the running statistics are unchanged")
+    except BaseException:
+        for bn, (_momentum, mean, var, nbt) in zip(bns, saved, strict=True):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            if nbt is not None:
+                bn.num_batches_tracked.copy_(nbt)
+        raise
+    else:
+        for bn, (*_r, nbt) in zip(bns, saved, strict=True):
+            if nbt is not None:
+                bn.num_batches_tracked.add_(nbt)
+    finally:
+        for bn, (momentum, *_r) in zip(bns, saved, strict=True):
+            bn.momentum = momentum
+        for m, flag in flags.items():
+            m.training = flag
+    if num_batches is not None and seen < num_batches:
+        warnings.warn(
+            f"recalibrate_bn: asked for {num_batches} batches, the data gave {seen}",
+            stacklevel=2,
+        )
+    return model
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _float(x: float) -> float | None:
+    """JSON-safe float: NaN and infinities become None."""
+    return x if math.isfinite(x) else None
+
+
+def _floats(t: Tensor | None) -> list[float | None] | None:
+    if t is None:
+        return None
+    return [_float(v) for v in t.detach().double().cpu().flatten().tolist()]
+
+
+def _range(t: Tensor | None) -> dict[str, Any] | None:
+    """mean/min/max of a stats vector (over its finite entries) and whether all are finite."""
+    if t is None:
+        return None
+    v = t.detach().double().cpu().flatten()
+    finite = v[torch.isfinite(v)]
+    if finite.numel() == 0:
+        return {"mean": None, "min": None, "max": None, "finite": v.numel() == 0}
+    return {
+        "mean": _float(finite.mean().item()),
+        "min": _float(finite.min().item()),
+        "max": _float(finite.max().item()),
+        "finite": finite.numel() == v.numel(),
+    }
+
+
+def _moments(t: Tensor | None) -> dict[str, float | None] | None:
+    """mean and (population) std of an affine parameter."""
+    if t is None:
+        return None
+    v = t.detach().double().cpu().flatten()
+    if v.numel() == 0:
+        return {"mean": None, "std": None}
+    return {
+        "mean": _float(v.mean().item()),
+        "std": _float(v.std(correction=0).item()),
+    }
+
+
+def _row(
+    name: str,
+    kind: str,
+    num_channels: int | None,
+    mean: Tensor | None,
+    var: Tensor | None,
+    nbt: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> dict[str, Any]:
+    has_stats = mean is not None and var is not None
+    has_affine = weight is not None or bias is not None
+    return {
+        "name": name,
+        "kind": kind,
+        "num_channels": num_channels,
+        "running_mean": _floats(mean) if has_stats else None,
+        "running_var": _floats(var) if has_stats else None,
+        "summary": {
+            "running_mean": _range(mean) if has_stats else None,
+            "running_var": _range(var) if has_stats else None,
+            "num_batches_tracked": None if nbt is None else int(nbt.item()),
+        },
+        "affine": ({"weight": _moments(weight), "bias": _moments(bias)} if has_affine else None),
+    }
+
+
+def norm_stats(model: nn.Module) -> list[dict[str, Any]]:
+    """One JSON-able row per norm layer of ``model``, in module order.
+
+    Row keys: ``name`` (module path, ``""`` for the model itself), ``kind`` (class name),
+    ``num_channels``, ``running_mean``/``running_var`` (lists of floats, None without running
+    stats), ``summary`` ({running_mean, running_var: {mean, min, max, finite}},
+    num_batches_tracked) and ``affine`` ({weight, bias: {mean, std}} or None). Non-finite
+    numbers are reported as None (with ``finite: false``) so the rows are strict JSON.
+    """
+    rows = []
+    for name, m in model.named_modules():
+        if not is_norm_layer(m):
+            continue
+        try:
+            channels: int | None = norm_channels(m)
+        except ValueError:
+            channels = None
+        weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+        rows.append(
+            _row(
+                name,
+                type(m).__name__,
+                channels,
+                getattr(m, "running_mean", None),
+                getattr(m, "running_var", None),
+                getattr(m, "num_batches_tracked", None),
+                weight if isinstance(weight, Tensor) else None,
+                bias if isinstance(bias, Tensor) else None,
+            )
+        )
+    return rows
+
+
+_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def norm_stats_from_state_dict(state_dict: Mapping[str, Tensor]) -> list[dict[str, Any]]:
+    """The ``norm_stats`` rows of a model, computed from its flat state dict alone.
+
+    Keys are grouped by prefix (``<prefix>.running_mean`` ...). A prefix with running_mean
+    and running_var is a ``"batchnorm"`` (BN kinds, FrozenBN, tracked InstanceNorm); one with
+    only a 1-D ``weight`` and a 1-D ``bias`` of the same length is an ``"affine_norm"``
+    (GroupNorm, LayerNorm, untracked affine InstanceNorm). Weight-only layers (L2Norm) cannot
+    be told from other parameters and are not reported; neither are norms with no state.
+    Rows are in natural order of their names (``2.bn`` before ``10.bn``): a safetensors file
+    does not keep the module order.
+    """
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in _KEYS and isinstance(value, Tensor):
+            groups.setdefault(prefix, {})[leaf] = value
+    rows = []
+    for prefix, g in groups.items():
+        mean, var = g.get("running_mean"), g.get("running_var")
+        weight, bias = g.get("weight"), g.get("bias")
+        if mean is not None and var is not None and mean.dim() == 1 and var.shape == mean.shape:
+            kind, channels = "batchnorm", mean.numel()
+        elif (
+            mean is None
+            and var is None
+            and weight is not None
+            and bias is not None
+            and weight.dim() == 1
+            and weight.shape == bias.shape
+        ):
+            kind, channels = "affine_norm", weight.numel()
+        else:
+            continue
+        rows.append(
+            _row(prefix, kind, channels, mean, var, g.get("num_batches_tracked"), weight, bias)
+        )
+    return sorted(rows, key=lambda r: _natural_key(r["name"]))
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key treating numeric path parts as numbers: ``layer2.10`` after ``layer2.9``."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.]", name)]
+
+
+def _diff(a: list[float | None] | None, b: list[float | None] | None) -> dict[str, Any] | None:
+    """Mean/max absolute change and relative L2 change ``||b - a|| / ||a||`` of two vectors."""
+    if a is None or b is None or len(a) != len(b):
+        return None
+    ta = torch.tensor([math.nan if v is None else v for v in a], dtype=torch.float64)
+    tb = torch.tensor([math.nan if v is None else v for v in b], dtype=torch.float64)
+    d = (tb - ta).abs()
+    if d.numel() == 0:
+        return None
+    norm_a = ta.norm().item()
+    rel = d.norm().item() / norm_a if norm_a > 0 else (0.0 if d.norm().item() == 0 else math.inf)
+    return {
+        "abs_mean": _float(d.mean().item()),
+        "abs_max": _float(d.max().item()),
+        "rel": _float(rel),
+    }
+
+
+def stats_drift(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-layer change of the running statistics from report ``a`` to report ``b``.
+
+    Rows (in ``a``'s order, then layers only in ``b``): ``name``, ``kind`` (from ``b`` when
+    present), ``status`` ("both", "only_a", "only_b"), ``mean`` and ``var`` drift
+    (``{abs_mean, abs_max, rel}``; None when a side lacks running stats or channel counts
+    differ) and the change of ``num_batches_tracked``.
+    """
+    by_name_b = {r["name"]: r for r in b}
+    names_a = {r["name"] for r in a}
+    out = []
+    for ra in a:
+        rb = by_name_b.get(ra["name"])
+        if rb is None:
+            out.append(_drift_row(ra, None, "only_a"))
+        else:
+            out.append(_drift_row(ra, rb, "both"))
+    out.extend(_drift_row(None, rb, "only_b") for rb in b if rb["name"] not in names_a)
+    return out
+
+
+def _drift_row(ra: dict[str, Any] | None, rb: dict[str, Any] | None, status: str) -> dict[str, Any]:
+    ref = rb if rb is not None else ra
+    assert ref is not None
+    row: dict[str, Any] = {
+        "name": ref["name"],
+        "kind": ref["kind"],
+        "status": status,
+        "mean": None,
+        "var": None,
+        "num_batches_tracked": None,
+    }
+    if ra is not None and rb is not None:
+        row["mean"] = _diff(ra["running_mean"], rb["running_mean"])
+        row["var"] = _diff(ra["running_var"], rb["running_var"])
+        na = ra["summary"]["num_batches_tracked"]
+        nb = rb["summary"]["num_batches_tracked"]
+        if na is not None and nb is not None:
+            row["num_batches_tracked"] = nb - na
+    return row
