@@ -321,9 +321,9 @@ def _check_values(label: str, kwargs: Mapping[str, Any]) -> None:
     """Reject values of the common keywords that no norm layer could use."""
     for key, value in kwargs.items():
         if key == "eps" and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
+            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
         ):
-            raise ValueError(f"{label}: eps must be a non-negative number, got {value!r}")
+            raise ValueError(f"{label}: eps must be a positive number, got {value!r}")
         if (
             key == "momentum"
             and value is not None

@@ -68,7 +68,8 @@ class LayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
         )
 
 
@@ -129,4 +130,7 @@ class LayerNorm2d(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return (
+            f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
