@@ -1041,7 +1041,13 @@ class Store:
                 ):
                     return False
                 history = _history_close(list(row.attempts or []), attempt, "lost", now)
-                values: dict[str, Any] = {"updated_at": now, "attempts": history}
+                # Clear the lease so the next claim need not wait for the wall clock to pass it.
+                values: dict[str, Any] = {
+                    "updated_at": now,
+                    "attempts": history,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                }
                 if row.cancel_requested:
                     values |= {
                         "status": "cancelled",
