@@ -1,0 +1,68 @@
+"""The worker's Celery app and its one task, ``normcore.run_job``.
+
+Design choices (see ../shared/notes/celery-long-jobs.md for the pitfalls behind them):
+
+- Pool: ``solo`` for one job per worker process (one GPU each). The task itself only supervises
+  a spawned training child, so a prefork pool would add a forked process between the worker and
+  the trainer for nothing, and its time limits and ``terminate`` are not what stops training here
+  (SIGTERM to our child is). With solo the worker cannot consume control messages while a task
+  runs; that is fine because cancellation goes through the store. ``--concurrency N > 1`` uses
+  the ``threads`` pool instead: each thread supervises its own child (CPU-only boxes).
+- Acks: early (``acks_late=False``). The store is the source of truth: a claimed job holds a
+  lease renewed by heartbeat and the reaper re-queues it if the worker dies, within
+  ``lease_seconds`` plus one reaper round. Late acks would need a visibility timeout longer than
+  any job and would still redeliver a finished job's message after a kill -9 (the claim drops it).
+- Prefetch: multiplier 1, and on Redis ``worker_disable_prefetch`` so a busy worker never sits on
+  a second job another idle worker could start.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from service.queue import make_celery
+from service.settings import get_settings
+from service.store import Store
+from worker import runner
+
+log = logging.getLogger("worker.app")
+
+settings = get_settings()
+app = make_celery(settings)
+app.conf.update(
+    task_acks_late=False,
+    worker_prefetch_multiplier=1,
+    worker_concurrency=1,
+    task_ignore_result=True,
+    task_track_started=False,
+    # Only the Redis transport supports it; the consumer warns and ignores it elsewhere.
+    worker_disable_prefetch=settings.broker_url.startswith(("redis://", "rediss://")),
+)
+
+# Set by Celery's SIGTERM/SIGINT handlers (warm) and SIGQUIT / second Ctrl-C (cold).
+SHUTDOWN = runner.ShutdownFlags.new()
+_store: Store | None = None
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
+    SHUTDOWN.warm.set()
+    if how == "Cold":
+        SHUTDOWN.cold.set()
+
+
+def get_store() -> Store:
+    """The worker process's Store, created on first use."""
+    global _store
+    if _store is None:
+        _store = Store.from_settings(settings)
+    return _store
+
+
+@app.task(name="normcore.run_job", acks_late=False, ignore_result=True)
+def run_job(job_id: str) -> str:
+    """Claim the job, train it in a supervised child process, record the final status."""
+    return runner.run_job(job_id, settings, get_store(), flags=SHUTDOWN)

@@ -1,0 +1,424 @@
+"""Run one job: claim it, train in a spawned child process, supervise it, record the outcome.
+
+The Celery process only supervises. Training runs in a ``spawn`` child (never fork: CUDA state
+must never be created in, or inherited from, the Celery process, and nothing here imports torch)
+that makes itself a process-group leader, opens its own Store and calls ``normcore.train``. The
+parent renews the job's lease by heartbeat, turns a cancel request into SIGTERM to the child, then
+SIGKILL to its group after ``cancel_grace_seconds``, and writes the final status from the JSON
+outcome the child sends back over a pipe (no pickled objects cross it).
+
+Worker shutdown (SIGTERM/SIGINT to ``python -m worker``) stops the child the same way but writes no
+final status: the job stays ``running`` until its lease expires, then a reaper re-queues it and the
+next attempt resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+from service.store import StaleAttempt, Store
+
+log = logging.getLogger("worker.runner")
+
+DEFAULT_TRAIN_TARGET = "normcore:train"
+# Exit codes of the training child.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_STALE = 3
+
+
+def worker_id() -> str:
+    """This process's identity in job leases: ``hostname:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class ShutdownFlags:
+    """Set from the worker's signal handlers: warm (stop the child gently) or cold (kill it)."""
+
+    warm: threading.Event
+    cold: threading.Event
+
+    @classmethod
+    def new(cls) -> ShutdownFlags:
+        """Two fresh, unset events."""
+        return cls(threading.Event(), threading.Event())
+
+
+# ============================================================================ the child
+
+
+def describe_error(exc: BaseException, *, data_root: str | Path, step: int) -> str:
+    """A one-line error a user can act on (the traceback goes to the job's logs instead).
+
+    ``step`` is the last completed training step; an out-of-memory error names the next one.
+    """
+    from normcore.engine import TrainingDiverged
+
+    if isinstance(exc, TrainingDiverged):
+        return str(exc)
+    if _is_oom(exc):
+        return f"out of memory at step {step + 1}: lower data.batch_size or model width"
+    if isinstance(exc, ValueError):  # spec and data errors are written for the user already
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        name = exc.filename
+        if name is None:
+            return str(exc) or "file not found"
+        with contextlib.suppress(ValueError):
+            name = Path(name).resolve().relative_to(Path(data_root).resolve()).as_posix()
+        return f"file not found: {name} (paths are relative to the data root)"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return oom is not None and isinstance(exc, oom)
+
+
+def _resolve(target: str) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _child_main(config_json: str, conn: multiprocessing.connection.Connection) -> None:
+    """Entry point of the training process: train one attempt and send back a JSON outcome."""
+    os.setpgrp()  # our own group: the supervisor can SIGKILL us and everything we start at once
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C in a terminal goes to the worker's group, not ours; the supervisor decides for us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg = json.loads(config_json)
+    sent = threading.Lock()
+
+    def report(outcome: dict[str, Any]) -> None:
+        # Called once, from whichever thread ends the attempt first.
+        if sent.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                conn.send_bytes(json.dumps(outcome).encode("utf-8"))
+
+    code = _run_attempt(cfg, stop, report)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown (torch's can take a while): the outcome is sent, the rows written.
+    os._exit(code)
+
+
+def _run_attempt(cfg: dict[str, Any], stop: threading.Event, report: Any) -> int:
+    """Body of the child: everything after the process setup; returns the exit code."""
+    from worker.callbacks import StoreCallback, StoreLogHandler
+
+    job_id, attempt = cfg["job_id"], int(cfg["attempt"])
+    store = Store(cfg["database_url"])
+    callback = StoreCallback(
+        store,
+        job_id,
+        attempt,
+        artifact_dir=cfg["artifact_dir"],
+        stop_event=stop,
+        on_stale=lambda: report({"status": "stale"}),
+    )
+    handler = StoreLogHandler(callback)
+    engine_log = logging.getLogger("normcore")
+    engine_log.addHandler(handler)
+    if engine_log.getEffectiveLevel() > logging.INFO:
+        engine_log.setLevel(logging.INFO)
+    callback.start()
+    try:
+        callback.log(f"attempt {attempt} started on worker {cfg['worker_id']} (pid {os.getpid()})")
+        import normcore.spec
+
+        spec = normcore.spec.JobSpec.model_validate(cfg["spec"])
+        workdir = Path(cfg["workdir"])
+        workdir.mkdir(parents=True, exist_ok=True)
+        resume = _find_resume(workdir, attempt, callback) if attempt > 1 else None
+        train = _resolve(cfg["train_target"])
+        result = train(
+            spec,
+            workdir,
+            callbacks=[callback],
+            resume=resume,
+            data_root=Path(cfg["data_root"]),
+        )
+        callback.close()
+        report(
+            {
+                "status": str(result.status),
+                "global_step": int(result.global_step),
+                "cancel_requested": callback.cancel_requested,
+            }
+        )
+        return EXIT_OK
+    except StaleAttempt:  # raised by a store call outside the callback's own guard
+        report({"status": "stale"})
+        return EXIT_STALE
+    except BaseException as exc:
+        error = describe_error(exc, data_root=cfg["data_root"], step=callback.last_step)
+        callback.log(
+            "training failed:\n" + "".join(traceback.format_exception(exc)).rstrip(),
+            level="error",
+        )
+        with contextlib.suppress(Exception):
+            callback.close()
+        report({"status": "failed", "error": error})
+        return EXIT_FAILED
+    finally:
+        engine_log.removeHandler(handler)
+        with contextlib.suppress(Exception):
+            store.dispose()
+
+
+def _find_resume(workdir: Path, attempt: int, callback: Any) -> Path | None:
+    """The newest checkpoint that verifies, logged into the job's logs; None starts over."""
+    from normcore.checkpoint import latest_valid_checkpoint, read_meta
+
+    ckpt = latest_valid_checkpoint(workdir, log=callback.log)
+    if ckpt is None:
+        callback.log(f"attempt {attempt}: no valid checkpoint in {workdir.name}, starting over")
+        return None
+    epoch = read_meta(ckpt).get("epoch", "?")
+    callback.log(f"resuming attempt {attempt} from checkpoint {ckpt.name} at epoch {epoch}")
+    return ckpt
+
+
+# ============================================================================ the supervisor
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the child's process group, or the child alone if it has not made its group yet."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    except PermissionError:  # the pgid is not ours yet (setpgrp not run): signal the child only
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+class _Supervisor:
+    """State of one supervised attempt (kept in an object so the loop stays readable)."""
+
+    def __init__(
+        self, store: Store, settings: Settings, job_id: str, attempt: int, flags: ShutdownFlags
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.job_id = job_id
+        self.attempt = attempt
+        self.flags = flags
+        self.cancel_seen = False
+        self.stale = False
+        self.term_sent_at: float | None = None
+        self.killed = False
+
+    def heartbeat(self) -> None:
+        """Renew the lease; note a cancel request or a lost lease."""
+        try:
+            if self.store.heartbeat(
+                self.job_id, attempt=self.attempt, lease_seconds=self.settings.lease_seconds
+            ):
+                self.cancel_seen = True
+        except StaleAttempt:
+            self.stale = True
+        except Exception as exc:
+            # A store outage: keep training. If it lasts past the lease, the reaper re-queues the
+            # job and our next heartbeat gets StaleAttempt.
+            log.warning("job %s: heartbeat failed: %r", self.job_id, exc)
+
+    def supervise(self, proc: Any) -> None:
+        """Heartbeat and relay stop requests until the child exits."""
+        hb_every = self.settings.heartbeat_seconds
+        grace = self.settings.cancel_grace_seconds
+        next_hb = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_hb:
+                self.heartbeat()
+                next_hb = now + hb_every
+            if self.stale or self.flags.cold.is_set():
+                # Another attempt owns the job (or a cold shutdown): no grace, no writes.
+                _signal_group(proc.pid, signal.SIGKILL)
+                self.killed = True
+                proc.join()
+                return
+            if (self.cancel_seen or self.flags.warm.is_set()) and self.term_sent_at is None:
+                # SIGTERM goes to the child only: it stops after the current step and cleans up
+                # its own helpers. Its whole group gets SIGKILL if it overstays the grace.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+                self.term_sent_at = time.monotonic()
+            if self.term_sent_at is not None and time.monotonic() - self.term_sent_at > grace:
+                log.warning("job %s: child ignored SIGTERM for %.0fs, killing", self.job_id, grace)
+                _signal_group(proc.pid, signal.SIGKILL)
+                self.killed = True
+                proc.join()
+                return
+            # Short waits so a shutdown flag set by a signal handler is acted on promptly.
+            timeout = max(0.0, min(next_hb - time.monotonic(), 0.2))
+            multiprocessing.connection.wait([proc.sentinel], timeout=timeout)
+            if proc.exitcode is not None:
+                return
+
+
+def run_job(
+    job_id: str,
+    settings: Settings,
+    store: Store,
+    *,
+    flags: ShutdownFlags | None = None,
+    train_target: str = DEFAULT_TRAIN_TARGET,
+) -> str:
+    """Claim ``job_id`` and run one attempt of it to the end; return what happened.
+
+    Returns one of "duplicate" (not claimable: held by another worker, finished or cancelled),
+    "succeeded", "cancelled", "failed", "stale" (another attempt took over; nothing written) or
+    "shutdown" (the worker is stopping; the job is left for the reaper). ``train_target`` is the
+    ``module:function`` the child calls, ``normcore.train``'s signature.
+    """
+    flags = flags or ShutdownFlags.new()
+    me = worker_id()
+    attempt = store.claim_job(job_id, worker_id=me, lease_seconds=settings.lease_seconds)
+    if attempt is None:
+        log.info("job %s: not claimable (duplicate delivery, running elsewhere or done)", job_id)
+        return "duplicate"
+    job = store.get_job(job_id)
+    assert job is not None  # we hold its lease
+    log.info("job %s: attempt %d claimed by %s", job_id, attempt, me)
+
+    config = {
+        "job_id": job_id,
+        "attempt": attempt,
+        "worker_id": me,
+        "spec": job.spec,
+        "database_url": settings.database_url,
+        "artifact_dir": str(settings.artifact_dir),
+        "data_root": str(settings.data_root),
+        "workdir": str(settings.job_dir(job_id)),
+        "train_target": train_target,
+    }
+    ctx = multiprocessing.get_context("spawn")
+    recv_end, send_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_child_main,
+        args=(json.dumps(config), send_end),
+        name=f"normcore-train-{job_id[:8]}",
+        daemon=False,
+    )
+    sup = _Supervisor(store, settings, job_id, attempt, flags)
+    try:
+        proc.start()
+        send_end.close()  # so a dead child reads as EOF, not a hang
+        sup.supervise(proc)
+        outcome = _read_outcome(recv_end)
+    except BaseException:
+        # A hard shutdown or a bug in this loop: never leave the child running unsupervised.
+        if proc.pid is not None:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.join(5)
+        raise
+    finally:
+        recv_end.close()
+    if proc.pid is not None:
+        # Reap helpers the child left behind in its group (data loader workers and the like).
+        _signal_group(proc.pid, signal.SIGKILL)
+    return _record(store, sup, proc.exitcode, outcome)
+
+
+def _read_outcome(conn: multiprocessing.connection.Connection) -> dict[str, Any] | None:
+    try:
+        if conn.poll(0):
+            outcome = json.loads(conn.recv_bytes().decode("utf-8"))
+            return outcome if isinstance(outcome, dict) else None
+    except (EOFError, OSError, ValueError):
+        pass
+    return None
+
+
+def _record(
+    store: Store, sup: _Supervisor, exitcode: int | None, outcome: dict[str, Any] | None
+) -> str:
+    """Write the final status of the attempt from the child's outcome and exit code."""
+    job_id, attempt = sup.job_id, sup.attempt
+    outcome = outcome or {}
+    status = outcome.get("status")
+    if sup.stale or status == "stale":
+        log.warning("job %s: attempt %d lost its lease; wrote nothing", job_id, attempt)
+        return "stale"
+    if status == "succeeded" and exitcode == EXIT_OK:
+        return _finish(store, job_id, attempt, "succeeded", None)
+    if status == "failed":
+        return _finish(store, job_id, attempt, "failed", str(outcome.get("error") or "failed"))
+    # The child stopped early (status "cancelled") or died without a word (status None).
+    cancel = sup.cancel_seen or bool(outcome.get("cancel_requested"))
+    if cancel or _cancel_requested(store, job_id):
+        return _finish(store, job_id, attempt, "cancelled", None)
+    if sup.flags.warm.is_set() or sup.flags.cold.is_set():
+        _safe_log(
+            store,
+            job_id,
+            attempt,
+            "worker shut down mid-training; the job is re-queued when its lease expires "
+            "and resumes from its last checkpoint",
+        )
+        log.warning("job %s: worker shutting down; left for the reaper to re-queue", job_id)
+        return "shutdown"
+    if status == "cancelled":
+        error = "training process stopped by SIGTERM from outside the worker, without a cancel"
+    elif exitcode is not None and exitcode < 0:
+        num = -exitcode
+        error = f"training process killed by signal {num} ({_signal_name(num)})"
+    else:
+        error = f"training process exited with code {exitcode} and no result; see the job's logs"
+    return _finish(store, job_id, attempt, "failed", error)
+
+
+def _cancel_requested(store: Store, job_id: str) -> bool:
+    with contextlib.suppress(Exception):
+        job = store.get_job(job_id)
+        return bool(job is not None and job.cancel_requested)
+    return False
+
+
+def _safe_log(store: Store, job_id: str, attempt: int, message: str) -> None:
+    with contextlib.suppress(Exception):
+        store.add_logs(job_id, attempt=attempt, lines=[("warning", message)])
+
+
+def _finish(store: Store, job_id: str, attempt: int, status: str, error: str | None) -> str:
+    try:
+        store.finish_job(job_id, attempt=attempt, status=status, error=error)
+    except StaleAttempt:
+        log.warning(
+            "job %s: attempt %d is stale, final status %s not written", job_id, attempt, status
+        )
+        return "stale"
+    log.info("job %s: attempt %d %s%s", job_id, attempt, status, f": {error}" if error else "")
+    return status
