@@ -12,6 +12,7 @@ always with the step it first appeared at.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -82,7 +83,11 @@ def train(
     cbs = CallbackList([*CallbackList.of(callbacks).callbacks, _FileLog(workdir / "train.log")])
     dev = resolve_device(device if device is not None else spec.resources.device)
     with determinism(dev) as deterministic:
-        result = _run(spec, workdir, cbs, resume, data_root, dev, deterministic, started)
+        try:
+            result = _run(spec, workdir, cbs, resume, data_root, dev, deterministic, started)
+        except TrainingDiverged as exc:
+            cbs.log(str(exc), logging.ERROR)
+            raise
     cbs.train_end(result)
     return result
 
@@ -112,12 +117,7 @@ def _run(
     )
     batch_size = spec.data.batch_size
     eval_batch_size = spec.data.eval_batch_size or batch_size
-    steps_per_epoch = bundle.steps_per_epoch(batch_size)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"data.batch_size {batch_size} is larger than the {bundle.num_train} training "
-            "samples: lower it or use more data"
-        )
+    steps_per_epoch = bundle.steps_per_epoch(batch_size)  # raises if not one batch
     total_steps = steps_per_epoch * spec.epochs
 
     epoch, step, metrics, resumed_from = 0, 0, {}, None  # epochs completed, updates done
@@ -393,8 +393,9 @@ def _precise_bn_batches(
 
     Neither the global RNG nor the training order is touched, so resume stays exact.
     """
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
-    order = torch.randperm(bundle.num_train, generator=generator)
+    from normcore.data.transforms import generator
+
+    order = torch.randperm(bundle.num_train, generator=generator("precise-bn", spec.seed, epoch))
     batch_size = spec.data.batch_size
     for start in range(0, bundle.num_train - batch_size + 1, batch_size):
         index = order[start : start + batch_size]
