@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -168,6 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API: migrate the store, wire routes, auth, body limit and metrics."""
     settings = settings or get_settings()
     auth.check_auth_allowed(settings.auth, settings.host)
+    # Spec validation needs the norm factory (and torch): import it now, not on the first POST.
+    importlib.import_module("normcore.factory")
     store = Store.from_settings(settings)
     store.upgrade()
 

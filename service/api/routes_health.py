@@ -30,7 +30,12 @@ async def _probe(fn: Any, *args: Any) -> tuple[bool, str | None]:
     return bool(ok), None if ok else "ping failed"
 
 
-@router.get("/healthz", response_model=HealthOut, summary="Liveness: 200 while the process serves")
+@router.get(
+    "/healthz",
+    response_model=HealthOut,
+    summary="Liveness: 200 while the process serves",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 def healthz() -> HealthOut:
     """Always 200 while the process can answer."""
     return HealthOut()

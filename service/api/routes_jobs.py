@@ -78,6 +78,15 @@ _EXAMPLE_JOB: dict[str, Any] = {
     "idempotency_key": None,
     "spec": EXAMPLE_SPEC,
 }
+_EXAMPLE_QUEUED = {
+    **_EXAMPLE_JOB,
+    "status": "queued",
+    "attempt": 0,
+    "started_at": None,
+    "updated_at": "2026-01-01T12:00:00Z",
+    "last_metrics": None,
+    "checkpoints": [],
+}
 _EXAMPLE_DETAIL = {
     **_EXAMPLE_JOB,
     "last_metrics": {"train": {"loss": 0.41, "accuracy": 0.88}, "val": {"accuracy": 0.9}},
@@ -182,7 +191,10 @@ def _enqueue(store: Any, settings: Any, job: Any) -> None:
     response_model=JobDetail,
     summary="Submit a training job",
     responses={
-        201: {"description": "Job created and enqueued"},
+        201: {
+            "description": "Job created and enqueued",
+            "content": {"application/json": {"example": {**_EXAMPLE_QUEUED}}},
+        },
         200: {
             "model": JobDetail,
             "description": "Same Idempotency-Key and body as before: the existing job",
