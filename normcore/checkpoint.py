@@ -252,10 +252,6 @@ def save_checkpoint(
     payloads[RNG_FILE] = st_save(_cpu_tensors(dict(rng_tensors or {})))
     payloads[STATE_FILE] = _json_bytes({**dict(state or {}), "epoch": epoch, "step": step})
 
-    files: dict[str, dict[str, Any]] = {}
-    for filename, data in payloads.items():
-        files[filename] = {"sha256": _write_file(tmp / filename, data), "bytes": len(data)}
-    spec_dump = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec
     metrics_dict = {k: float(v) for k, v in (metrics or {}).items()}
     meta_doc = {
         **dict(meta or {}),
@@ -264,13 +260,19 @@ def save_checkpoint(
         "name": name,
         "epoch": epoch,
         "step": step,
-        "spec": spec_dump,
+        "spec": spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec,
         "metrics": metrics_dict,
         "versions": _versions(),
-        "files": files,
     }
-    _write_file(tmp / META_FILE, _json_bytes(meta_doc))
-    _fsync_dir(tmp)
+    files: dict[str, dict[str, Any]] = {}
+    try:
+        for filename, data in payloads.items():
+            files[filename] = {"sha256": _write_file(tmp / filename, data), "bytes": len(data)}
+        _write_file(tmp / META_FILE, _json_bytes({**meta_doc, "files": files}))
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
     if final.exists():  # a corrupt or abandoned folder of the same epoch: swap it out
         old = root / f".{name}.old-{os.getpid()}"
