@@ -13,7 +13,9 @@ that wants auto jobs on GPUs only can run its GPU workers with ``--queues gpu`` 
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -45,6 +47,32 @@ def is_sqlalchemy(url: str) -> bool:
     return scheme.startswith("sqla+") or scheme.startswith("sqlalchemy+")
 
 
+def _sqlite_broker_path(url: str) -> Path | None:
+    """The file of a ``sqla+sqlite:///path`` broker, else None."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("sqla+sqlite", "sqlalchemy+sqlite") or not rest.startswith("/"):
+        return None
+    path = rest[1:].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def prepare_sqlite_broker(settings: Settings) -> None:
+    """Create the embedded broker's SQLite file in WAL mode (persistent in the file).
+
+    kombu opens it with plain defaults (rollback journal, several fsyncs per message); WAL makes a
+    publish one fsync and lets the worker poll while the API writes. No-op for other brokers.
+    """
+    path = _sqlite_broker_path(settings.broker_url)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30.0)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
+
+
 def _transport_options(settings: Settings) -> dict[str, Any]:
     if is_redis(settings.broker_url):
         return {
@@ -52,7 +80,7 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
             "health_check_interval": 10,
             "socket_keepalive": True,
         }
-    if is_sqlalchemy(settings.broker_url) and ":sqlite:" in settings.broker_url.lower():
+    if _sqlite_broker_path(settings.broker_url) is not None:
         # This transport hands its options to sqlalchemy.create_engine (see the notes), so only
         # engine arguments fit: wait for a locked SQLite file instead of failing the publish.
         return {"connect_args": {"timeout": 30.0}}
@@ -94,6 +122,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app configured by :func:`celery_config` (the worker registers its task on it)."""
+    prepare_sqlite_broker(settings)
     app = Celery("normcore", set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
@@ -133,7 +162,11 @@ def enqueue(job_id: str, queue: str, settings: Settings) -> str:
 
 
 def _connection(settings: Settings) -> Connection:
+    # One quick try: kombu's default_channel reads these failover keys (and the SQLAlchemy
+    # transport drops them before create_engine).
+    prepare_sqlite_broker(settings)
     options = dict(_transport_options(settings))
+    options |= {"max_retries": 0, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
     if is_redis(settings.broker_url):
         options |= {"socket_connect_timeout": _PING_TIMEOUT, "socket_timeout": _PING_TIMEOUT}
     return Connection(settings.broker_url, connect_timeout=_PING_TIMEOUT, transport_options=options)
@@ -143,7 +176,6 @@ def broker_ping(settings: Settings) -> bool:
     """True if the broker answers within about two seconds."""
     try:
         with _connection(settings) as conn:
-            conn.ensure_connection(max_retries=1, timeout=_PING_TIMEOUT)
             channel = conn.default_channel
             if is_redis(settings.broker_url):
                 channel.client.ping()
@@ -158,7 +190,6 @@ def queue_depths(settings: Settings) -> dict[str, int] | None:
     """Messages waiting (not yet delivered) per queue, or None if the broker can't say."""
     try:
         with _connection(settings) as conn:
-            conn.ensure_connection(max_retries=1, timeout=_PING_TIMEOUT)
             channel = conn.default_channel
             # Redis: LLEN of the queue's lists; SQLAlchemy: rows still visible in kombu_message.
             return {
