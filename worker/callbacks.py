@@ -29,6 +29,7 @@ CANCEL_POLL_S = 0.5
 # A store write that fails for another reason (database restarting) is retried this long.
 WRITE_RETRY_S = 10.0
 STALE_EXIT_CODE = 3
+ORPHAN_EXIT_CODE = 4
 
 
 def _finite(value: Any) -> Any:
@@ -105,6 +106,7 @@ class StoreCallback:
         self._logged_by_handler: str | None = None  # see StoreLogHandler
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._parent = os.getppid()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -124,6 +126,11 @@ class StoreCallback:
     def _run(self) -> None:
         next_poll = time.monotonic()
         while not self._closed.wait(self._flush_interval):
+            if os.getppid() != self._parent:
+                # The supervising worker died (kill -9, OOM killer): nobody renews the lease, so
+                # the reaper will re-queue the job. Stop now instead of training as a zombie.
+                print("worker: supervisor gone, stopping the training process", file=sys.stderr)
+                os._exit(ORPHAN_EXIT_CODE)
             try:
                 self.flush()
                 if time.monotonic() >= next_poll:
