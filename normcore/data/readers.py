@@ -90,7 +90,8 @@ def parse_idx(data: bytes, label: str) -> np.ndarray:
             f"the file holds {have}"
         )
     array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims)
-    return array.astype(dtype.newbyteorder("="), copy=dtype.itemsize > 1)
+    # a native-order, writable copy (frombuffer views the read-only bytes)
+    return array.astype(dtype.newbyteorder("="))
 
 
 def _find(root: str | Path | None, folder: str, names: list[str]) -> tuple[Path, str] | None:
@@ -154,6 +155,10 @@ def _num_classes(train: RawSplit, test: RawSplit | None, at_least: int = 2) -> i
 # --------------------------------------------------------------------------- CIFAR-10
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle asked for something outside SafeUnpickler's whitelist."""
+
+
 def _numpy_attr(modules: tuple[str, ...], name: str) -> Any:
     import importlib
 
@@ -168,7 +173,7 @@ def _numpy_attr(modules: tuple[str, ...], name: str) -> Any:
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     # protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, "latin1")
     if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+        raise RefusedPickle(f"refusing _codecs.encode with encoding {encoding!r}")
     return text.encode("latin1")
 
 
@@ -207,7 +212,7 @@ class SafeUnpickler(pickle.Unpickler):
             SafeUnpickler._allowed = _allowed_globals()
         obj = SafeUnpickler._allowed.get((module, name))
         if obj is None:
-            raise pickle.UnpicklingError(
+            raise RefusedPickle(
                 f"refusing to load global '{module}.{name}': only plain containers and numpy "
                 "arrays are allowed in a data file"
             )
@@ -215,16 +220,25 @@ class SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         """Refuse persistent ids: a data file has no business referring outside itself."""
-        raise pickle.UnpicklingError("refusing a persistent id in a data file")
+        raise RefusedPickle("refusing a persistent id in a data file")
 
 
 def safe_unpickle(data: bytes, label: str) -> Any:
     """Unpickle ``data`` with ``SafeUnpickler`` (py2 strings as bytes); ValueError on refusal."""
     try:
         return SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except RefusedPickle as exc:
         raise ValueError(f"{label}: {exc}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+    ) as exc:
         raise ValueError(f"{label}: not a valid pickle ({type(exc).__name__}: {exc})") from None
 
 
@@ -325,17 +339,19 @@ def load_imagefolder(
 
 
 def _channels_first(x: np.ndarray, label: str) -> np.ndarray:
-    """(N,H,W) -> (N,1,H,W); (N,H,W,C) -> (N,C,H,W) when the last axis looks like channels."""
+    """(N,H,W) -> (N,1,H,W); 4-d arrays are channels-last when the last axis is the smaller.
+
+    (N,32,32,3) and (N,8,8,1) are channels-last, (N,3,32,32) and (N,2,4,4) channels-first.
+    """
     if x.ndim == 3:
         return x[:, None]
     if x.ndim != 4:
-        raise ValueError(f"{label}: x must be (N,H,W), (N,C,H,W) or (N,H,W,C), got {x.shape}")
-    looks_last = x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4)
-    if looks_last or (x.shape[1] > 16 and x.shape[-1] <= 16):
+        raise ValueError(f"{label} must be (N,H,W), (N,C,H,W) or (N,H,W,C), got {x.shape}")
+    if x.shape[-1] < x.shape[1] and x.shape[-1] <= 16:
         return x.transpose(0, 3, 1, 2)
     if x.shape[1] <= 16:
         return x
-    raise ValueError(f"{label}: cannot tell the channel axis of x with shape {x.shape}")
+    raise ValueError(f"{label}: cannot tell the channel axis of shape {x.shape} (at most 16)")
 
 
 def _npz_split(arrays: Any, xkey: str, ykey: str, label: str) -> RawSplit:

@@ -86,25 +86,28 @@ def split_indices(
 ) -> tuple[Tensor, Tensor]:
     """Seeded (train, val) index tensors; stratified by ``labels`` when given.
 
-    Each class gives ``round(count * val_fraction)`` samples to val; at least one sample goes
-    to each side overall. Both index tensors are sorted, so the stored order is the file order.
+    Each class gives its share ``count * val_fraction`` to val, rounded so that the total is
+    ``round(n * val_fraction)`` (largest remainders first); at least one sample goes to each
+    side. Both index tensors are sorted, so the stored order is the file order.
     """
     if n < 2:
         raise ValueError(f"need at least 2 samples to split into train and val, got {n}")
+    total = min(max(1, round(n * val_fraction)), n - 1)
     perm = torch.randperm(n, generator=gen)
     if labels is None:
-        k = min(max(1, round(n * val_fraction)), n - 1)
-        val, train = perm[:k], perm[k:]
+        val, train = perm[:total], perm[total:]
     else:
         shuffled = labels[perm]
+        classes, counts = torch.unique(shuffled, return_counts=True)
+        quota = counts.double() * (total / n)
+        take_n = quota.floor().long()
+        short = total - int(take_n.sum())
+        # stable sort: equal remainders go to the lower class first
+        order = torch.sort(quota - take_n, descending=True, stable=True).indices
+        take_n[order[:short]] += 1
         take = torch.zeros(n, dtype=torch.bool)
-        for c in torch.unique(labels).tolist():
-            where = (shuffled == c).nonzero().flatten()
-            take[where[: round(len(where) * val_fraction)]] = True
-        if not take.any():
-            take[0] = True
-        if take.all():
-            take[0] = False
+        for c, k in zip(classes.tolist(), take_n.tolist(), strict=True):
+            take[(shuffled == c).nonzero().flatten()[:k]] = True
         val, train = perm[take], perm[~take]
     return train.sort().values, val.sort().values
 
