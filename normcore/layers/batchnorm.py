@@ -179,26 +179,31 @@ class _BatchNorm(_NormBase):
 
     def _check_input(self, input: Tensor, batch_stats: bool) -> None:
         """Raise a ValueError naming this layer for inputs that torch.nn would reject."""
-        self._check_input_dim(input)
-        channels = input.shape[1]
+        # cheap tests first: this runs on every forward and must cost next to nothing
+        if input.dim() not in self._input_dims:
+            self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            self._check_channels(input)
+        if batch_stats and input.numel() <= input.shape[1]:
+            self._check_batch_size(input)
+
+    def _check_channels(self, input: Tensor) -> None:
         # torch.nn only notices a channel mismatch when some per-channel tensor exists
-        if channels != self.num_features and (
-            self.weight is not None or self.bias is not None or self.running_mean is not None
-        ):
+        if self.weight is not None or self.bias is not None or self.running_mean is not None:
             raise ValueError(
                 f"{self._layer_name()}: expected input with {self.num_features} channels "
-                f"(dim 1), got {channels} channels in input of size {tuple(input.shape)}"
+                f"(dim 1), got {input.shape[1]} channels in input of size {tuple(input.shape)}"
             )
-        if batch_stats:
-            values = input.shape[0] * math.prod(input.shape[2:])
-            if values == 1:
-                raise ValueError(
-                    f"{self._layer_name()}: expected more than 1 value per channel when "
-                    f"training, got input of size {tuple(input.shape)}. Batch statistics need "
-                    "at least 2 values per channel: use a batch size of 2 or more, call "
-                    ".eval() to normalize with the running statistics, or use a norm that "
-                    "does not depend on the batch (GroupNorm, LayerNorm, FrozenBatchNorm2d)."
-                )
+
+    def _check_batch_size(self, input: Tensor) -> None:
+        if input.shape[0] * math.prod(input.shape[2:]) == 1:
+            raise ValueError(
+                f"{self._layer_name()}: expected more than 1 value per channel when "
+                f"training, got input of size {tuple(input.shape)}. Batch statistics need "
+                "at least 2 values per channel: use a batch size of 2 or more, call "
+                ".eval() to normalize with the running statistics, or use a norm that "
+                "does not depend on the batch (GroupNorm, LayerNorm, FrozenBatchNorm2d)."
+            )
 
     def _use_batch_stats(self) -> bool:
         """True when batch statistics normalize: in training, or when no buffers are kept."""
@@ -209,28 +214,57 @@ class _BatchNorm(_NormBase):
 
         ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked``.
         """
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            nbt = self.num_batches_tracked
+            if nbt is not None:
+                nbt.add_(1)
+                if momentum is None:
+                    return 1.0 / float(nbt)
+        return 0.0 if momentum is None else momentum
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` (N, C, *) per channel; update the running stats in training."""
-        batch_stats = self._use_batch_stats()
-        self._check_input(input, batch_stats)
-        return self._batch_norm(input, batch_stats)
+        # _use_batch_stats + _check_input + _batch_norm inlined, each attribute read once:
+        # for small inputs the Python overhead is what separates us from torch.nn
+        training = self.training
+        running_mean, running_var = self.running_mean, self.running_var
+        batch_stats = training or (running_mean is None and running_var is None)
+        if input.dim() not in self._input_dims:
+            self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            self._check_channels(input)
+        momentum = self.momentum
+        factor = 0.0 if momentum is None else momentum
+        if training:
+            if batch_stats and input.numel() <= input.shape[1]:
+                self._check_batch_size(input)
+            if self.track_running_stats:
+                nbt = self.num_batches_tracked
+                if nbt is not None:
+                    nbt.add_(1)
+                    if momentum is None:
+                        factor = 1.0 / float(nbt)
+            else:
+                running_mean = running_var = None
+        elif batch_stats and input.numel() <= input.shape[1]:
+            self._check_batch_size(input)
+        return F.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, batch_stats, factor, self.eps
+        )
 
     def _batch_norm(self, input: Tensor, batch_stats: bool) -> Tensor:
         """torch.nn's BatchNorm forward on an already checked input."""
         factor = self._average_factor()
         # buffers are passed when they are updated (training and tracked) or used (eval)
-        use_buffers = not self.training or self.track_running_stats
+        if not self.training or self.track_running_stats:
+            running_mean, running_var = self.running_mean, self.running_var
+        else:
+            running_mean = running_var = None
         return F.batch_norm(
             input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             batch_stats,
