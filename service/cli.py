@@ -220,6 +220,8 @@ def serve(
         if not _wait_healthy(url, procs[0]):
             raise _fail("the API did not come up; see its output above")
         console.print(f"[green]normcore serving[/green] at {url}  (docs: {url}/docs)")
+        names = ("api", "worker")
+        console.print(", ".join(f"{n} pid {p.pid}" for n, p in zip(names, procs, strict=False)))
         if not settings.auth:
             console.print("[yellow]auth is off[/yellow]: loopback clients act as the local admin")
         elif token:
@@ -246,7 +248,7 @@ def serve(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
 def worker(ctx: typer.Context) -> None:
-    """Run a worker: ``python -m worker`` with the given arguments (--queues, --concurrency)."""
+    """Run a worker: python -m worker with the given arguments (--queues, --concurrency)."""
     args = [sys.executable, "-m", "worker", *ctx.args]
     os.execv(sys.executable, args)
 
@@ -373,7 +375,10 @@ def jobs(
     from itertools import islice
 
     client = _client(url, token)
-    table = Table("id", "name", "status", "attempt", "queue", "created")
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=32)
+    for column in ("name", "status", "attempt", "queue", "created"):
+        table.add_column(column)
     with _api_errors():
         for job in islice(client.list(status=status, limit=min(limit, 200)), limit):
             table.add_row(
@@ -469,19 +474,19 @@ def logs(
             after = page["next"]
 
 
-def _mount_train() -> None:
-    """Add ``normcore train`` from normcore.cli when that module is installed."""
+@app.command(
+    "train",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def train(ctx: typer.Context) -> None:
+    """Train a job spec locally, no server needed (normcore train --help for options)."""
+    # Forwarded rather than mounted: normcore.cli imports torch, which would slow every command.
     try:
-        from normcore import cli as normcore_cli
-    except ImportError:
-        return
-    for command in getattr(normcore_cli.app, "registered_commands", []):
-        name = command.name or (command.callback.__name__ if command.callback else None)
-        if name == "train":
-            app.registered_commands.append(command)
-
-
-_mount_train()
+        from normcore.cli import app as normcore_app
+    except ImportError as exc:
+        raise _fail(f"normcore train is not available: {exc}") from None
+    normcore_app(args=["train", *ctx.args], prog_name="normcore")
 
 
 def main() -> None:

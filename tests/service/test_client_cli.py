@@ -1,0 +1,432 @@
+"""normcore.client.Client and the ``normcore`` CLI against a real API process; ``normcore serve``
+as a subprocess (API + worker, admin token, Ctrl-C)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from normcore.client import ApiError, ChecksumMismatch, Client, JobFailed
+from service.cli import app as cli_app
+from tests.harness import REPO, Proc, ServiceEnv, free_port, make_env, start_api
+
+SPEC: dict[str, Any] = {
+    "name": "client-test",
+    "model": {"arch": "lenet", "norm": "bn"},
+    "data": {"dataset": "synthetic", "batch_size": 8},
+    "epochs": 2,
+}
+
+
+@dataclass
+class Server:
+    env: ServiceEnv
+    proc: Proc
+    url: str
+    store: Any
+    token: str
+
+    def client(self) -> Client:
+        return Client(self.url, token=self.token)
+
+    def run_job(self, job_id: str) -> int:
+        """Claim a job as a worker would; returns the attempt."""
+        attempt = self.store.claim_job(job_id, worker_id="test", lease_seconds=600)
+        assert attempt is not None
+        return attempt
+
+    def checkpoint(self, job_id: str, attempt: int, name: str, epoch: int) -> bytes:
+        import torch
+        from safetensors.torch import save_file
+
+        folder = self.env.artifact_dir / "jobs" / job_id / "checkpoints" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "bn.running_mean": torch.full((3,), float(epoch)),
+            "bn.running_var": torch.ones(3),
+            "bn.weight": torch.ones(3),
+            "bn.bias": torch.zeros(3),
+        }
+        save_file(tensors, str(folder / "model.safetensors"))
+        data = (folder / "model.safetensors").read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        self.store.add_checkpoint(
+            job_id,
+            attempt=attempt,
+            name=name,
+            epoch=epoch,
+            step=epoch * 10,
+            bytes=len(data),
+            sha256=sha,
+            files={"model.safetensors": sha},
+            metrics={},
+            path=str(folder),
+        )
+        return data
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = make_env(
+        tmp_path_factory.mktemp("client") / "nc", NORMCORE_MAX_ACTIVE_JOBS_PER_USER="1000"
+    )
+    store = env.store()
+    token = store.create_token("dana", "dana-token")
+    proc, url = start_api(env)
+    try:
+        yield Server(env, proc, url, store, token)
+    finally:
+        proc.stop()
+        store.dispose()
+
+
+# ------------------------------------------------------------------------------- Client
+
+
+def test_client_submit_get_list_cancel(server: Server, tmp_path: Path) -> None:
+    with server.client() as client:
+        job = client.submit(SPEC)
+        assert job["status"] == "queued"
+        assert client.get(job["id"])["id"] == job["id"]
+        as_json = tmp_path / "spec.json"
+        as_json.write_text(json.dumps(SPEC))
+        as_yaml = tmp_path / "spec.yaml"
+        as_yaml.write_text("name: from-yaml\nmodel: {arch: lenet}\ndata: {dataset: digits}\n")
+        from_file = client.submit(as_json, idempotency_key="file-1")
+        assert client.submit(as_json, idempotency_key="file-1")["id"] == from_file["id"]
+        assert client.submit(str(as_yaml))["name"] == "from-yaml"
+        listed = list(client.list(limit=2))  # follows the cursor across pages
+        ids = [j["id"] for j in listed]
+        assert len(ids) == len(set(ids)) >= 3
+        assert {job["id"], from_file["id"]} <= set(ids)
+        cancelled = client.cancel(job["id"])
+        assert cancelled["status"] == "cancelled"
+        assert [j["id"] for j in client.list(status="cancelled")] == [job["id"]]
+
+
+def test_client_errors_carry_status_and_detail(server: Server) -> None:
+    with server.client() as client:
+        with pytest.raises(ApiError) as missing:
+            client.get("0" * 32)
+        assert missing.value.status == 404 and "not found" in missing.value.detail
+        with pytest.raises(ApiError) as invalid:
+            client.submit({**SPEC, "model": {"arch": "nope"}})
+        assert invalid.value.status == 422
+        assert invalid.value.detail[0]["loc"] == ["model", "arch"]
+    with Client(server.url, token="nc_wrong") as anonymous, pytest.raises(ApiError) as denied:
+        anonymous.get("0" * 32)
+    assert denied.value.status == 401
+
+
+def test_client_url_and_token_from_env(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NORMCORE_URL", server.url)
+    monkeypatch.setenv("NORMCORE_TOKEN", server.token)
+    with Client() as client:
+        assert client.url == server.url
+        assert client.submit(SPEC)["status"] == "queued"
+
+
+def test_client_metrics_iter_and_wait(server: Server) -> None:
+    with server.client() as client:
+        job_id = client.submit(SPEC)["id"]
+        attempt = server.run_job(job_id)
+        server.store.add_metrics(
+            job_id,
+            attempt=attempt,
+            rows=[{"step": 1, "epoch": 0.5, "split": "train", "values": {"loss": 2.0}}],
+        )
+        assert [r["step"] for r in client.metrics(job_id)["items"]] == [1]
+        # Without until_done: what is there now, then stop.
+        assert [r["step"] for r in client.iter_metrics(job_id, until_done=False)] == [1]
+
+        def worker() -> None:
+            for step in (2, 3):
+                time.sleep(0.3)
+                server.store.add_metrics(
+                    job_id,
+                    attempt=attempt,
+                    rows=[{"step": step, "epoch": step / 2, "split": "train", "values": {}}],
+                )
+            server.store.add_logs(job_id, attempt=attempt, lines=[("info", "done")])
+            server.store.finish_job(job_id, attempt=attempt, status="succeeded")
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        rows = list(client.iter_metrics(job_id, poll=0.1))
+        thread.join()
+        assert [r["step"] for r in rows] == [1, 2, 3]  # each row exactly once, in order
+        assert len({r["seq"] for r in rows}) == 3
+        assert client.wait(job_id, timeout=10, poll=0.1)["status"] == "succeeded"
+        assert [x["message"] for x in client.logs(job_id)["items"]] == ["done"]
+
+        failing = client.submit(SPEC)["id"]
+        server.store.finish_job(
+            failing, attempt=server.run_job(failing), status="failed", error="diverged: loss nan"
+        )
+        with pytest.raises(JobFailed, match="diverged"):
+            client.wait(failing, timeout=10, poll=0.1)
+        with pytest.raises(TimeoutError):
+            client.wait(client.submit(SPEC)["id"], timeout=0.3, poll=0.1)
+
+
+def test_client_checkpoints_download_and_stats(server: Server, tmp_path: Path) -> None:
+    with server.client() as client:
+        job_id = client.submit(SPEC)["id"]
+        attempt = server.run_job(job_id)
+        server.checkpoint(job_id, attempt, "epoch-0001", 1)
+        newest = server.checkpoint(job_id, attempt, "epoch-0002", 2)
+        assert [c["name"] for c in client.checkpoints(job_id)] == ["epoch-0001", "epoch-0002"]
+        path = client.download(job_id, path=tmp_path)  # a folder: the file goes inside
+        assert path.parent == tmp_path and path.read_bytes() == newest
+        named = client.download(job_id, "epoch-0001", tmp_path / "one.safetensors")
+        assert named.name == "one.safetensors"
+        stats = client.stats(job_id, "epoch-0002")
+        assert stats["layers"][0]["running_mean"] == [2.0, 2.0, 2.0]
+        # A file changed on disk after it was recorded no longer matches its ETag.
+        folder = server.env.artifact_dir / "jobs" / job_id / "checkpoints" / "epoch-0002"
+        (folder / "model.safetensors").write_bytes(b"tampered")
+        with pytest.raises(ChecksumMismatch):
+            client.download(job_id, "epoch-0002", tmp_path / "bad.safetensors")
+        assert not (tmp_path / "bad.safetensors").exists()
+        empty = client.submit(SPEC)["id"]
+        with pytest.raises(ApiError, match="no checkpoints"):
+            client.download(empty, path=tmp_path)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def cli(server: Server) -> Any:
+    runner = CliRunner()
+    env = {**server.env.env, "NORMCORE_URL": server.url, "NORMCORE_TOKEN": server.token}
+
+    def invoke(*args: str, **kwargs: Any) -> Any:
+        result = runner.invoke(cli_app, list(args), env=env, **kwargs)
+        return result
+
+    return invoke
+
+
+def test_cli_token_create_and_revoke(server: Server, cli: Any) -> None:
+    created = cli("token", "create", "erin-cli", "--user", "erin")
+    assert created.exit_code == 0, created.output
+    token = created.output.strip()
+    assert token.startswith("nc_")
+    assert httpx.get(f"{server.url}/jobs", headers={"Authorization": f"Bearer {token}"}).is_success
+    assert cli("token", "create", "erin-cli").exit_code == 1  # names are unique
+    revoked = cli("token", "revoke", "erin-cli")
+    assert revoked.exit_code == 0, revoked.output
+    r = httpx.get(f"{server.url}/jobs", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401
+    assert cli("token", "revoke", "erin-cli").exit_code == 1
+    admin = cli("token", "create", "ops", "--admin")
+    assert admin.exit_code == 0
+    assert server.store.get_user("ops").admin is True
+
+
+def test_cli_submit_jobs_metrics_logs_download_cancel(
+    server: Server, cli: Any, tmp_path: Path
+) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    submitted = cli("submit", str(spec))
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.output.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", job_id)
+
+    listed = cli("jobs", "--status", "queued")
+    assert listed.exit_code == 0 and job_id in listed.output
+
+    attempt = server.run_job(job_id)
+    server.store.add_metrics(
+        job_id,
+        attempt=attempt,
+        rows=[{"step": 7, "epoch": 1, "split": "val", "values": {"accuracy": 0.75}}],
+    )
+    server.store.add_logs(job_id, attempt=attempt, lines=[("info", "epoch 1 done [ok]")])
+    data = server.checkpoint(job_id, attempt, "epoch-0001", 1)
+
+    shown = cli("metrics", job_id)
+    assert shown.exit_code == 0 and "accuracy=0.75" in shown.output and "val" in shown.output
+    as_json = cli("metrics", job_id, "--json")
+    assert json.loads(as_json.output.splitlines()[0])["values"] == {"accuracy": 0.75}
+    logs = cli("logs", job_id)
+    assert logs.exit_code == 0 and "epoch 1 done [ok]" in logs.output
+
+    out = tmp_path / "model.safetensors"
+    downloaded = cli("download", job_id, "-o", str(out))
+    assert downloaded.exit_code == 0, downloaded.output
+    assert out.read_bytes() == data
+
+    cancelled = cli("cancel", job_id)
+    assert cancelled.exit_code == 0 and "cancel requested" in cancelled.output
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**SPEC, "optim": {"lr": -1}}))
+    refused = cli("submit", str(bad))
+    assert refused.exit_code == 1
+    assert "optim.lr" in refused.output and "greater than 0" in refused.output
+    assert cli("cancel", "0" * 32).exit_code == 1
+
+
+def test_cli_submit_wait_follows_to_the_end(server: Server, cli: Any, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SPEC, "name": "waited"}))
+
+    def worker() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            jobs, _ = server.store.list_jobs(status="queued", limit=200)
+            mine = [j for j in jobs if j.name == "waited"]
+            if mine:
+                break
+            time.sleep(0.05)
+        job_id = mine[0].id
+        attempt = server.run_job(job_id)
+        for epoch in (1, 2):
+            server.store.add_metrics(
+                job_id,
+                attempt=attempt,
+                rows=[
+                    {
+                        "step": epoch * 10,
+                        "epoch": epoch,
+                        "split": "train",
+                        "values": {"loss": 1 / epoch},
+                    },
+                    {
+                        "step": epoch * 10,
+                        "epoch": epoch,
+                        "split": "val",
+                        "values": {"accuracy": 0.4 * epoch},
+                    },
+                ],
+            )
+            time.sleep(0.3)
+        server.store.finish_job(job_id, attempt=attempt, status="succeeded")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    result = cli("submit", str(spec), "--wait")
+    thread.join()
+    assert result.exit_code == 0, result.output
+    assert "succeeded" in result.output
+    assert "val acc 0.8" in result.output
+
+
+# --------------------------------------------------------------------------------- serve
+
+
+def _serve(data_dir: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> Any:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NORMCORE_")}
+    full_env.update(env or {})
+    full_env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        ],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _read_until(proc: Any, pattern: str, timeout: float = 90) -> str:
+    """Read the process's output until a line matches; return everything read."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    raise AssertionError(f"no {pattern!r} in output:\n{''.join(seen)}")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_serve_runs_api_and_worker_with_admin_token(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    proc = _serve(data_dir, port)
+    try:
+        out = _read_until(proc, r"Ctrl-C")
+        token = re.search(r"^\s+(nc_\S+)$", out, re.M).group(1)
+        token_file = data_dir / "admin.token"
+        assert token_file.read_text().strip() == token
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
+        assert len(pids) == 2, out  # the API and the worker
+        headers = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"http://127.0.0.1:{port}/jobs", headers=headers).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/jobs").status_code == 401
+        assert all(not _gone(pid) for pid in pids)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        assert all(_gone(pid) for pid in pids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+
+    # A second start reuses the token and says where it is.
+    proc = _serve(data_dir, port, "--no-worker")
+    try:
+        out = _read_until(proc, r"Ctrl-C")
+        assert token not in out and str(data_dir / "admin.token") in out
+        assert httpx.get(f"http://127.0.0.1:{port}/jobs", headers=headers).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_serve_refuses_auth_off_beyond_loopback(tmp_path: Path) -> None:
+    proc = _serve(
+        tmp_path / "data", free_port(), "--host", "0.0.0.0", env={"NORMCORE_AUTH": "false"}
+    )
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "loopback" in out
+    assert not (tmp_path / "data" / "normcore.db").exists()
