@@ -44,6 +44,7 @@ class DataBundle:
     ``mean``/``std`` (identity values when normalization is off), ``y`` int64 labels.
     Super-resolution: ``x`` the low-resolution and ``y`` the high-resolution image, both
     float32 in [0, 1] and never normalized, so PSNR is computed on [0, 1] images.
+    ``image_size`` is the (H, W) of ``x``, the model's input.
     """
 
     train_x: Tensor

@@ -23,7 +23,7 @@ SHAPES = (
 BRIGHTNESS_CLASSES = ("dark-low", "dark-high", "bright-low", "bright-high")
 
 
-def _grid(n: int, size: int) -> tuple[Tensor, Tensor]:
+def _grid(size: int) -> tuple[Tensor, Tensor]:
     """Pixel-centre coordinates in [0, 1], each (1, size, size), rows then columns."""
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
@@ -40,7 +40,7 @@ def _balanced_labels(n: int, num_classes: int, gen: torch.Generator) -> Tensor:
 
 def _shape_masks(label: int, n: int, size: int, gen: torch.Generator) -> Tensor:
     """(n, size, size) float masks of shape ``SHAPES[label]`` at random position and size."""
-    yy, xx = _grid(n, size)
+    yy, xx = _grid(size)
     cy = _uniform(n, 0.32, 0.68, gen)[:, None, None]
     cx = _uniform(n, 0.32, 0.68, gen)[:, None, None]
     r = _uniform(n, 0.2, 0.3, gen)[:, None, None]
@@ -133,7 +133,7 @@ def make_sr_images(num_samples: int, image_size: int, channels: int, seed: int) 
     """Smooth images with some sharp edges (gradient + blobs + step edges), values in [0, 1]."""
     gen = torch.Generator().manual_seed(seed)
     n, c = num_samples, channels
-    yy, xx = _grid(n, image_size)
+    yy, xx = _grid(image_size)
     yy, xx = yy[:, None], xx[:, None]  # (1, 1, S, S)
 
     def rand(*shape: int, low: float = 0.0, high: float = 1.0) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -10,6 +12,15 @@ from normcore.data import transforms as T
 from normcore.spec import DataSpec
 
 BUILTIN = ["synthetic", "brightness", "digits"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These models are tiny: one intra-op thread is faster and does not spin on a busy box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _spec(dataset: str, **kwargs: object) -> DataSpec:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from normcore.models import (
 from normcore.models.blocks import ConvNormAct
 from normcore.spec import ModelSpec
 
-NORMS = ["bn", "gn:4", "ln", "in", "none", "frozen_bn", "brn", "ghost_bn:8", "l2"]
+NORMS = ["bn", "gn:4", "ln", "in", "none", "frozen_bn", "brn", "ghost_bn:8", "l2", "sync_bn"]
 # (arch, input shape): small inputs; resnet18 at 64 so its last stage still has 2x2 maps,
 # which instance norm needs (one value per channel has no variance)
 INPUTS = {
@@ -36,6 +38,15 @@ INPUTS = {
 # the big archs run at a quarter of their width here (same structure, 16x fewer FLOPs);
 # test_parameter_counts and test_small_inputs_run cover the full widths
 WIDTHS = {"vgg11": 16, "resnet18": 16, "edsr": 16}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These models are tiny: one intra-op thread is faster and does not spin on a busy box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _build(arch: str, norm: str, **kwargs: object) -> nn.Module:
