@@ -87,13 +87,18 @@ def main(argv: list[str] | None = None) -> None:
 
     reaper = Reaper(settings, store)
     reaper.start()
-    pool = "solo" if args.concurrency == 1 else "threads"
+    # The CLI's --pool only takes Celery's own names; a pool class goes through the config.
+    if args.concurrency == 1:
+        app.conf.worker_pool = "worker.app:SupervisorPool"
+        pool_args = []
+    else:
+        pool_args = ["--pool=threads"]
     hostname = args.hostname or f"normcore-{os.getpid()}@{socket.gethostname()}"
     try:
         app.worker_main(
             [
                 "worker",
-                f"--pool={pool}",
+                *pool_args,
                 f"--concurrency={args.concurrency}",
                 f"--loglevel={args.loglevel}",
                 f"--queues={queues}",

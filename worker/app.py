@@ -2,7 +2,7 @@
 
 Design choices (see ../shared/notes/celery-long-jobs.md for the pitfalls behind them):
 
-- Pool: ``solo`` for one job per worker process (one GPU each). The task itself only supervises
+- Pool: ``solo`` (``SupervisorPool`` below) for one job per worker process (one GPU each). The task itself only supervises
   a spawned training child, so a prefork pool would add a forked process between the worker and
   the trainer for nothing, and its time limits and ``terminate`` are not what stops training here
   (SIGTERM to our child is). With solo the worker cannot consume control messages while a task
@@ -22,6 +22,7 @@ import logging
 from typing import Any
 
 from celery import signals
+from celery.concurrency.solo import TaskPool as SoloPool
 
 from service.queue import make_celery
 from service.settings import get_settings
@@ -51,6 +52,19 @@ _store: Store | None = None
 def _on_shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
     SHUTDOWN.warm.set()
     if how == "Cold":
+        SHUTDOWN.cold.set()
+
+
+class SupervisorPool(SoloPool):
+    """The solo pool, whose "terminate a task" kills the running job's training child instead.
+
+    Celery's cold shutdown (a second Ctrl-C, or SIGQUIT) cancels running tasks through the pool;
+    the plain solo pool raises NotImplementedError there, inside our task. Under solo no control
+    message is read while a task runs, so only a shutdown can get here.
+    """
+
+    def terminate_job(self, pid: int, signal: Any = None) -> None:
+        """Ask the supervisor loop to SIGKILL the training child's process group now."""
         SHUTDOWN.cold.set()
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.store import StaleAttempt, Store
+from service.store import NotFound, StaleAttempt, Store
 
 log = logging.getLogger("worker.callbacks")
 
@@ -165,7 +165,7 @@ class StoreCallback:
         while True:
             try:
                 return fn(self.job_id, attempt=self.attempt, **kwargs)
-            except StaleAttempt:
+            except (StaleAttempt, NotFound):  # superseded, or the job was deleted
                 self._stale()
             except Exception:
                 if time.monotonic() >= deadline:

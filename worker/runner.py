@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from service.settings import Settings
-from service.store import StaleAttempt, Store
+from service.store import NotFound, StaleAttempt, Store
 
 log = logging.getLogger("worker.runner")
 
@@ -169,7 +169,7 @@ def _run_attempt(cfg: dict[str, Any], stop: threading.Event, report: Any) -> int
             }
         )
         return EXIT_OK
-    except StaleAttempt:  # raised by a store call outside the callback's own guard
+    except (StaleAttempt, NotFound):  # raised by a store call outside the callback's own guard
         report({"status": "stale"})
         return EXIT_STALE
     except BaseException as exc:
@@ -246,7 +246,7 @@ class _Supervisor:
                 self.job_id, attempt=self.attempt, lease_seconds=self.settings.lease_seconds
             ):
                 self.cancel_seen = True
-        except StaleAttempt:
+        except (StaleAttempt, NotFound):  # another attempt owns the job, or it was deleted
             self.stale = True
         except Exception as exc:
             # A store outage: keep training. If it lasts past the lease, the reaper re-queues the
@@ -415,7 +415,7 @@ def _safe_log(store: Store, job_id: str, attempt: int, message: str) -> None:
 def _finish(store: Store, job_id: str, attempt: int, status: str, error: str | None) -> str:
     try:
         store.finish_job(job_id, attempt=attempt, status=status, error=error)
-    except StaleAttempt:
+    except (StaleAttempt, NotFound):
         log.warning(
             "job %s: attempt %d is stale, final status %s not written", job_id, attempt, status
         )

@@ -119,7 +119,7 @@ def test_sigterm_stops_the_worker_and_another_resumes_the_job(
     store = env.store()
     first = start_worker(env, name="w1")
     workers.append(first)
-    job_id = submit(env, store, {**SPEC, "epochs": 12})
+    job_id = submit(env, store, {**SPEC, "epochs": 8})
     pid = child_pid(store, job_id, 1)
     wait_for(lambda: store.list_checkpoints(job_id), timeout=60, what="a checkpoint")
 
@@ -138,7 +138,7 @@ def test_sigterm_stops_the_worker_and_another_resumes_the_job(
     assert f"resuming attempt 2 from checkpoint epoch-{saved:04d} at epoch {saved}" in text
     rows, _ = store.get_metrics(job_id, limit=10_000)
     assert len({(r.split, r.step) for r in rows}) == len(rows)
-    assert sorted(r.step for r in rows if r.split == "train") == list(range(1, 12 * 6 + 1))
+    assert sorted(r.step for r in rows if r.split == "train") == list(range(1, 8 * 6 + 1))
     store.dispose()
 
 
@@ -149,7 +149,7 @@ def test_kill_9_of_the_worker_is_recovered_by_another_workers_reaper(
     store = env.store()
     first = start_worker(env, name="w1")
     workers.extend([first, start_worker(env, name="w2")])
-    job_id = submit(env, store, {**SPEC, "epochs": 12})
+    job_id = submit(env, store, {**SPEC, "epochs": 8})
     job = wait_for(lambda: store.get_job(job_id).lease_owner and store.get_job(job_id), 60)
     victim = next(w for w in workers if job.lease_owner.endswith(f":{w.pid}"))
     pid = child_pid(store, job_id, 1)
@@ -165,5 +165,5 @@ def test_kill_9_of_the_worker_is_recovered_by_another_workers_reaper(
     assert "resuming attempt 2 from checkpoint" in logs(store, job_id)
     rows, _ = store.get_metrics(job_id, limit=10_000)
     assert len({(r.split, r.step) for r in rows}) == len(rows)
-    assert sorted(r.step for r in rows if r.split == "train") == list(range(1, 12 * 6 + 1))
+    assert sorted(r.step for r in rows if r.split == "train") == list(range(1, 8 * 6 + 1))
     store.dispose()
