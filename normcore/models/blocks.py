@@ -77,6 +77,8 @@ class ConvNormAct(nn.Sequential):
         act: bool = True,
         dropout: float = 0.0,
     ) -> None:
+        if norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be 'before' or 'after', got {norm_position!r}")
         position = norm_position if act else "before"
         conv = nn.Conv2d(
             in_channels,

@@ -24,6 +24,14 @@ class ConvBlockNet(nn.Module):
         depth: int,
     ) -> None:
         super().__init__()
+        check_args(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            dropout=dropout,
+            norm_position=norm_position,
+            width=width,
+            depth=depth,
+        )
         blocks = [
             ConvNormAct(
                 in_channels if i == 0 else width,
@@ -38,6 +46,7 @@ class ConvBlockNet(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape (N, num_classes)."""
@@ -55,22 +64,12 @@ def convblock(
     depth: int | None = None,
 ) -> nn.Module:
     """Seed 000's ConvBlock stacked ``depth`` times (default 3) at ``width`` channels (default 32)."""
-    check_args(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        dropout=dropout,
-        norm_position=norm_position,
-        width=width,
-        depth=depth,
-    )
-    model = ConvBlockNet(
+    return ConvBlockNet(
         in_channels=in_channels,
         num_classes=num_classes,
         norm=norm,
         dropout=dropout,
         norm_position=norm_position,
-        width=width or 32,
-        depth=depth or 3,
+        width=32 if width is None else width,
+        depth=3 if depth is None else depth,
     )
-    init_weights(model)
-    return model

@@ -70,6 +70,13 @@ class EDSR(nn.Module):
         res_scale: float = 0.1,
     ) -> None:
         super().__init__()
+        check_args(
+            in_channels=in_channels,
+            dropout=dropout,
+            norm_position=norm_position,
+            width=width,
+            depth=depth,
+        )
         self.scale = scale
         self.head = nn.Conv2d(in_channels, width, 3, padding=1)
         self.body = nn.Sequential(
@@ -85,6 +92,7 @@ class EDSR(nn.Module):
             up += [nn.Conv2d(width, width * f * f, 3, padding=1), nn.PixelShuffle(f)]
         self.upsample = nn.Sequential(*up)
         self.tail = nn.Conv2d(width, in_channels, 3, padding=1)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) low-resolution input to (N, C, scale*H, scale*W)."""
@@ -104,21 +112,12 @@ def edsr(
     depth: int | None = None,
 ) -> nn.Module:
     """EDSR with ``depth`` residual blocks (default 4) of ``width`` channels (default 64)."""
-    check_args(
-        in_channels=in_channels,
-        dropout=dropout,
-        norm_position=norm_position,
-        width=width,
-        depth=depth,
-    )
-    model = EDSR(
+    return EDSR(
         in_channels=in_channels,
         scale=scale,
         norm=norm,
         dropout=dropout,
         norm_position=norm_position,
-        width=width or 64,
-        depth=depth or 4,
+        width=64 if width is None else width,
+        depth=4 if depth is None else depth,
     )
-    init_weights(model)
-    return model

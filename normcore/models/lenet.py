@@ -36,6 +36,13 @@ class LeNet(nn.Module):
         width: int,
     ) -> None:
         super().__init__()
+        check_args(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            dropout=dropout,
+            norm_position=norm_position,
+            width=width,
+        )
         c1, c2, f1, f2 = width, 2 * width, 16 * width, 8 * width
         self.norm_position = norm_position
         self.conv1 = ConvNormAct(in_channels, c1, 5, norm=norm, norm_position=norm_position)
@@ -50,6 +57,7 @@ class LeNet(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.dropout = dropout_layer(dropout)
         self.fc3 = nn.Linear(f2, num_classes)
+        init_weights(self)
 
     def _fc(self, fc: nn.Linear, norm: nn.Module, x: Tensor) -> Tensor:
         if self.norm_position == "before":
@@ -76,20 +84,11 @@ def lenet(
     width: int | None = None,
 ) -> nn.Module:
     """Seed 003's LeNet with the chosen norm; ``width`` is the first conv's channels (default 8)."""
-    check_args(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        dropout=dropout,
-        norm_position=norm_position,
-        width=width,
-    )
-    model = LeNet(
+    return LeNet(
         in_channels=in_channels,
         num_classes=num_classes,
         norm=norm,
         dropout=dropout,
         norm_position=norm_position,
-        width=width or 8,
+        width=8 if width is None else width,
     )
-    init_weights(model)
-    return model

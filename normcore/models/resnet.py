@@ -79,42 +79,65 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A stem, stages of basic blocks, global average pool, dropout and a linear classifier."""
+    """A stem, stages of basic blocks, global average pool, dropout and a linear classifier.
+
+    ``stem`` "cifar" is one 3x3 conv; "imagenet" a 7x7/2 conv and a 3x3/2 max pool.
+    ``blocks`` gives the blocks per stage; stage i has ``width * 2**i`` channels and halves
+    the size from the second stage on. ``shortcut`` "A" zero-pads, "B" is a 1x1 conv + norm.
+    """
 
     def __init__(
         self,
-        stem: nn.Module,
-        stem_channels: int,
-        stages: list[tuple[int, int, int]],
         *,
+        in_channels: int,
         num_classes: int,
         norm: Any,
         dropout: float,
         norm_position: str,
+        width: int,
+        blocks: tuple[int, ...],
+        stem: str,
         shortcut: str,
     ) -> None:
         super().__init__()
-        self.stem = stem
-        layers = []
-        channels = stem_channels
-        for out_channels, blocks, stride in stages:
+        check_args(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            dropout=dropout,
+            norm_position=norm_position,
+            width=width,
+        )
+        if stem == "cifar":
+            self.stem = ConvNormAct(in_channels, width, 3, norm=norm, norm_position=norm_position)
+        else:
+            self.stem = nn.Sequential(
+                ConvNormAct(
+                    in_channels, width, 7, 2, padding=3, norm=norm, norm_position=norm_position
+                ),
+                nn.MaxPool2d(3, 2, 1),
+            )
+        stages = []
+        channels = width
+        for i, count in enumerate(blocks):
+            out_channels = width * 2**i
             stage = [
                 BasicBlock(
-                    channels if i == 0 else out_channels,
+                    channels if j == 0 else out_channels,
                     out_channels,
-                    stride if i == 0 else 1,
+                    2 if i > 0 and j == 0 else 1,
                     norm=norm,
                     norm_position=norm_position,
                     shortcut=shortcut,
                 )
-                for i in range(blocks)
+                for j in range(count)
             ]
-            layers.append(nn.Sequential(*stage))
+            stages.append(nn.Sequential(*stage))
             channels = out_channels
-        self.stages = nn.Sequential(*layers)
+        self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = dropout_layer(dropout)
         self.fc = nn.Linear(channels, num_classes)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape (N, num_classes)."""
@@ -135,27 +158,17 @@ def resnet20(
 
     0.27M parameters at 10 classes, as in the paper; ``width`` replaces the 16.
     """
-    check_args(
+    return ResNet(
         in_channels=in_channels,
-        num_classes=num_classes,
-        dropout=dropout,
-        norm_position=norm_position,
-        width=width,
-    )
-    w = width or 16
-    stem = ConvNormAct(in_channels, w, 3, norm=norm, norm_position=norm_position)
-    model = ResNet(
-        stem,
-        w,
-        [(w, 3, 1), (2 * w, 3, 2), (4 * w, 3, 2)],
         num_classes=num_classes,
         norm=norm,
         dropout=dropout,
         norm_position=norm_position,
+        width=16 if width is None else width,
+        blocks=(3, 3, 3),
+        stem="cifar",
         shortcut="A",
     )
-    init_weights(model)
-    return model
 
 
 def resnet18(
@@ -170,29 +183,17 @@ def resnet18(
     """ImageNet ResNet-18: 7x7/2 stem and 3x3/2 max pool, 4 stages x 2 blocks at 64..512.
 
     11.69M parameters at 1000 classes with BN (torchvision's layout: 1x1 conv shortcuts).
-    Inputs as small as 32x32 run; the last stage then works on 1x1 maps.
+    Inputs as small as 32x32 run; the last stage then works on 1x1 maps, which instance
+    norm cannot normalize (use 64x64 or more with "in").
     """
-    check_args(
+    return ResNet(
         in_channels=in_channels,
-        num_classes=num_classes,
-        dropout=dropout,
-        norm_position=norm_position,
-        width=width,
-    )
-    w = width or 64
-    stem = nn.Sequential(
-        ConvNormAct(in_channels, w, 7, 2, padding=3, norm=norm, norm_position=norm_position),
-        nn.MaxPool2d(3, 2, 1),
-    )
-    model = ResNet(
-        stem,
-        w,
-        [(w, 2, 1), (2 * w, 2, 2), (4 * w, 2, 2), (8 * w, 2, 2)],
         num_classes=num_classes,
         norm=norm,
         dropout=dropout,
         norm_position=norm_position,
+        width=64 if width is None else width,
+        blocks=(2, 2, 2, 2),
+        stem="imagenet",
         shortcut="B",
     )
-    init_weights(model)
-    return model

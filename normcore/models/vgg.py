@@ -52,6 +52,13 @@ class VGG(nn.Module):
         width: int,
     ) -> None:
         super().__init__()
+        check_args(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            dropout=dropout,
+            norm_position=norm_position,
+            width=width,
+        )
         layers: list[nn.Module] = []
         channels = in_channels
         for item in config:
@@ -69,6 +76,7 @@ class VGG(nn.Module):
             dropout_layer(dropout),
             nn.Linear(channels, num_classes),
         )
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape (N, num_classes)."""
@@ -85,21 +93,12 @@ def vgg11(
     width: int | None = None,
 ) -> nn.Module:
     """VGG-11 with a norm after every conv; ``width`` is the first stage's channels (default 64)."""
-    check_args(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        dropout=dropout,
-        norm_position=norm_position,
-        width=width,
-    )
-    model = VGG(
+    return VGG(
         VGG11_CONFIG,
         in_channels=in_channels,
         num_classes=num_classes,
         norm=norm,
         dropout=dropout,
         norm_position=norm_position,
-        width=width or 64,
+        width=64 if width is None else width,
     )
-    init_weights(model)
-    return model

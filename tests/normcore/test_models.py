@@ -260,3 +260,9 @@ def test_bad_arguments_are_refused() -> None:
         lenet(norm="batchy")
     with pytest.raises(ValueError, match="divisible"):
         resnet20(norm="gn:5")
+    with pytest.raises(ValueError, match="width"):
+        lenet(width=0)
+    with pytest.raises(ValueError, match="depth"):
+        edsr(depth=0)
+    with pytest.raises(ValueError, match="in_channels"):
+        resnet18(in_channels=0)
