@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -61,7 +62,7 @@ def _settings(data_dir: Path | None = None, **overrides: Any) -> Any:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}")
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -219,15 +220,20 @@ def serve(
     try:
         if not _wait_healthy(url, procs[0]):
             raise _fail("the API did not come up; see its output above")
-        console.print(f"[green]normcore serving[/green] at {url}  (docs: {url}/docs)")
+        console.print(
+            f"[green]normcore serving[/green] at {url}  (docs: {url}/docs)", soft_wrap=True
+        )
         names = ("api", "worker")
         console.print(", ".join(f"{n} pid {p.pid}" for n, p in zip(names, procs, strict=False)))
         if not settings.auth:
-            console.print("[yellow]auth is off[/yellow]: loopback clients act as the local admin")
+            console.print(
+                "[yellow]auth is off[/yellow]: loopback clients act as the local admin",
+                soft_wrap=True,
+            )
         elif token:
-            console.print(f"admin token (also written to {token_path}):\n  {token}")
+            console.print(f"admin token (also written to {token_path}):\n  {token}", soft_wrap=True)
         else:
-            console.print(f"admin token: in {token_path}")
+            console.print(f"admin token: in {token_path}", soft_wrap=True)
         console.print("Ctrl-C stops the API and the worker.")
         while not stopping:
             exited = [p for p in procs if p.poll() is not None]

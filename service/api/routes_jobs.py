@@ -43,6 +43,7 @@ router = APIRouter(tags=["jobs"])
 
 ENQUEUE_FAILED = "enqueue failed"
 EVENT_POLL_SECONDS = 0.5
+MAX_SEQ = 2**62
 
 EXAMPLE_SPEC: dict[str, Any] = {
     "name": "resnet20-gn-digits",
@@ -221,6 +222,10 @@ def _enqueue(store: Any, settings: Any, job: Any) -> None:
             "Too many active jobs",
             {"message": "too many active jobs", "active": 20, "limit": 20},
         ),
+        503: _err(
+            "Stored but the broker refused it: retry with the same Idempotency-Key",
+            {"message": "the job was stored but the broker refused it", "job_id": "3f2c..."},
+        ),
     },
 )
 def submit_job(
@@ -396,7 +401,7 @@ def cancel_job(job: OwnedJob, store: StoreDep) -> Any:
 def get_metrics(
     job: OwnedJob,
     store: StoreDep,
-    after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Any:
     """Rows with ``seq > after``, oldest first; poll again with ``after=next``."""
@@ -434,7 +439,7 @@ def get_metrics(
 def get_logs(
     job: OwnedJob,
     store: StoreDep,
-    after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Any:
     """Log lines with ``seq > after``, oldest first."""
@@ -506,7 +511,7 @@ async def stream_events(
     request: Request,
     job: OwnedJob,
     store: StoreDep,
-    after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     last_event_id: Annotated[str | None, Header(max_length=40)] = None,
 ) -> EventSourceResponse:
     """``status`` events on each change and a ``metric`` event per new row (id = seq).
@@ -514,7 +519,8 @@ async def stream_events(
     A reconnecting client's ``Last-Event-ID`` resumes after that seq.
     """
     if last_event_id and last_event_id.strip().isdigit():
-        after = max(after, int(last_event_id.strip()))
+        # Clamped: a forged id beyond 64-bit range must not reach the database.
+        after = max(after, min(int(last_event_id.strip()), MAX_SEQ))
     return EventSourceResponse(job_events(request, store, job.id, after), ping=15)
 
 

@@ -29,6 +29,9 @@ SPEC: dict[str, Any] = {
     "epochs": 2,
 }
 
+# One xdist worker per module, so the module-scoped server starts once.
+pytestmark = pytest.mark.xdist_group("service-api")
+
 
 @dataclass
 class Api:
@@ -528,6 +531,12 @@ def test_events_stream_metrics_and_status_until_finished(api: Api) -> None:
         replay = list(read_events(r))
     steps = [json.loads(e["data"])["step"] for e in replay if e.get("event") == "metric"]
     assert steps == [2]
+    with (
+        api.client() as c,
+        c.stream("GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": "9" * 40}) as r,
+    ):
+        assert r.status_code == 200
+        assert [e.get("event") for e in read_events(r)] == ["status"]
 
 
 # ------------------------------------------------------------------ health and Prometheus
@@ -575,6 +584,20 @@ def test_readyz_503_names_the_dead_broker(tmp_path: Path) -> None:
         body = r.json()
         assert body["store"] is True and body["broker"] is False
         assert "broker" in body["detail"]
+        # A submission is stored but cannot be enqueued: 503 naming the job, and a retry with
+        # the same Idempotency-Key tries the broker again instead of making a twin.
+        store = env.store()
+        token = store.create_token("eve", "eve-tok")
+        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "k"}
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+            r = c.post("/jobs", json=SPEC)
+            assert r.status_code == 503
+            job_id = r.json()["detail"]["job_id"]
+            job = store.get_job(job_id)
+            assert job.status == "queued" and job.status_reason.startswith("enqueue failed")
+            assert c.post("/jobs", json=SPEC).status_code == 503
+            assert [j["id"] for j in c.get("/jobs").json()["items"]] == [job_id]
+        store.dispose()
     finally:
         proc.stop()
 

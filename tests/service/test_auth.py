@@ -21,6 +21,9 @@ SPEC: dict[str, Any] = {
     "epochs": 1,
 }
 
+# One xdist worker per module, so the module-scoped server starts once.
+pytestmark = pytest.mark.xdist_group("service-auth")
+
 
 @dataclass
 class Deployment:

@@ -32,6 +32,9 @@ SPEC: dict[str, Any] = {
     "epochs": 2,
 }
 
+# One xdist worker per module, so the module-scoped server starts once.
+pytestmark = pytest.mark.xdist_group("service-client")
+
 
 @dataclass
 class Server:
@@ -430,3 +433,15 @@ def test_serve_refuses_auth_off_beyond_loopback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "loopback" in out
     assert not (tmp_path / "data" / "normcore.db").exists()
+
+
+def test_worker_command_execs_python_m_worker() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "python -m worker" in done.stdout and "--queues" in done.stdout

@@ -41,6 +41,9 @@ DESIGN_SPEC = {
     "checkpoint": {"every_epochs": 1, "keep_last": 3, "precise_bn_batches": 0},
 }
 
+# One xdist worker per module, so the module-scoped server starts once.
+pytestmark = pytest.mark.xdist_group("service-openapi")
+
 
 @dataclass
 class Server:
