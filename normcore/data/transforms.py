@@ -26,7 +26,12 @@ def generator(*parts: int | str) -> torch.Generator:
 
 def to_float(x: np.ndarray | Tensor) -> Tensor:
     """Images as float32: uint8 is scaled to [0, 1], floats are kept as they are."""
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    if isinstance(x, np.ndarray):
+        # arrays unpickled from bytes are read-only, which torch.from_numpy warns about
+        x = np.ascontiguousarray(x) if x.flags.writeable else np.array(x, order="C")
+        t = torch.from_numpy(x)
+    else:
+        t = x
     if t.dtype == torch.uint8:
         return t.to(torch.float32).div_(255.0)
     return t.to(torch.float32)
