@@ -85,11 +85,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
         if running_mean is not None and running_var is not None:
             with torch.no_grad():
-                unbiased = m2 / (n - 1)
-                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1.0 - momentum).add_(
-                    unbiased.to(running_var.dtype), alpha=momentum
-                )
+                # with <= 1 value per channel over the whole group there is no variance to
+                # average in: keep the buffers (decided on device, without a host sync)
+                ok = n > 1
+                unbiased = m2 / (n - 1).clamp(min=1)
+                new_mean = running_mean * (1.0 - momentum) + mean.to(running_mean.dtype) * momentum
+                new_var = running_var * (1.0 - momentum) + unbiased.to(running_var.dtype) * momentum
+                running_mean.copy_(torch.where(ok, new_mean, running_mean))
+                running_var.copy_(torch.where(ok, new_var, running_var))
 
         scale = invstd if weight is None else invstd * weight.to(acc)
         y = (xa - mean.view(shape)) * scale.view(shape)
@@ -154,8 +157,9 @@ def sync_batch_norm(
     the total count) when they are given. Falls back to ``F.batch_norm`` when torch.distributed
     is not initialized or the group has a single rank.
     """
-    group = process_group if process_group is not None else _world_group()
-    world_size = dist.get_world_size(group) if group is not None else 1
+    world = _world_group()
+    group = process_group if process_group is not None else world
+    world_size = dist.get_world_size(group) if world is not None else 1
     if world_size <= 1:
         return torch.nn.functional.batch_norm(
             x, running_mean, running_var, weight, bias, True, momentum, eps

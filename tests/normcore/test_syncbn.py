@@ -127,6 +127,20 @@ def _eval_case(rank: int) -> dict[str, float]:
     return {"eval/y": _maxdiff(y, ref(x)), "eval/collectives": float(calls["n"])}
 
 
+def _degenerate_case(rank: int) -> dict[str, float]:
+    """One value per channel over the whole group (ranks 1 + 0): no variance, buffers kept."""
+    sync = SyncBatchNorm(C).double()
+    x = torch.randn(1 - rank, C, dtype=torch.float64, requires_grad=True)
+    y = sync(x)
+    y.sum().backward()
+    return {
+        "degenerate/finite": float(not torch.isfinite(y).all()),
+        "degenerate/running_mean": _maxdiff(sync.running_mean, torch.zeros(C, dtype=torch.float64)),
+        "degenerate/running_var": _maxdiff(sync.running_var, torch.ones(C, dtype=torch.float64)),
+        "degenerate/nbt": float(int(sync.num_batches_tracked) != 1),
+    }
+
+
 def _ddp_case(rank: int) -> dict[str, float]:
     """Under DDP (gradient averaging) the parameter gradients are the full-batch ones / world."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -167,6 +181,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             # alternate between the default group and an explicit process group
             err.update(_run_case(rank, case, subgroup if i % 2 else None))
         err.update(_eval_case(rank))
+        err.update(_degenerate_case(rank))
         err.update(_ddp_case(rank))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(err))
     finally:
@@ -195,6 +210,12 @@ def test_eval_uses_running_stats_without_communication(
     for err in gloo_results:
         assert err["eval/y"] < 1e-12
         assert err["eval/collectives"] == 0
+
+
+def test_group_with_one_value_keeps_running_stats(gloo_results: list[dict[str, float]]) -> None:
+    for err in gloo_results:
+        rows = {k: v for k, v in err.items() if k.startswith("degenerate/")}
+        assert len(rows) == 4 and all(v == 0 for v in rows.values()), rows
 
 
 def test_ddp_averaged_grads_are_full_batch_grads_over_world(
@@ -246,6 +267,8 @@ def test_state_dict_and_signature_match_torch() -> None:
     assert ours.eps == 1e-3 and ours.momentum is None
     with pytest.raises(ValueError):
         SyncBatchNorm(5)(torch.randn(4))  # 1D input is rejected
+    converted = SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm3d(5)))
+    assert type(converted[0]) is SyncBatchNorm
 
 
 def test_single_rank_group_function_gradcheck() -> None:
