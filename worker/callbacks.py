@@ -243,6 +243,13 @@ class StoreCallback:
             path=rel,
         )
         self.log(f"checkpoint {ckpt.name} saved (epoch {ckpt.epoch}, step {ckpt.step})")
+        self._forget_pruned()
+
+    def _forget_pruned(self) -> None:
+        """Drop the records of checkpoints whose folders the engine pruned (keep_last, resume)."""
+        for record in self.store.list_checkpoints(self.job_id):
+            if not (self.artifact_dir / record.path).is_dir():
+                self._write(self.store.delete_checkpoint, name=record.name)
 
     def on_log(self, message: str) -> None:
         """Queue an engine message for the job's logs (unless the logging handler already did)."""

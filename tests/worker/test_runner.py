@@ -169,9 +169,12 @@ def test_job_succeeds_with_unique_metrics_and_verified_checkpoints(
 def test_cancel_stops_within_two_seconds_and_keeps_checkpoints(
     settings: Settings, store: Store
 ) -> None:
-    job_id = new_job(store, spec(epochs=500))
+    job_id = new_job(store, spec(epochs=500, checkpoint={"keep_last": 2}))
     bg = Background(job_id, settings, store)
-    wait_for(lambda: store.list_checkpoints(job_id), what="a first checkpoint")
+    wait_for(
+        lambda: any(c.epoch >= 3 for c in store.list_checkpoints(job_id)),
+        what="a third checkpoint",
+    )
 
     # A duplicate delivery while the job runs: dropped at once, no second training process.
     assert run_job(job_id, settings, store) == "duplicate"
@@ -186,6 +189,9 @@ def test_cancel_stops_within_two_seconds_and_keeps_checkpoints(
 
     ckpts = store.list_checkpoints(job_id)
     assert ckpts, "the checkpoints written before the cancel are kept"
+    # keep_last=2: the records follow the folders the engine pruned
+    on_disk = sorted(p.name for p in (settings.job_dir(job_id) / "checkpoints").glob("epoch-*"))
+    assert sorted(c.name for c in ckpts) == on_disk and len(on_disk) == 2
     for c in ckpts:
         assert (settings.artifact_dir / c.path / "model.safetensors").is_file()
     text = log_text(store, job_id)

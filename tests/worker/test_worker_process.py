@@ -6,15 +6,17 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from service.queue import enqueue
+from service.queue import enqueue, queue_depth
 from service.store import Store
 from tests.harness import Proc, ServiceEnv, make_env, start_worker, wait_for
+from worker.reaper import reap_once, republish_unsent
 
 SPEC: dict[str, Any] = {
     "name": "tiny",
@@ -92,6 +94,29 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def test_reaper_requeues_expired_leases_and_republishes_unsent_jobs(tmp_path: Path) -> None:
+    env = sqlite(tmp_path)
+    settings, store = env.settings(), env.store()
+    user = store.create_user("alice")
+    lost, _ = store.create_job(owner_id=user.id, spec=SPEC, name="lost", queue="cpu")
+    unsent, _ = store.create_job(owner_id=user.id, spec=SPEC, name="unsent", queue="cpu")
+    assert store.claim_job(lost.id, worker_id="gone:1", lease_seconds=0.05) == 1
+    store.set_status_reason(unsent.id, "enqueue failed: broker down")
+    time.sleep(0.1)
+
+    assert reap_once(store, settings) == [lost.id]
+    assert reap_once(store, settings) == []  # a second reaper finds nothing left to do
+    job = store.get_job(lost.id)
+    assert job.status == "queued" and job.attempt == 1 and job.lease_owner is None
+    assert queue_depth(settings) == 1
+
+    assert republish_unsent(store, settings) == [unsent.id]
+    assert store.get_job(unsent.id).status_reason is None
+    assert republish_unsent(store, settings) == []
+    assert queue_depth(settings) == 2
+    store.dispose()
 
 
 def test_worker_runs_a_job_from_the_broker(env: ServiceEnv, workers: list[Proc]) -> None:
