@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -28,7 +29,7 @@ app = typer.Typer(
 token_app = typer.Typer(help="Create and revoke API tokens (works on the local store).")
 app.add_typer(token_app, name="token")
 
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 DataDirOpt = Annotated[
@@ -308,8 +309,34 @@ def token_revoke(
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.3g}"
     return "-" if value is None else str(value)
+
+
+def _pick(values: dict[str, Any], *names: str) -> Any:
+    """The first of ``names`` present in ``values``, else None."""
+    return next((values[n] for n in names if values.get(n) is not None), None)
+
+
+def _progress_info(last: dict[str, dict[str, Any]]) -> str:
+    """'loss 0.41 val 0.35 acc 0.88/0.90' (train/val) from the latest rows of each split.
+
+    The engine logs per-step rows in split "train" (loss) and per-epoch rows in split "val"
+    (val_loss, val_accuracy, train_accuracy); bare names are accepted as well.
+    """
+    train, val = last.get("train", {}), last.get("val", {})
+    loss = _pick(train, "loss", "train_loss")
+    val_loss = _pick(val, "val_loss", "loss")
+    train_acc = _pick(val, "train_accuracy") or _pick(train, "accuracy", "acc")
+    val_acc = _pick(val, "val_accuracy", "accuracy", "acc")
+    parts = []
+    if loss is not None:
+        parts.append(f"loss {_fmt(loss)}")
+    if val_loss is not None:
+        parts.append(f"val {_fmt(val_loss)}")
+    if train_acc is not None or val_acc is not None:
+        parts.append(f"acc {_fmt(train_acc)}/{_fmt(val_acc)}")
+    return " ".join(parts)
 
 
 def _watch(client: Any, job: dict[str, Any]) -> dict[str, Any]:
@@ -318,8 +345,8 @@ def _watch(client: Any, job: dict[str, Any]) -> dict[str, Any]:
     last: dict[str, dict[str, Any]] = {}
     with Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("epoch {task.completed:.2f}/{task.total:g}"),
+        BarColumn(bar_width=10),
+        TextColumn("epoch {task.completed:.1f}/{task.total:g}"),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=console,
@@ -327,16 +354,8 @@ def _watch(client: Any, job: dict[str, Any]) -> dict[str, Any]:
         task = progress.add_task(job["id"][:8], total=total, info="queued")
         for row in client.iter_metrics(job["id"], poll=1.0):
             last[row["split"]] = row["values"]
-            parts = []
-            for split in ("train", "val"):
-                values = last.get(split, {})
-                if "loss" in values:
-                    parts.append(f"{split} loss {_fmt(values['loss'])}")
-                acc = values.get("accuracy", values.get("acc"))
-                if acc is not None:
-                    parts.append(f"{split} acc {_fmt(acc)}")
             epoch = row.get("epoch") or 0
-            progress.update(task, completed=min(float(epoch), total), info="  ".join(parts))
+            progress.update(task, completed=min(float(epoch), total), info=_progress_info(last))
     return client.get(job["id"])
 
 
@@ -381,10 +400,11 @@ def jobs(
     from itertools import islice
 
     client = _client(url, token)
-    table = Table()
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", no_wrap=True, min_width=32)
-    for column in ("name", "status", "attempt", "queue", "created"):
-        table.add_column(column)
+    table.add_column("name", overflow="ellipsis", no_wrap=True)
+    for column in ("status", "try", "queue", "created"):
+        table.add_column(column, no_wrap=True)
     with _api_errors():
         for job in islice(client.list(status=status, limit=min(limit, 200)), limit):
             table.add_row(
@@ -393,7 +413,7 @@ def jobs(
                 job["status"],
                 str(job["attempt"]),
                 job["queue"],
-                str(job["created_at"])[:19],
+                str(job["created_at"])[5:16].replace("T", " "),
             )
     console.print(table)
 

@@ -330,7 +330,18 @@ def test_cli_submit_wait_follows_to_the_end(server: Server, cli: Any, tmp_path: 
     thread.join()
     assert result.exit_code == 0, result.output
     assert "succeeded" in result.output
-    assert "val acc 0.8" in result.output
+    assert "acc -/0.8" in result.output and "loss 0.5" in result.output
+
+
+def test_progress_line_reads_engine_metric_names() -> None:
+    from service.cli import _progress_info
+
+    last = {
+        "train": {"loss": 1.0368, "lr": 0.01},
+        "val": {"train_accuracy": 0.4427, "val_loss": 1.0738, "val_accuracy": 0.451},
+    }
+    assert _progress_info(last) == "loss 1.04 val 1.07 acc 0.443/0.451"
+    assert _progress_info({}) == ""
 
 
 # --------------------------------------------------------------------------------- serve
