@@ -223,13 +223,19 @@ class JobSpec(_Strict):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]*$",
         description="A label for people; need not be unique.",
     )
-    model: ModelSpec
-    data: DataSpec
-    optim: OptimSpec = Field(default_factory=OptimSpec)
-    epochs: int = Field(default=10, ge=1, le=10_000)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    model: ModelSpec = Field(description="The network: see **model** below.")
+    data: DataSpec = Field(description="The data: see **data** below.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="See **optim** below.")
+    epochs: int = Field(default=10, ge=1, le=10_000, description="Passes over the train split.")
+    seed: int = Field(
+        default=0, ge=0, le=2**31 - 1, description="Seeds weights, data order and augmentation."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="See **resources** below."
+    )
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="See **checkpoint** below."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
