@@ -49,6 +49,10 @@ SPEC: dict[str, Any] = {
 }
 
 
+# tests of the `trained` run share a worker under pytest-xdist --dist loadgroup
+pytestmark = pytest.mark.xdist_group("checkpoint-trained")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> normcore.TrainResult:
     return normcore.train(SPEC, tmp_path_factory.mktemp("trained"))

@@ -133,6 +133,7 @@ def test_lenet_bn_reaches_95_percent_on_digits(tmp_path: Path) -> None:
     assert rec.result is result
 
 
+@pytest.mark.xdist_group("engine-reference")  # one reference run per worker
 def test_same_spec_twice_is_bit_identical(
     reference: tuple[TrainResult, Recorder], tmp_path: Path
 ) -> None:
@@ -144,6 +145,7 @@ def test_same_spec_twice_is_bit_identical(
     assert [c.sha256 for c in rec.checkpoints] == [c.sha256 for c in ref_rec.checkpoints]
 
 
+@pytest.mark.xdist_group("engine-reference")  # one reference run per worker
 def test_cancel_then_resume_is_bit_identical(
     reference: tuple[TrainResult, Recorder], tmp_path: Path
 ) -> None:
@@ -173,6 +175,7 @@ def test_cancel_then_resume_is_bit_identical(
     assert any("resumed from" in line for line in second.logs)
 
 
+@pytest.mark.xdist_group("engine-reference")  # one reference run per worker
 def test_resume_latest_falls_back_past_a_corrupt_checkpoint(
     reference: tuple[TrainResult, Recorder], tmp_path: Path
 ) -> None:
