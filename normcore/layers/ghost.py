@@ -65,10 +65,10 @@ class GhostBatchNorm2d(_BatchNorm):
         batch_stats = self._use_batch_stats()
         self._check_input(input, batch_stats)
         n = input.shape[0]
-        if not batch_stats or n <= self.virtual_batch_size:
+        vbs = self.virtual_batch_size
+        if not batch_stats or n <= vbs:
             return self._batch_norm(input, batch_stats)
 
-        vbs = self.virtual_batch_size
         spatial = math.prod(input.shape[2:])
         full, rest = divmod(n, vbs)
         if rest * spatial == 1:  # a lone value per channel has no variance: merge it
@@ -77,47 +77,50 @@ class GhostBatchNorm2d(_BatchNorm):
 
         acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
         x = input.to(acc)
-        c = input.shape[1]
-        outs, means, variances, counts = [], [], [], []
+        weight = None if self.weight is None else self.weight.to(acc)
+        bias = None if self.bias is None else self.bias.to(acc)
+        parts = []
         if full > 0:
-            # (k, vbs, C, H, W): one reduction over all chunks at once
-            xh = x[:head].reshape(full, vbs, *x.shape[1:])
-            var, mean = torch.var_mean(xh, dim=(1, 3, 4), correction=0, keepdim=True)
-            outs.append(self._affine(xh, mean, var, (1, 1, c, 1, 1)).reshape(head, *x.shape[1:]))
-            means.append(mean.reshape(full, c))
-            variances.append(var.reshape(full, c))
-            counts += [vbs] * full
+            parts.append(self._normalize_chunks(x[:head], full, vbs, weight, bias))
         if head < n:
-            xt = x[head:]
-            var, mean = torch.var_mean(xt, dim=(0, 2, 3), correction=0, keepdim=True)
-            outs.append(self._affine(xt, mean, var, (1, c, 1, 1)))
-            means.append(mean.reshape(1, c))
-            variances.append(var.reshape(1, c))
-            counts.append(n - head)
+            parts.append(self._normalize_chunks(x[head:], 1, n - head, weight, bias))
+        out = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
 
         factor = self._average_factor()
         if self.training and self.track_running_stats:
             assert self.running_mean is not None and self.running_var is not None
             with torch.no_grad():
+                counts = [vbs] * full + ([n - head] if head < n else [])
                 w = torch.tensor(counts, dtype=acc, device=input.device).unsqueeze(1)
                 m = w * spatial
-                mean_all = (torch.cat(means) * w).sum(0) / n
-                var_all = (torch.cat(variances) * m / (m - 1) * w).sum(0) / n
+                means = torch.cat([p[1] for p in parts])
+                variances = torch.cat([p[2] for p in parts])
+                mean_all = (means * w).sum(0) / n
+                var_all = (variances * m / (m - 1) * w).sum(0) / n
                 rm, rv = self.running_mean, self.running_var
                 rm.mul_(1.0 - factor).add_(mean_all.to(rm.dtype), alpha=factor)
                 rv.mul_(1.0 - factor).add_(var_all.to(rv.dtype), alpha=factor)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.to(input.dtype)
 
-    def _affine(self, x: Tensor, mean: Tensor, var: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """``(x - mean) / sqrt(var + eps) * weight + bias`` as one scale and shift."""
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.to(x.dtype).view(shape)
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias.to(x.dtype).view(shape)
-        return torch.addcmul(shift, x, scale)
+        out = out.to(input.dtype)
+        if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def _normalize_chunks(
+        self, x: Tensor, k: int, size: int, weight: Tensor | None, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalize ``k`` consecutive chunks of ``size`` samples; return (y, mean, biased var).
+
+        Each (chunk, channel) pair becomes one group of a GroupNorm over (k, C, size * H * W),
+        which runs as one fused kernel (about 2x faster on CPU than a var_mean formula).
+        """
+        c, spatial = x.shape[1], x.shape[2:]
+        length = size * math.prod(spatial)
+        xg = x.reshape(k, size, c, -1).transpose(1, 2).reshape(k, c, length).contiguous()
+        y, mean, rstd = torch.native_group_norm(xg, weight, bias, k, c, length, c, self.eps)
+        y = y.view(k, c, size, -1).transpose(1, 2).reshape(k * size, c, *spatial)
+        var = rstd.detach().pow(-2) - self.eps
+        return y, mean.detach(), var
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

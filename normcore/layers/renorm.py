@@ -82,32 +82,28 @@ class BatchRenorm2d(_BatchNorm):
         assert self.running_mean is not None and self.running_var is not None
         r_max, d_max = self.limits()
         factor = self._average_factor()
-
-        acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
-        x = input.to(acc)
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-        std = (var + self.eps).sqrt()
         with torch.no_grad():
-            running_std = (self.running_var.to(acc) + self.eps).sqrt()
-            r_max, d_max = r_max.to(acc), d_max.to(acc)
-            r = torch.clamp(std / running_std, 1.0 / r_max, r_max)
-            d = torch.clamp((mean - self.running_mean.to(acc)) / running_std, -d_max, d_max)
-            m = input.numel() // input.shape[1]
-            unbiased = var * (m / (m - 1))
-            rm, rv = self.running_mean, self.running_var
-            rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
-            rv.mul_(1.0 - factor).add_(unbiased.to(rv.dtype), alpha=factor)
-
-        # y = w * ((x - mean) / std * r + d) + b, folded into one per-channel scale and shift
-        scale = r / std
-        shift = d - mean * scale
+            old_mean = self.running_mean.clone()
+            old_std = (self.running_var + self.eps).sqrt()
+        # one fused pass: x_hat, the batch mean and 1/sqrt(var_B + eps), and the running
+        # statistics updated exactly as BatchNorm updates them (r and d use the old ones)
+        x_hat, mean, invstd = torch.native_batch_norm(
+            input, None, None, self.running_mean, self.running_var, True, factor, self.eps
+        )
+        with torch.no_grad():
+            r_max, d_max = r_max.to(old_std.dtype), d_max.to(old_std.dtype)
+            r = torch.clamp(invstd.reciprocal() / old_std, 1.0 / r_max, r_max)
+            d = torch.clamp((mean - old_mean) / old_std, -d_max, d_max)
+        # y = w * (x_hat * r + d) + b as one per-channel scale and shift (r, d: constants)
+        scale, shift = r, d
         if self.weight is not None:
-            scale = scale * self.weight.to(acc)
-            shift = shift * self.weight.to(acc)
+            scale, shift = self.weight * r, self.weight * d
         if self.bias is not None:
-            shift = shift + self.bias.to(acc)
-        out = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
-        return out.to(input.dtype)
+            shift = shift + self.bias
+        shape = (1, -1, 1, 1)
+        return torch.addcmul(
+            shift.to(x_hat.dtype).view(shape), x_hat, scale.to(x_hat.dtype).view(shape)
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -9,6 +9,16 @@ from torch import nn
 import normcore
 import normcore.layers as L
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin on a busy 2-core runner."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ errors a user can act on
 
 ONE_VALUE_PER_CHANNEL = [

@@ -8,6 +8,16 @@ from torch import Tensor, nn
 
 import normcore.layers as L
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin on a busy 2-core runner."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 EPS = 1e-5
 
 

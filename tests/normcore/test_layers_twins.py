@@ -10,6 +10,16 @@ from torch import Tensor, nn
 
 import normcore.layers as L
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin on a busy 2-core runner."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 STEPS = 5
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 
