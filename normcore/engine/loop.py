@@ -3,6 +3,11 @@
 The step is the one a reader expects (set lr, forward, loss, backward, clip, step, zero_grad);
 everything else (metrics, evaluation, checkpoints, callbacks) happens around it.
 
+Determinism: on CPU the same spec gives bit-identical metrics and weights for the same torch
+thread count (``torch.get_num_threads()``); another thread count splits float reductions
+differently, so results then differ in the last bits. Checkpoints record the thread count and
+a resume under another one says so in the log.
+
 Divergence: on CPU each step's loss is turned into a float right away (free there), so a NaN or
 inf raises ``TrainingDiverged`` at the step it appears. On CUDA the losses of up to
 ``CUDA_SYNC_EVERY`` steps are kept as tensors and converted in one host sync, so the check (and
@@ -29,6 +34,8 @@ from normcore.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from normcore.data import build_data
+from normcore.data.transforms import generator
 from normcore.engine.callbacks import (
     Callback,
     CallbackList,
@@ -40,7 +47,9 @@ from normcore.engine.optim import build_optimizer
 from normcore.engine.precision import Precision, determinism, resolve_device, setup_precision
 from normcore.engine.rng import capture_rng, restore_rng, seed_everything
 from normcore.engine.schedule import lr_at
+from normcore.models import build_model
 from normcore.spec import JobSpec, load_spec
+from normcore.stats import recalibrate_bn
 
 __all__ = ["CUDA_SYNC_EVERY", "train"]
 
@@ -102,14 +111,12 @@ def _run(
     deterministic: bool,
     started: float,
 ) -> TrainResult:
-    from normcore.data import build_data
-
     seed_everything(spec.seed)
     bundle = build_data(
         spec.data, seed=spec.seed, data_root=data_root, task=spec.task, scale=spec.model.scale
     )
     in_channels = _check_fit(spec, bundle)
-    model = _build_model(spec, in_channels).to(dev)
+    model = build_model(spec.model, in_channels=in_channels).to(dev)
     prec = setup_precision(spec.resources, dev, model, cbs.log)
     optimizer = build_optimizer(model, spec.optim)
     loss_fn: Callable[[Tensor, Tensor], Tensor] = (
@@ -120,22 +127,22 @@ def _run(
     steps_per_epoch = bundle.steps_per_epoch(batch_size)  # raises if not one batch
     total_steps = steps_per_epoch * spec.epochs
 
-    epoch, step, metrics, resumed_from = 0, 0, {}, None  # epochs completed, updates done
+    completed, step, metrics, resumed_from = 0, 0, {}, None  # epochs and updates done
     if resume is not None:
         loaded = _resume(resume, workdir, spec, model, optimizer, prec, steps_per_epoch, cbs)
         if loaded is not None:
-            resumed_from, epoch, step, metrics = loaded
+            resumed_from, completed, step, metrics = loaded
     _log_setup(spec, bundle, model, prec, deterministic, steps_per_epoch, cbs)
     cbs.train_start(
         {
             "spec": spec.model_dump(mode="json"),
             "device": str(dev),
-            "amp": str(prec.amp_dtype).removeprefix("torch.") if prec.amp_dtype else "none",
+            "amp": prec.amp_name,
             "deterministic": deterministic,
             "epochs": spec.epochs,
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps,
-            "start_epoch": epoch,
+            "start_epoch": completed,
             "start_step": step,
             "resumed_from": str(resumed_from) if resumed_from else None,
             "num_train": bundle.num_train,
@@ -151,8 +158,7 @@ def _run(
     rows = _TrainRows(cbs, batch_size, every=1 if dev.type == "cpu" else CUDA_SYNC_EVERY)
     written: list[CheckpointInfo] = []
     status = "succeeded"
-    while epoch < spec.epochs and status == "succeeded":
-        epoch += 1
+    for epoch in range(completed + 1, spec.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
         meter = _Meter(spec.task, dev)
@@ -163,7 +169,7 @@ def _run(
                 group["lr"] = lr
             with prec.autocast():
                 out = model(prec.inputs(x))
-                loss = loss_fn(out, y)
+                loss = loss_fn(out.float(), y)
             prec.scaler.scale(loss).backward()
             if spec.optim.grad_clip is not None:
                 prec.scaler.unscale_(optimizer)
@@ -181,7 +187,6 @@ def _run(
         rows.flush()
         if status == "cancelled":
             cbs.log(f"cancelled at step {step} (epoch {epoch}); no checkpoint written for it")
-            epoch -= 1
             break
 
         _precise_bn(spec, bundle, model, prec, epoch, cbs)
@@ -202,10 +207,11 @@ def _run(
             written.append(info)
             cbs.checkpoint(info)
             cbs.log(f"checkpoint {info.path}")
+        completed = epoch
 
     return TrainResult(
         status=status,  # type: ignore[arg-type]
-        epochs_completed=epoch,
+        epochs_completed=completed,
         global_step=step,
         metrics=metrics,
         checkpoints=[c for c in written if c.path.is_dir()],  # minus those pruned by keep_last
@@ -236,12 +242,6 @@ def _check_fit(spec: JobSpec, bundle: Any) -> int:
     return in_channels
 
 
-def _build_model(spec: JobSpec, in_channels: int) -> nn.Module:
-    from normcore.models import build_model
-
-    return build_model(spec.model, in_channels=in_channels)
-
-
 def _log_setup(
     spec: JobSpec,
     bundle: Any,
@@ -252,10 +252,12 @@ def _log_setup(
     cbs: CallbackList,
 ) -> None:
     dev = prec.device
-    where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
-    amp = str(prec.amp_dtype).removeprefix("torch.") if prec.amp_dtype else "none"
+    if dev.type == "cuda":
+        where = f"{dev} ({torch.cuda.get_device_name(dev)})"
+    else:
+        where = f"{dev} ({torch.get_num_threads()} threads)"
     cbs.log(
-        f"device {where}, torch {torch.__version__}, amp {amp}, "
+        f"device {where}, torch {torch.__version__}, amp {prec.amp_name}, "
         f"channels_last {prec.channels_last}, deterministic {deterministic}"
     )
     params = sum(p.numel() for p in model.parameters())
@@ -356,8 +358,8 @@ def _evaluate(
     for x, y in bundle.val_batches(batch_size, device=prec.device):
         with prec.autocast():
             out = model(prec.inputs(x))
-            loss = loss_fn(out, y)
-        meter.add(loss.float(), out, y)
+            loss = loss_fn(out.float(), y)
+        meter.add(loss, out, y)
     model.train()
     return meter.values("val_")
 
@@ -380,8 +382,6 @@ def _precise_bn(
     num_batches = spec.checkpoint.precise_bn_batches
     if num_batches <= 0 or not _has_running_stats(model):
         return
-    from normcore.stats import recalibrate_bn
-
     recalibrate_bn(model, _precise_bn_batches(bundle, spec, epoch, prec), num_batches=num_batches)
     cbs.log(f"precise BN: running statistics recalibrated over {num_batches} train batches")
 
@@ -393,8 +393,6 @@ def _precise_bn_batches(
 
     Neither the global RNG nor the training order is touched, so resume stays exact.
     """
-    from normcore.data.transforms import generator
-
     order = torch.randperm(bundle.num_train, generator=generator("precise-bn", spec.seed, epoch))
     batch_size = spec.data.batch_size
     for start in range(0, bundle.num_train - batch_size + 1, batch_size):
@@ -432,6 +430,7 @@ def _save(
             "in_channels": in_channels,
             "num_classes": spec.model.num_classes if spec.task == "classification" else None,
             "task": spec.task,
+            "torch_threads": torch.get_num_threads(),
             "data": {
                 "image_size": bundle.image_size,
                 "mean": _floats(bundle.mean),
@@ -486,6 +485,13 @@ def _resume(
         prec.scaler.load_state_dict(ckpt.state["scaler"])
     for warning in restore_rng(ckpt.rng_tensors, ckpt.state["rng"]):
         cbs.log(f"warning: {warning}")
+    threads = ckpt.meta.get("torch_threads")
+    if prec.device.type == "cpu" and threads not in (None, torch.get_num_threads()):
+        cbs.log(
+            f"warning: checkpoint written with {threads} torch threads, resuming with "
+            f"{torch.get_num_threads()}: the run stays correct but is not bit-identical to "
+            "an uninterrupted one"
+        )
     if ckpt.step != ckpt.epoch * steps_per_epoch:
         cbs.log(
             f"warning: checkpoint step {ckpt.step} is not {ckpt.epoch} epochs of "

@@ -42,6 +42,11 @@ class Precision:
     channels_last: bool
     scaler: torch.amp.GradScaler
 
+    @property
+    def amp_name(self) -> str:
+        """``bfloat16``, ``float16`` or ``none``."""
+        return str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "none"
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast to the AMP dtype on CUDA; a no-op otherwise."""
         if self.amp_dtype is None:

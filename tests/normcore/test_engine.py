@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import normcore
-from normcore.checkpoint import CheckpointInfo, list_checkpoints, verify_checkpoint
+from normcore.checkpoint import CheckpointInfo, list_checkpoints, read_meta, verify_checkpoint
 from normcore.engine import Callback, MetricRow, TrainingDiverged, TrainResult
 from normcore.engine.optim import param_groups
 from normcore.engine.schedule import lr_at
@@ -204,6 +204,20 @@ def test_resume_latest_without_checkpoints_starts_fresh(tmp_path: Path) -> None:
     assert result.status == "succeeded"
     assert result.resumed_from is None
     assert any("starting from scratch" in line for line in rec.logs)
+
+
+def test_resume_under_another_thread_count_says_it_is_not_bit_identical(tmp_path: Path) -> None:
+    spec = copy.deepcopy(SMALL_SPEC)
+    spec["epochs"] = 2
+    normcore.train(spec, tmp_path, [Recorder(stop_at_poll=4)])  # 3 steps per epoch
+    assert read_meta(tmp_path / "checkpoints" / "epoch-0001")["torch_threads"] == 1
+    rec = Recorder()
+    torch.set_num_threads(2)
+    try:
+        normcore.train(spec, tmp_path, [rec], resume=tmp_path / "checkpoints" / "epoch-0001")
+    finally:
+        torch.set_num_threads(1)
+    assert any("written with 1 torch threads, resuming with 2" in line for line in rec.logs)
 
 
 def test_divergence_raises_naming_step_and_value(tmp_path: Path) -> None:
