@@ -240,10 +240,6 @@ def save_checkpoint(
     name = checkpoint_name(epoch)
     final = root / name
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-
     payloads: dict[str, bytes] = {MODEL_FILE: st_save(_cpu_tensors(model.state_dict()))}
     if optimizer is not None:
         opt_tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
@@ -265,6 +261,9 @@ def save_checkpoint(
         "versions": _versions(),
     }
     files: dict[str, dict[str, Any]] = {}
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
         for filename, data in payloads.items():
             files[filename] = {"sha256": _write_file(tmp / filename, data), "bytes": len(data)}

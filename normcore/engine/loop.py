@@ -382,6 +382,7 @@ def _precise_bn(
     num_batches = spec.checkpoint.precise_bn_batches
     if num_batches <= 0 or not _has_running_stats(model):
         return
+    num_batches = min(num_batches, bundle.num_train // spec.data.batch_size)
     recalibrate_bn(model, _precise_bn_batches(bundle, spec, epoch, prec), num_batches=num_batches)
     cbs.log(f"precise BN: running statistics recalibrated over {num_batches} train batches")
 
