@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +157,7 @@ def _run(
 
     rows = _TrainRows(cbs, batch_size, every=1 if dev.type == "cpu" else CUDA_SYNC_EVERY)
     written: list[CheckpointInfo] = []
-    status = "succeeded"
+    status: Literal["succeeded", "cancelled"] = "succeeded"
     for epoch in range(completed + 1, spec.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
@@ -210,7 +210,7 @@ def _run(
         completed = epoch
 
     return TrainResult(
-        status=status,  # type: ignore[arg-type]
+        status=status,
         epochs_completed=completed,
         global_step=step,
         metrics=metrics,
