@@ -190,10 +190,16 @@ def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every eval-mode BN that directly follows a Conv1d/2d/3d or Linear into it.
 
-    Handles torch.nn BatchNorm*/SyncBatchNorm and normcore's BatchNorm*, SyncBatchNorm and
-    FrozenBatchNorm2d; convs without bias, BNs without affine and grouped/depthwise convs. A BN
-    without running statistics is left in place. The folded BN becomes ``nn.Identity``; the
-    model keeps its class and forward.
+    Handles torch.nn BatchNorm*/SyncBatchNorm and normcore's BatchNorm*, SyncBatchNorm,
+    GhostBatchNorm2d, BatchRenorm2d (all plain BN in eval) and FrozenBatchNorm2d; convs without
+    bias, BNs without affine and grouped/depthwise convs. A BN without running statistics is
+    left in place. The folded BN becomes ``nn.Identity``; the model keeps its class and forward.
+
+    Limits: Linear→BatchNorm1d assumes (N, features) input (on (N, L, F) input BN1d would
+    normalize L, which no fold can express). Where fx cannot trace a module, its traceable
+    children are traced on their own and plain nn.Sequential children fused by adjacency; a
+    forward that also calls one of their convs from outside is not detected there (modules
+    registered under two names are never fused).
 
     Args:
         model: the model, in eval mode.
