@@ -48,6 +48,7 @@ class _ProgressCallback(Callback):
         self.progress, self.console = progress, console
         self.task: Any = None
         self.epochs = 0
+        self.train: dict[str, float] = {}
         self.val: dict[str, float] = {}
 
     def on_train_start(self, info: dict[str, Any]) -> None:
@@ -63,18 +64,22 @@ class _ProgressCallback(Callback):
         if row.split == "val":
             self.val = row.values
         else:
-            acc = self.val.get("val_accuracy", self.val.get("val_psnr"))
-            acc_name = "val_acc" if "val_accuracy" in self.val else "val_psnr"
-            stats = f"loss {row.values['loss']:.4f}"
-            if acc is not None:
-                stats += f"  {acc_name} {acc:.4f}"
-            stats += f"  {row.values['samples_per_s']:.0f} samples/s"
-            self.progress.update(
-                self.task,
-                completed=row.step,
-                description=f"epoch {row.epoch}/{self.epochs}",
-                stats=stats,
-            )
+            self.train = row.values
+        stats = []
+        if self.train:
+            stats.append(f"loss {self.train['loss']:.4f}")
+        if "val_accuracy" in self.val:
+            stats.append(f"val_acc {self.val['val_accuracy']:.4f}")
+        elif "val_psnr" in self.val:
+            stats.append(f"val_psnr {self.val['val_psnr']:.2f}")
+        if self.train:
+            stats.append(f"{self.train['samples_per_s']:.0f} samples/s")
+        self.progress.update(
+            self.task,
+            completed=row.step,
+            description=f"epoch {row.epoch}/{self.epochs}",
+            stats="  ".join(stats),
+        )
 
     def on_log(self, message: str) -> None:
         self.console.print(message, markup=False, highlight=False)
