@@ -49,7 +49,10 @@ def default_queues(settings: Settings) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of ``python -m worker``."""
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description="Migrate the store, start the reaper and run a Celery worker for normcore jobs.",
+    )
     parser.add_argument(
         "--queues", "-Q", help="comma-separated queues (default: cpu,gpu; cpu without CUDA)"
     )
@@ -62,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--loglevel", "-l", default="info", help="Celery log level (default info)")
     parser.add_argument(
-        "--hostname", "-n", default=None, help="worker node name (default normcore@host)"
+        "--hostname", "-n", default=None, help="worker node name (default normcore-PID@host)"
     )
     args = parser.parse_args(argv)
     if args.concurrency < 1:

@@ -41,6 +41,7 @@ DEFAULT_TRAIN_TARGET = "normcore:train"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_STALE = 3
+MAX_ERROR_CHARS = 4000
 
 
 def worker_id() -> str:
@@ -180,7 +181,8 @@ def _run_attempt(cfg: dict[str, Any], stop: threading.Event, report: Any) -> int
         )
         with contextlib.suppress(Exception):
             callback.close()
-        report({"status": "failed", "error": error})
+        # Bounded, so the message fits the pipe's buffer before the parent reads it.
+        report({"status": "failed", "error": error[:MAX_ERROR_CHARS]})
         return EXIT_FAILED
     finally:
         engine_log.removeHandler(handler)
@@ -237,7 +239,6 @@ class _Supervisor:
         self.cancel_seen = False
         self.stale = False
         self.term_sent_at: float | None = None
-        self.killed = False
 
     def heartbeat(self) -> None:
         """Renew the lease; note a cancel request or a lost lease."""
@@ -266,7 +267,6 @@ class _Supervisor:
             if self.stale or self.flags.cold.is_set():
                 # Another attempt owns the job (or a cold shutdown): no grace, no writes.
                 _signal_group(proc.pid, signal.SIGKILL)
-                self.killed = True
                 proc.join()
                 return
             if (self.cancel_seen or self.flags.warm.is_set()) and self.term_sent_at is None:
@@ -278,7 +278,6 @@ class _Supervisor:
             if self.term_sent_at is not None and time.monotonic() - self.term_sent_at > grace:
                 log.warning("job %s: child ignored SIGTERM for %.0fs, killing", self.job_id, grace)
                 _signal_group(proc.pid, signal.SIGKILL)
-                self.killed = True
                 proc.join()
                 return
             # Short waits so a shutdown flag set by a signal handler is acted on promptly.
@@ -348,7 +347,10 @@ def run_job(
         recv_end.close()
     if proc.pid is not None:
         # Reap helpers the child left behind in its group (data loader workers and the like).
-        _signal_group(proc.pid, signal.SIGKILL)
+        # killpg only: the child itself is reaped, so its pid may already belong to someone else,
+        # but a pgid is never reused while a member of its group lives.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
     return _record(store, sup, proc.exitcode, outcome)
 
 
