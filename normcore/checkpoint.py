@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
@@ -54,6 +55,7 @@ OPTIMIZER_JSON = "optimizer.json"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "state.json"
 META_FILE = "meta.json"
+HEADER_KEY = "normcore"  # key of the JSON document in model.safetensors' own metadata
 
 _NAME_RE = re.compile(r"^epoch-(\d+)$")
 _TMP_RE = re.compile(r"^\.epoch-\d+\.(?:tmp|old)-(\d+)$")
@@ -240,7 +242,12 @@ def save_checkpoint(
     name = checkpoint_name(epoch)
     final = root / name
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    payloads: dict[str, bytes] = {MODEL_FILE: st_save(_cpu_tensors(model.state_dict()))}
+    spec_doc = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec
+    metrics_dict = {k: float(v) for k, v in (metrics or {}).items()}
+    header = _model_header(spec_doc, meta or {}, epoch=epoch, step=step, metrics=metrics_dict)
+    payloads: dict[str, bytes] = {
+        MODEL_FILE: st_save(_cpu_tensors(model.state_dict()), metadata=header)
+    }
     if optimizer is not None:
         opt_tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
         payloads[OPTIMIZER_TENSORS] = st_save(opt_tensors)
@@ -248,7 +255,6 @@ def save_checkpoint(
     payloads[RNG_FILE] = st_save(_cpu_tensors(dict(rng_tensors or {})))
     payloads[STATE_FILE] = _json_bytes({**dict(state or {}), "epoch": epoch, "step": step})
 
-    metrics_dict = {k: float(v) for k, v in (metrics or {}).items()}
     meta_doc = {
         **dict(meta or {}),
         "format": FORMAT,
@@ -256,7 +262,7 @@ def save_checkpoint(
         "name": name,
         "epoch": epoch,
         "step": step,
-        "spec": spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec,
+        "spec": spec_doc,
         "metrics": metrics_dict,
         "versions": _versions(),
     }
@@ -294,6 +300,45 @@ def save_checkpoint(
         files={k: v["sha256"] for k, v in files.items()},
         metrics=metrics_dict,
     )
+
+
+def _model_header(
+    spec_doc: Any, meta: Mapping[str, Any], *, epoch: int, step: int, metrics: Mapping[str, float]
+) -> dict[str, str] | None:
+    """What model.safetensors carries in its own header so the file alone rebuilds its model.
+
+    The service serves only this file; with the model spec inside it, ``load_model(file)`` works
+    on a download without meta.json.
+    """
+    if not isinstance(spec_doc, dict) or "model" not in spec_doc or "in_channels" not in meta:
+        return None
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": spec_doc["model"],
+        "in_channels": meta["in_channels"],
+        "num_classes": meta.get("num_classes"),
+        "task": meta.get("task"),
+        "epoch": epoch,
+        "step": step,
+        "metrics": dict(metrics),
+    }
+    return {HEADER_KEY: json.dumps(doc, sort_keys=True)}
+
+
+def read_model_header(path: str | Path) -> dict[str, Any] | None:
+    """The normcore header of a model.safetensors file, or None if it carries none."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(HEADER_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: malformed normcore header ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "model" not in doc:
+        raise ValueError(f"{path}: not a normcore model header")
+    return doc
 
 
 def _prune(root: Path, written_epoch: int, keep_last: int) -> None:
@@ -431,15 +476,26 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     from normcore.models import build_model
     from normcore.spec import ModelSpec
 
-    folder = _folder(path)
-    meta = read_meta(folder)
-    verify_checkpoint(folder)
-    if not isinstance(meta.get("spec"), dict) or "model" not in meta["spec"]:
-        raise ValueError(f"checkpoint {folder}: meta.json holds no model spec to rebuild from")
-    model_spec = ModelSpec.model_validate(meta["spec"]["model"])
+    path = Path(path)
+    if path.is_file() and not (path.parent / META_FILE).is_file():
+        # a lone downloaded model.safetensors: its header says what to build
+        model_file = path
+        header = read_model_header(path)
+        if header is None:
+            raise ValueError(f"{path}: carries no normcore header; pass its checkpoint folder")
+        model_doc, in_channels = header["model"], header["in_channels"]
+    else:
+        folder = _folder(path)
+        meta = read_meta(folder)
+        verify_checkpoint(folder)
+        if not isinstance(meta.get("spec"), dict) or "model" not in meta["spec"]:
+            raise ValueError(f"checkpoint {folder}: meta.json holds no model spec to rebuild from")
+        model_file = folder / MODEL_FILE
+        model_doc, in_channels = meta["spec"]["model"], meta["in_channels"]
+    model_spec = ModelSpec.model_validate(model_doc)
     # Building initializes weights from the global RNG; keep the caller's RNG untouched.
     with torch.random.fork_rng(devices=[]):
-        model = build_model(model_spec, in_channels=int(meta["in_channels"]))
-    state = st_load_file(str(folder / MODEL_FILE), device="cpu")
+        model = build_model(model_spec, in_channels=int(in_channels))
+    state = st_load_file(str(model_file), device="cpu")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

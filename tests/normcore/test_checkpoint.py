@@ -312,3 +312,40 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None
     save_checkpoint(tmp_path, epoch=1, step=1, model=model)
     assert not stale.exists()
     assert alive.exists()  # another live process may be writing it
+
+
+def test_lone_model_file_rebuilds_from_its_header(tmp_path: Path) -> None:
+    """A downloaded model.safetensors, away from meta.json, loads with load_model alone."""
+    from normcore.checkpoint import read_model_header
+
+    spec = {
+        "name": "header",
+        "model": {"arch": "lenet", "norm": "bn", "num_classes": 10},
+        "data": {"dataset": "digits", "batch_size": 64},
+        "optim": {"lr": 0.05},
+        "epochs": 1,
+    }
+    result = normcore.train(spec, tmp_path / "run")
+    folder = result.checkpoints[-1].path
+    lone = tmp_path / "download.safetensors"
+    shutil.copyfile(folder / "model.safetensors", lone)
+    header = read_model_header(lone)
+    assert header is not None and header["model"]["arch"] == "lenet"
+    assert header["epoch"] == result.epochs_completed
+    from_file = normcore.load_model(lone)
+    from_folder = normcore.load_model(folder)
+    x = torch.randn(4, 1, 8, 8)
+    assert not from_file.training
+    assert torch.equal(from_file(x), from_folder(x))
+    for key, value in from_folder.state_dict().items():
+        assert torch.equal(value, from_file.state_dict()[key]), key
+
+
+def test_lone_file_without_header_is_refused(tmp_path: Path) -> None:
+    """A plain safetensors file says what is missing instead of guessing a model."""
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="no normcore header"):
+        normcore.load_model(plain)
