@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from normcore.engine import Callback
 from service.store import NotFound, StaleAttempt, Store
 
 log = logging.getLogger("worker.callbacks")
@@ -67,7 +68,7 @@ class StoreLogHandler(logging.Handler):
             self.handleError(record)
 
 
-class StoreCallback:
+class StoreCallback(Callback):
     """A normcore ``Callback`` that streams metrics, logs and checkpoints of one attempt to the store.
 
     Metric rows and log lines are buffered and written in batches by a background thread every

@@ -134,6 +134,10 @@ def test_worker_runs_a_job_from_the_broker(env: ServiceEnv, workers: list[Proc])
     enqueue(job_id, "cpu", env.settings())
     wait_for(lambda: "not claimable" in workers[0].log(), timeout=30, what="the duplicate")
     assert logs(store, job_id).count("started on worker") == 1
+    # Training ran in the spawned child: torch (so CUDA) was never even loaded by the worker.
+    maps = Path(f"/proc/{workers[0].pid}/maps")
+    if maps.exists():
+        assert "libtorch" not in maps.read_text()
     store.dispose()
 
 
