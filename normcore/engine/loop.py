@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ from normcore.models import build_model
 from normcore.spec import JobSpec, load_spec
 from normcore.stats import recalibrate_bn
 
+if TYPE_CHECKING:
+    from normcore.engine.distributed import DistContext
+
 __all__ = ["CUDA_SYNC_EVERY", "train"]
 
 CUDA_SYNC_EVERY = 50
@@ -78,6 +81,10 @@ def train(
         data_root: where file datasets (mnist, cifar10, imagefolder, npz) are read from.
         device: overrides ``spec.resources.device`` ("auto", "cpu", "cuda", "cuda:1").
 
+    With ``spec.resources.gpus = k > 1`` the run is data-parallel over ``k`` spawned processes
+    (NCCL on ``k`` GPUs, gloo on CPU), each with ``batch_size`` samples of a global batch of
+    ``k * batch_size``; the callbacks stay in this process (see ``normcore.engine.distributed``).
+
     Returns:
         a TrainResult with status "succeeded" or "cancelled" (a callback's ``should_stop``).
 
@@ -93,7 +100,12 @@ def train(
     dev = resolve_device(device if device is not None else spec.resources.device)
     with determinism(dev) as deterministic:
         try:
-            result = _run(spec, workdir, cbs, resume, data_root, dev, deterministic, started)
+            if spec.resources.gpus > 1:
+                from normcore.engine.distributed import run_distributed
+
+                result = run_distributed(spec, workdir, cbs, resume, data_root, dev, started)
+            else:
+                result = _run(spec, workdir, cbs, resume, data_root, dev, deterministic, started)
         except TrainingDiverged as exc:
             cbs.log(str(exc), logging.ERROR)
             raise
@@ -110,13 +122,19 @@ def _run(
     dev: torch.device,
     deterministic: bool,
     started: float,
+    ddp: DistContext | None = None,
 ) -> TrainResult:
+    # ddp: this process is one rank of a data-parallel run; its cbs relay to the caller (rank 0)
+    # or are empty (other ranks), and only rank 0 writes checkpoints.
+    rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
     seed_everything(spec.seed)
     bundle = build_data(
         spec.data, seed=spec.seed, data_root=data_root, task=spec.task, scale=spec.model.scale
     )
     in_channels = _check_fit(spec, bundle)
     model = build_model(spec.model, in_channels=in_channels).to(dev)
+    if ddp is not None:
+        model = ddp.sync_norm(spec, model)
     prec = setup_precision(spec.resources, dev, model, cbs.log)
     optimizer = build_optimizer(model, spec.optim)
     loss_fn: Callable[[Tensor, Tensor], Tensor] = (
@@ -124,7 +142,7 @@ def _run(
     )
     batch_size = spec.data.batch_size
     eval_batch_size = spec.data.eval_batch_size or batch_size
-    steps_per_epoch = bundle.steps_per_epoch(batch_size)  # raises if not one batch
+    steps_per_epoch = bundle.steps_per_epoch(batch_size, world)  # raises if not one batch
     total_steps = steps_per_epoch * spec.epochs
 
     completed, step, metrics, resumed_from = 0, 0, {}, None  # epochs and updates done
@@ -132,7 +150,9 @@ def _run(
         loaded = _resume(resume, workdir, spec, model, optimizer, prec, steps_per_epoch, cbs)
         if loaded is not None:
             resumed_from, completed, step, metrics = loaded
-    _log_setup(spec, bundle, model, prec, deterministic, steps_per_epoch, cbs)
+    # the step runs the DDP wrapper; eval, precise BN and checkpoints use the model itself
+    net = ddp.wrap(model) if ddp is not None else model
+    _log_setup(spec, bundle, model, prec, deterministic, steps_per_epoch, cbs, world)
     cbs.train_start(
         {
             "spec": spec.model_dump(mode="json"),
@@ -152,10 +172,13 @@ def _run(
             "task": spec.task,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "workdir": str(workdir),
+            "world_size": world,
+            "global_batch_size": batch_size * world,
         }
     )
 
-    rows = _TrainRows(cbs, batch_size, every=1 if dev.type == "cpu" else CUDA_SYNC_EVERY)
+    every = 1 if dev.type == "cpu" else CUDA_SYNC_EVERY
+    rows = _TrainRows(cbs, batch_size * world, every, ddp)
     written: list[CheckpointInfo] = []
     status: Literal["succeeded", "cancelled"] = "succeeded"
     for epoch in range(completed + 1, spec.epochs + 1):
@@ -163,12 +186,14 @@ def _run(
         model.train()
         meter = _Meter(spec.task, dev)
         rows.restart_timer()
-        for x, y in bundle.train_batches(epoch - 1, batch_size, device=dev):
+        for x, y in bundle.train_batches(
+            epoch - 1, batch_size, rank=rank, world_size=world, device=dev
+        ):
             lr = lr_at(step, spec.optim, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with prec.autocast():
-                out = model(prec.inputs(x))
+                out = net(prec.inputs(x))
                 loss = loss_fn(out.float(), y)
             prec.scaler.scale(loss).backward()
             if spec.optim.grad_clip is not None:
@@ -181,7 +206,10 @@ def _run(
 
             meter.add(loss, out, y)
             rows.add(step, epoch, loss, lr)
-            if cbs.should_stop():
+            stop = cbs.should_stop()
+            if ddp is not None:  # rank 0 decides, so every rank stops after the same step
+                stop = ddp.agree_stop(stop)
+            if stop:
                 status = "cancelled"
                 break
         rows.flush()
@@ -189,10 +217,10 @@ def _run(
             cbs.log(f"cancelled at step {step} (epoch {epoch}); no checkpoint written for it")
             break
 
-        _precise_bn(spec, bundle, model, prec, epoch, cbs)
+        _precise_bn(spec, bundle, model, prec, epoch, cbs, ddp)
         metrics = {
-            **meter.values("train_"),
-            **_evaluate(model, bundle, eval_batch_size, prec, loss_fn, spec.task),
+            **meter.values("train_", ddp),
+            **_evaluate(model, bundle, eval_batch_size, prec, loss_fn, spec.task, ddp),
         }
         cbs.metrics(MetricRow(step, epoch, "val", metrics, time.time()))
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -200,7 +228,8 @@ def _run(
             f"epoch {epoch}/{spec.epochs} step {step}: {summary} "
             f"({time.perf_counter() - epoch_started:.1f}s)"
         )
-        if epoch % spec.checkpoint.every_epochs == 0 or epoch == spec.epochs:
+        due = epoch % spec.checkpoint.every_epochs == 0 or epoch == spec.epochs
+        if due and (ddp is None or ddp.is_main):
             info = _save(
                 workdir, spec, model, optimizer, prec, epoch, step, metrics, in_channels, bundle
             )
@@ -250,6 +279,7 @@ def _log_setup(
     deterministic: bool,
     steps_per_epoch: int,
     cbs: CallbackList,
+    world: int = 1,
 ) -> None:
     dev = prec.device
     if dev.type == "cuda":
@@ -266,21 +296,33 @@ def _log_setup(
         f"{spec.data.dataset}: {bundle.num_train} train / {bundle.num_val} val samples, "
         f"{steps_per_epoch} steps per epoch, {spec.epochs} epochs"
     )
-    if spec.resources.gpus > 1 or spec.resources.sync_bn:
+    if world > 1:
+        from normcore.engine.distributed import wants_sync_bn
+
+        backend = "nccl" if dev.type == "cuda" else "gloo"
         cbs.log(
-            f"warning: resources.gpus={spec.resources.gpus}, sync_bn={spec.resources.sync_bn}: "
-            "normcore.train runs a single process on one device; data parallel is not used"
+            f"data parallel over {world} processes ({backend}): global batch "
+            f"{world} x {spec.data.batch_size} = {world * spec.data.batch_size}, "
+            f"SyncBatchNorm {'on' if wants_sync_bn(spec) else 'off'}"
         )
+    elif spec.resources.sync_bn:
+        cbs.log("warning: resources.sync_bn has no effect with one process (resources.gpus=1)")
 
 
 # ----------------------------------------------------------------------------- metrics
 
 
 class _TrainRows:
-    """Per-step train rows; losses become floats in one host sync every ``every`` steps."""
+    """Per-step train rows; losses become floats in one host sync every ``every`` steps.
 
-    def __init__(self, cbs: CallbackList, batch_size: int, every: int) -> None:
-        self.cbs, self.batch_size, self.every = cbs, batch_size, every
+    Under data parallel the losses are averaged over the ranks first (the global-batch mean)
+    and ``batch_size`` is the global batch.
+    """
+
+    def __init__(
+        self, cbs: CallbackList, batch_size: int, every: int, ddp: DistContext | None = None
+    ) -> None:
+        self.cbs, self.batch_size, self.every, self.ddp = cbs, batch_size, every, ddp
         self.pending: list[tuple[int, int, Tensor, float]] = []
         self.t0 = time.perf_counter()
 
@@ -295,7 +337,10 @@ class _TrainRows:
     def flush(self) -> None:
         if not self.pending:
             return
-        losses = torch.stack([p[2] for p in self.pending]).tolist()
+        stacked = torch.stack([p[2] for p in self.pending])
+        if self.ddp is not None:
+            stacked = self.ddp.all_reduce_mean(stacked)
+        losses = stacked.tolist()
         # samples/s over the window: a per-step timer on CPU, a per-window average on CUDA.
         rate = self.batch_size * len(self.pending) / max(time.perf_counter() - self.t0, 1e-9)
         now = time.time()
@@ -328,13 +373,18 @@ class _Meter:
         else:
             self.score_sum += (out.detach().argmax(1) == y).sum()
 
-    def values(self, prefix: str) -> dict[str, float]:
+    def values(self, prefix: str, ddp: DistContext | None = None) -> dict[str, float]:
         score = "psnr" if self.sr else "accuracy"
-        n = max(self.count, 1)
-        return {
-            f"{prefix}loss": self.loss_sum.item() / n,
-            f"{prefix}{score}": self.score_sum.item() / n,
-        }
+        if ddp is None:
+            loss_sum, score_sum, count = self.loss_sum.item(), self.score_sum.item(), self.count
+        else:  # sums over every rank's samples
+            count_t = torch.tensor(
+                float(self.count), dtype=torch.float64, device=self.loss_sum.device
+            )
+            totals = ddp.all_reduce_sum(torch.stack([self.loss_sum, self.score_sum, count_t]))
+            loss_sum, score_sum, count = totals.tolist()
+        n = max(count, 1)
+        return {f"{prefix}loss": loss_sum / n, f"{prefix}{score}": score_sum / n}
 
 
 def _psnr(out: Tensor, target: Tensor) -> Tensor:
@@ -351,17 +401,26 @@ def _evaluate(
     prec: Precision,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     task: str,
+    ddp: DistContext | None = None,
 ) -> dict[str, float]:
-    """Loss and accuracy (or PSNR) over the val split in eval mode (running statistics)."""
+    """Loss and accuracy (or PSNR) over the val split in eval mode (running statistics).
+
+    Under data parallel rank ``r`` evaluates every ``world``-th batch from the ``r``-th on and
+    the sums are reduced, so the values cover the whole val split once.
+    """
     model.eval()
     meter = _Meter(task, prec.device)
-    for x, y in bundle.val_batches(batch_size, device=prec.device):
+    rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
+    for i, (x_all, y_all) in enumerate(bundle.val_batches(batch_size)):
+        if i % world != rank:
+            continue
+        x, y = x_all.to(prec.device, non_blocking=True), y_all.to(prec.device, non_blocking=True)
         with prec.autocast():
             out = model(prec.inputs(x))
             loss = loss_fn(out.float(), y)
         meter.add(loss, out, y)
     model.train()
-    return meter.values("val_")
+    return meter.values("val_", ddp)
 
 
 # ----------------------------------------------------------------------------- precise BN
@@ -376,28 +435,38 @@ def _has_running_stats(model: nn.Module) -> bool:
 
 
 def _precise_bn(
-    spec: JobSpec, bundle: Any, model: nn.Module, prec: Precision, epoch: int, cbs: CallbackList
+    spec: JobSpec,
+    bundle: Any,
+    model: nn.Module,
+    prec: Precision,
+    epoch: int,
+    cbs: CallbackList,
+    ddp: DistContext | None = None,
 ) -> None:
     """Recalibrate BN running statistics over train batches before eval and checkpoint."""
     num_batches = spec.checkpoint.precise_bn_batches
     if num_batches <= 0 or not _has_running_stats(model):
         return
-    num_batches = min(num_batches, bundle.num_train // spec.data.batch_size)
-    recalibrate_bn(model, _precise_bn_batches(bundle, spec, epoch, prec), num_batches=num_batches)
+    rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
+    num_batches = min(num_batches, bundle.num_train // (spec.data.batch_size * world))
+    batches = _precise_bn_batches(bundle, spec, epoch, prec, rank, world)
+    recalibrate_bn(model, batches, num_batches=num_batches)
     cbs.log(f"precise BN: running statistics recalibrated over {num_batches} train batches")
 
 
 def _precise_bn_batches(
-    bundle: Any, spec: JobSpec, epoch: int, prec: Precision
+    bundle: Any, spec: JobSpec, epoch: int, prec: Precision, rank: int = 0, world: int = 1
 ) -> Iterator[Tensor]:
     """Train batches in an order drawn from a generator of their own, seeded by (seed, epoch).
 
-    Neither the global RNG nor the training order is touched, so resume stays exact.
+    Neither the global RNG nor the training order is touched, so resume stays exact. Under
+    data parallel each global batch of ``world * batch_size`` is split as in training.
     """
     order = torch.randperm(bundle.num_train, generator=generator("precise-bn", spec.seed, epoch))
     batch_size = spec.data.batch_size
-    for start in range(0, bundle.num_train - batch_size + 1, batch_size):
-        index = order[start : start + batch_size]
+    global_batch = batch_size * world
+    for start in range(0, bundle.num_train - global_batch + 1, global_batch):
+        index = order[start : start + global_batch][rank * batch_size : (rank + 1) * batch_size]
         yield prec.inputs(bundle.train_x[index].to(prec.device))
 
 
