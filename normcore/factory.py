@@ -3,16 +3,22 @@
 A spec is one of
 
 - a name: ``"bn"``, ``"gn"``, ``"ln"``, ``"in"``, ``"frozen_bn"``, ``"brn"``, ``"ghost_bn"``,
-  ``"sync_bn"``, ``"l2"``, ``"none"`` (or an alias such as ``"batch"``, ``"group_norm"``);
+  ``"sync_bn"``, ``"l2"``, ``"rms"``, ``"rms2d"``, ``"lrn"``, ``"frn"``, ``"evo_b0"``,
+  ``"evo_s0"``, ``"split_bn"``, ``"none"`` (or an alias such as ``"batch"``, ``"group_norm"``);
   case, ``_`` and ``-`` do not matter;
 - a name with its main argument after a colon: ``"gn:8"`` (8 groups), ``"ghost_bn:16"``
-  (virtual batch size), ``"l2:10"`` (initial scale);
+  (virtual batch size), ``"l2:10"`` (initial scale), ``"evo_s0:8"`` (groups), ``"split_bn:3"``
+  (splits), ``"lrn:5"`` (window size);
 - a name with keyword arguments: ``"bn(momentum=0.01, eps=1e-3)"``, ``"gn:8(eps=1e-6)"``;
   values are Python literals, parsed with ``ast.literal_eval`` (nothing is evaluated);
 - a dict: ``{"type": "batch", "momentum": 0.01}`` (``"name"`` works as well as ``"type"``);
 - a class or a callable called as ``spec(num_channels, **kwargs)``; ``None`` means ``"none"``.
 
 Every mistake raises ``ValueError`` with the valid choices, at the point of the mistake.
+
+Momentum follows torch's convention (``running = (1 - m) * running + m * batch``). The keyword
+``momentum_convention="keras"`` (to ``make_norm``, or inside a spec) reads ``momentum`` the
+Keras way (``moving = m * moving + (1 - m) * batch``), so Keras' 0.99 becomes 0.01 here.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ __all__ = [
 
 NormSpec = str | Mapping[str, Any] | type | Callable[..., nn.Module] | None
 T = TypeVar("T")
+
+MOMENTUM_CONVENTIONS = ("torch", "keras")
 
 DEFAULT_GROUPS = 32  # Wu & He (2018): 32 groups
 
@@ -367,9 +375,29 @@ def _check_kwargs(parsed: ParsedNorm, kwargs: Mapping[str, Any], dims: int) -> N
     _check_values(f"norm {label!r}", kwargs)
 
 
+def _apply_convention(label: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop ``momentum_convention`` from ``kwargs`` and turn a Keras momentum into torch's."""
+    convention = kwargs.pop("momentum_convention", "torch")
+    if convention not in MOMENTUM_CONVENTIONS:
+        raise ValueError(
+            f"{label}: momentum_convention must be 'torch' or 'keras', got {convention!r}"
+        )
+    if convention == "keras" and "momentum" in kwargs:
+        m = kwargs["momentum"]
+        if isinstance(m, bool) or not isinstance(m, int | float) or not 0.0 <= m <= 1.0:
+            raise ValueError(
+                f"{label}: a Keras momentum must be a number in [0, 1] (e.g. 0.99), got {m!r}"
+            )
+        # Keras keeps m of the old average, torch mixes in m of the batch; rounding drops the
+        # float noise of 1 - m (Keras momenta are written as short decimals such as 0.99)
+        kwargs["momentum"] = round(1.0 - float(m), 12)
+    return kwargs
+
+
 def _resolve(spec: NormSpec, dims: int, overrides: Mapping[str, Any]) -> ParsedNorm:
     parsed = parse_norm(spec)
-    kwargs = {**parsed.kwargs, **overrides}
+    label = f"norm {parsed.entry.name if parsed.entry is not None else parsed.text!r}"
+    kwargs = _apply_convention(label, {**parsed.kwargs, **overrides})
     _check_kwargs(parsed, kwargs, dims)
     return ParsedNorm(parsed.entry, parsed.target, kwargs, parsed.text)
 
@@ -385,14 +413,25 @@ def validate_norm(spec: NormSpec, num_channels: int | None = None, *, dims: int 
         parsed.entry.check(parsed.kwargs, num_channels)
 
 
-def make_norm(spec: NormSpec, num_channels: int, *, dims: int = 2, **overrides: Any) -> nn.Module:
+def make_norm(
+    spec: NormSpec,
+    num_channels: int,
+    *,
+    dims: int = 2,
+    momentum_convention: str | None = None,
+    **overrides: Any,
+) -> nn.Module:
     """Build the normalization layer ``spec`` describes for ``num_channels`` channels.
 
-    ``dims`` (1, 2 or 3) picks BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d and LayerNorm vs
-    LayerNorm2d. ``overrides`` are keyword arguments that replace those given in the spec.
+    ``dims`` (1, 2 or 3) picks BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, LayerNorm vs
+    LayerNorm2d and RMSNorm vs RMSNorm2d. ``overrides`` are keyword arguments that replace
+    those given in the spec. ``momentum_convention="keras"`` reads ``momentum`` as Keras does
+    (0.99 there is 0.01 here); the default is torch's.
     """
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
         raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+    if momentum_convention is not None:
+        overrides = {**overrides, "momentum_convention": momentum_convention}
     parsed = _resolve(spec, dims, overrides)
     entry = parsed.entry
     if entry is None:
@@ -481,6 +520,26 @@ def _check_l2(kwargs: dict[str, Any], num_channels: int | None) -> None:
         raise ValueError(f"norm 'l2': scale must be a number, got {value!r}")
 
 
+def _check_evo_s0(kwargs: dict[str, Any], num_channels: int | None) -> None:
+    if "num_groups" not in kwargs:
+        return
+    groups = _need_int("norm 'evo_s0'", "num_groups", kwargs["num_groups"])
+    if num_channels is not None and num_channels % groups != 0:
+        raise ValueError(
+            f"evo_s0:{groups} needs num_channels divisible by {groups}, got {num_channels}"
+        )
+
+
+def _check_split(kwargs: dict[str, Any], num_channels: int | None) -> None:
+    if "num_splits" in kwargs:
+        _need_int("norm 'split_bn'", "num_splits", kwargs["num_splits"], low=2)
+
+
+def _check_lrn(kwargs: dict[str, Any], num_channels: int | None) -> None:
+    if "size" in kwargs:
+        _need_int("norm 'lrn'", "size", kwargs["size"])
+
+
 def _by_dims(*names: str) -> Callable[[int], type[nn.Module]]:
     def pick(dims: int) -> type[nn.Module]:
         from normcore import layers
@@ -561,6 +620,56 @@ def _build_ln(num_channels: int, dims: int = 2, **kwargs: Any) -> nn.Module:
     if dims == 1:
         return _layer("LayerNorm")()(num_channels, **kwargs)
     return _layer("LayerNorm2d")()(num_channels, **kwargs)
+
+
+def _rms_signature() -> Callable[..., Any]:
+    def rms_signature(
+        num_channels: int,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None: ...
+
+    return rms_signature
+
+
+def _build_rms(num_channels: int, dims: int = 2, **kwargs: Any) -> nn.Module:
+    if dims == 1:
+        return _layer("RMSNorm")()(num_channels, **kwargs)
+    if kwargs.get("eps", 0.0) is None:
+        kwargs.pop("eps")  # RMSNorm2d has a fixed default eps
+    return _layer("RMSNorm2d")()(num_channels, **kwargs)
+
+
+def _lrn_signature() -> Callable[..., Any]:
+    def lrn_signature(
+        num_channels: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
+    ) -> None: ...
+
+    return lrn_signature
+
+
+def _build_lrn(num_channels: int, size: int = 5, **kwargs: Any) -> nn.Module:
+    # the window is over channels, so the channel count itself is not a parameter
+    return _layer("LocalResponseNorm")()(size, **kwargs)
+
+
+def _evo_s0_signature() -> Callable[..., Any]:
+    def evo_s0_signature(
+        num_channels: int,
+        num_groups: int | None = None,
+        eps: float = 1e-5,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None: ...
+
+    return evo_s0_signature
+
+
+def _build_evo_s0(num_channels: int, num_groups: int | None = None, **kwargs: Any) -> nn.Module:
+    groups = _default_groups(num_channels) if num_groups is None else num_groups
+    return _layer("EvoNorm2dS0")()(num_channels, groups, **kwargs)
 
 
 def _build_sync(num_channels: int, **kwargs: Any) -> nn.Module:
@@ -663,6 +772,64 @@ def _register_builtins() -> None:
             arg="scale",
             signature=_layer("L2Norm"),
             check=_check_l2,
+        ),
+        NormEntry(
+            "rms",
+            _build_rms,
+            aliases=("rmsnorm", "rms_norm"),
+            takes_dims=True,
+            dims=(1, 2),
+            signature=_rms_signature,
+        ),
+        NormEntry(
+            "rms2d",
+            _simple("RMSNorm2d"),
+            aliases=("rmsnorm2d", "rms_norm2d"),
+            dims=(2,),
+            signature=_layer("RMSNorm2d"),
+        ),
+        NormEntry(
+            "lrn",
+            _build_lrn,
+            aliases=("local_response_norm", "localresponsenorm"),
+            arg="size",
+            dims=(2, 3),
+            signature=_lrn_signature,
+            check=_check_lrn,
+        ),
+        NormEntry(
+            "frn",
+            _simple("FilterResponseNorm2d"),
+            aliases=("filter_response_norm", "filterresponsenorm2d", "frn_tlu"),
+            dims=(2,),
+            signature=_layer("FilterResponseNorm2d"),
+        ),
+        NormEntry(
+            "evo_b0",
+            _simple("EvoNorm2dB0"),
+            aliases=("evonorm_b0", "evonorm2db0"),
+            batch_stats=True,
+            dims=(2,),
+            signature=_layer("EvoNorm2dB0"),
+        ),
+        NormEntry(
+            "evo_s0",
+            _build_evo_s0,
+            aliases=("evonorm_s0", "evonorm2ds0"),
+            arg="num_groups",
+            dims=(2,),
+            signature=_evo_s0_signature,
+            check=_check_evo_s0,
+        ),
+        NormEntry(
+            "split_bn",
+            _simple("SplitBatchNorm2d"),
+            aliases=("splitbn", "split_batchnorm", "splitbatchnorm2d", "aux_bn"),
+            batch_stats=True,
+            arg="num_splits",
+            dims=(2,),
+            signature=_layer("SplitBatchNorm2d"),
+            check=_check_split,
         ),
         NormEntry(
             "none",

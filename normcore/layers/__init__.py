@@ -1,6 +1,8 @@
 """Normalization layers: drop-in twins of torch.nn's norms plus the variants normcore adds."""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .evonorm import EvoNorm2dB0, EvoNorm2dS0
+from .frn import FilterResponseNorm2d
 from .frozen import FrozenBatchNorm2d
 from .ghost import GhostBatchNorm2d
 from .groupnorm import GroupNorm
@@ -8,7 +10,11 @@ from .identity import Identity
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .l2norm import L2Norm
 from .layernorm import LayerNorm, LayerNorm2d
+from .lrn import LocalResponseNorm
 from .renorm import BatchRenorm2d
+from .rmsnorm import RMSNorm, RMSNorm2d
+from .split import SplitBatchNorm2d
+from .stdconv import StdConv2d
 from .syncbn import SyncBatchNorm
 
 __all__ = [
@@ -16,6 +22,9 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchRenorm2d",
+    "EvoNorm2dB0",
+    "EvoNorm2dS0",
+    "FilterResponseNorm2d",
     "FrozenBatchNorm2d",
     "GhostBatchNorm2d",
     "GroupNorm",
@@ -26,5 +35,10 @@ __all__ = [
     "L2Norm",
     "LayerNorm",
     "LayerNorm2d",
+    "LocalResponseNorm",
+    "RMSNorm",
+    "RMSNorm2d",
+    "SplitBatchNorm2d",
+    "StdConv2d",
     "SyncBatchNorm",
 ]

@@ -13,14 +13,29 @@ compatibility); ``_BatchNorm`` is the base for every batch-statistics layer in n
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "_BatchNorm", "_NormBase"]
+__all__ = [
+    "SMALL_BATCH_POLICIES",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "_BatchNorm",
+    "_NormBase",
+]
+
+SmallBatch = Literal["error", "running_stats"]
+SMALL_BATCH_POLICIES: tuple[str, ...] = ("error", "running_stats")
+
+
+def _blend_(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
+    """``running = (1 - factor) * running + factor * batch`` in place (torch.nn's update rule)."""
+    running.mul_(1.0 - factor).add_(batch.to(running.dtype) * factor)
 
 
 class _NormBase(nn.Module):
@@ -140,11 +155,18 @@ class _BatchNorm(_NormBase):
     """Batch normalization over the channel dimension (dim 1), as ``torch.nn``'s ``_BatchNorm``.
 
     Subclasses set ``_input_dims`` (the accepted ``input.dim()`` values). Building blocks for
-    subclasses: ``_check_input`` (rank, channels, one-value-per-channel), ``_use_batch_stats``
-    and ``_average_factor`` (increments ``num_batches_tracked``, returns the momentum to use).
+    subclasses: ``_check_input`` (rank, channels, one-value-per-channel), ``_use_batch_stats``,
+    ``_small_batch_forward`` (the small-batch policy) and ``_average_factor`` (increments
+    ``num_batches_tracked``, returns the momentum to use).
+
+    ``small_batch`` says what a batch-statistics forward does with one value per channel:
+    ``"error"`` (default) raises a ValueError that says what to do; ``"running_stats"``
+    normalizes it with the running statistics (as in eval mode) and leaves every buffer,
+    ``num_batches_tracked`` included, unchanged.
     """
 
     _input_dims: tuple[int, ...] = ()
+    small_batch: str
 
     def __init__(
         self,
@@ -157,7 +179,13 @@ class _BatchNorm(_NormBase):
         dtype: Any = None,
         *,
         bias: bool = True,
+        small_batch: SmallBatch = "error",
     ) -> None:
+        if small_batch not in SMALL_BATCH_POLICIES:
+            raise ValueError(
+                f"{type(self).__name__}: small_batch must be 'error' or 'running_stats', "
+                f"got {small_batch!r}"
+            )
         super().__init__(
             num_features,
             eps,
@@ -168,6 +196,13 @@ class _BatchNorm(_NormBase):
             dtype=dtype,
             bias=bias,
         )
+        self.small_batch = small_batch
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.small_batch != "error":
+            text += f", small_batch={self.small_batch!r}"
+        return text
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._input_dims:
@@ -201,18 +236,35 @@ class _BatchNorm(_NormBase):
                 f"{self._layer_name()}: expected more than 1 value per channel when "
                 f"training, got input of size {tuple(input.shape)}. Batch statistics need "
                 "at least 2 values per channel: use a batch size of 2 or more, call "
-                ".eval() to normalize with the running statistics, or use a norm that "
-                "does not depend on the batch (GroupNorm, LayerNorm, FrozenBatchNorm2d)."
+                ".eval() to normalize with the running statistics, pass "
+                "small_batch='running_stats' to do that for such batches only, or use a norm "
+                "that does not depend on the batch (GroupNorm, LayerNorm, FrozenBatchNorm2d)."
             )
+
+    def _small_batch_forward(self, input: Tensor) -> Tensor | None:
+        """Apply the small-batch policy to a batch-statistics input with <= 1 value per channel.
+
+        Returns None for an empty batch (normalized as torch.nn does), the eval-mode output
+        under ``"running_stats"`` (buffers untouched), and raises under ``"error"`` or when
+        there are no running statistics to fall back on.
+        """
+        if input.shape[0] * math.prod(input.shape[2:]) != 1:
+            return None
+        rm, rv = self.running_mean, self.running_var
+        if self.small_batch == "running_stats" and rm is not None and rv is not None:
+            return F.batch_norm(input, rm, rv, self.weight, self.bias, False, 0.0, self.eps)
+        self._check_batch_size(input)
+        return None
 
     def _use_batch_stats(self) -> bool:
         """True when batch statistics normalize: in training, or when no buffers are kept."""
         return self.training or (self.running_mean is None and self.running_var is None)
 
-    def _average_factor(self) -> float:
+    def _average_factor(self) -> float | Tensor:
         """Count this batch and return the running-average factor (torch.nn's rule).
 
-        ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked``.
+        ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked`` as a 0-dim
+        float64 tensor: reading the count on the host would break a ``torch.compile`` graph.
         """
         momentum = self.momentum
         if self.training and self.track_running_stats:
@@ -220,8 +272,31 @@ class _BatchNorm(_NormBase):
             if nbt is not None:
                 nbt.add_(1)
                 if momentum is None:
-                    return 1.0 / float(nbt)
+                    return nbt.double().reciprocal()
         return 0.0 if momentum is None else momentum
+
+    def _cumulative_batch_norm(
+        self, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, factor: Tensor
+    ) -> Tensor:
+        """Training batch norm whose buffer update uses a tensor ``factor`` (momentum=None).
+
+        ``F.batch_norm`` with momentum 1 writes the batch mean and unbiased variance into
+        scratch buffers exactly as it would blend them; they are then blended with tensor ops.
+        """
+        if running_mean is None or running_var is None or input.numel() == 0:
+            # nothing to update (an empty batch leaves torch.nn's buffers unchanged too)
+            return F.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, True, 0.0, self.eps
+            )
+        batch_mean = torch.zeros_like(running_mean)
+        batch_var = torch.ones_like(running_var)
+        out = F.batch_norm(
+            input, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps
+        )
+        with torch.no_grad():
+            _blend_(running_mean, batch_mean, factor)
+            _blend_(running_var, batch_var, factor)
+        return out
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` (N, C, *) per channel; update the running stats in training."""
@@ -236,19 +311,22 @@ class _BatchNorm(_NormBase):
             self._check_channels(input)
         momentum = self.momentum
         factor = 0.0 if momentum is None else momentum
+        if batch_stats and input.numel() <= input.shape[1]:
+            small = self._small_batch_forward(input)
+            if small is not None:
+                return small
         if training:
-            if batch_stats and input.numel() <= input.shape[1]:
-                self._check_batch_size(input)
             if self.track_running_stats:
                 nbt = self.num_batches_tracked
                 if nbt is not None:
                     nbt.add_(1)
                     if momentum is None:
-                        factor = 1.0 / float(nbt)
+                        # 1 / count as a tensor: no host sync, no torch.compile graph break
+                        return self._cumulative_batch_norm(
+                            input, running_mean, running_var, nbt.double().reciprocal()
+                        )
             else:
                 running_mean = running_var = None
-        elif batch_stats and input.numel() <= input.shape[1]:
-            self._check_batch_size(input)
         return F.batch_norm(
             input, running_mean, running_var, self.weight, self.bias, batch_stats, factor, self.eps
         )
@@ -261,6 +339,8 @@ class _BatchNorm(_NormBase):
             running_mean, running_var = self.running_mean, self.running_var
         else:
             running_mean = running_var = None
+        if isinstance(factor, Tensor):
+            return self._cumulative_batch_norm(input, running_mean, running_var, factor)
         return F.batch_norm(
             input,
             running_mean,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .batchnorm import _BatchNorm
+from .batchnorm import SmallBatch, _BatchNorm, _blend_
 
 __all__ = ["GhostBatchNorm2d"]
 
@@ -42,6 +42,7 @@ class GhostBatchNorm2d(_BatchNorm):
         dtype: Any = None,
         *,
         bias: bool = True,
+        small_batch: SmallBatch = "error",
     ) -> None:
         if isinstance(virtual_batch_size, bool) or int(virtual_batch_size) < 2:
             raise ValueError(
@@ -57,13 +58,18 @@ class GhostBatchNorm2d(_BatchNorm):
             device=device,
             dtype=dtype,
             bias=bias,
+            small_batch=small_batch,
         )
         self.virtual_batch_size = int(virtual_batch_size)
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each virtual batch with its own statistics (training) or running stats."""
         batch_stats = self._use_batch_stats()
-        self._check_input(input, batch_stats)
+        self._check_input(input, False)
+        if batch_stats and input.numel() <= input.shape[1]:
+            small = self._small_batch_forward(input)
+            if small is not None:
+                return small
         n = input.shape[0]
         vbs = self.virtual_batch_size
         if not batch_stats or n <= vbs:
@@ -97,9 +103,8 @@ class GhostBatchNorm2d(_BatchNorm):
                 variances = torch.cat([p[2] for p in parts])
                 mean_all = (means * w).sum(0) / n
                 var_all = (variances * m / (m - 1) * w).sum(0) / n
-                rm, rv = self.running_mean, self.running_var
-                rm.mul_(1.0 - factor).add_(mean_all.to(rm.dtype), alpha=factor)
-                rv.mul_(1.0 - factor).add_(var_all.to(rv.dtype), alpha=factor)
+                _blend_(self.running_mean, mean_all, factor)
+                _blend_(self.running_var, var_all, factor)
 
         out = out.to(input.dtype)
         if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):

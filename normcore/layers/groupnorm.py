@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
+from .channelwise import layout_of, restore_layout
+
 __all__ = ["GroupNorm"]
 
 
@@ -16,7 +18,8 @@ class GroupNorm(nn.Module):
     """Group normalization over (N, C, *) input (Wu & He, 2018); twin of ``torch.nn.GroupNorm``.
 
     Channels are split into ``num_groups`` groups, each normalized per sample, so the output
-    does not depend on the batch size.
+    does not depend on the batch size. A channels_last input gives a channels_last output on
+    every device (torch's CPU kernel keeps the layout; elsewhere it is restored).
     """
 
     num_groups: int
@@ -80,7 +83,10 @@ class GroupNorm(nn.Module):
                 f"{self._layer_name()}: expected input with {self.num_channels} channels "
                 f"(dim 1), got {channels} channels in input of size {tuple(input.shape)}"
             )
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        out = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        if input.dim() == 4 and not input.is_contiguous():
+            out = restore_layout(out, layout_of(input))
+        return out
 
     def _layer_name(self) -> str:
         return f"GroupNorm({self.num_groups}, {self.num_channels})"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .batchnorm import _NormBase
+from .channelwise import instance_norm_2d, layout_of, restore_layout
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -81,7 +82,23 @@ class _InstanceNorm(_NormBase):
                 f"got input of size {tuple(input.shape)}; instance statistics need at least 2 "
                 "positions per channel (use BatchNorm, or LayerNorm over the channels)"
             )
-        return F.instance_norm(
+        if input.dim() == 4:
+            if not self.track_running_stats:
+                # own statistics, nothing to update: the fastest route for this layout
+                return instance_norm_2d(input, self.weight, self.bias, self.eps)
+            if not use_input_stats:
+                # eval with running statistics is eval-mode batch norm (keeps the layout)
+                return F.batch_norm(
+                    input,
+                    self.running_mean,
+                    self.running_var,
+                    self.weight,
+                    self.bias,
+                    False,
+                    0.0,
+                    self.eps,
+                )
+        out = F.instance_norm(
             input,
             self.running_mean,
             self.running_var,
@@ -91,6 +108,9 @@ class _InstanceNorm(_NormBase):
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
         )
+        if input.dim() == 4 and not input.is_contiguous():
+            out = restore_layout(out, layout_of(input))  # F.instance_norm returns NCHW
+        return out
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each channel of each sample; accepts batched or unbatched input."""

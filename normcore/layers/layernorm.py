@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
+from .channelwise import layer_norm_2d
+
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
 
@@ -77,7 +79,9 @@ class LayerNorm2d(nn.Module):
     """Layer normalization over the channels of an (N, C, H, W) map at each position.
 
     Same parameters (``weight``, ``bias`` of shape (C,)) and numerics as ``torch.nn.LayerNorm(C)``
-    applied to the NHWC permutation; the output has the input's shape and memory layout.
+    applied to the NHWC permutation; the output has the input's shape and memory layout
+    (channels_last stays channels_last, NCHW stays contiguous NCHW). The implementation is
+    picked per device, layout and dtype (see ``normcore.layers.channelwise``).
     """
 
     def __init__(
@@ -120,14 +124,7 @@ class LayerNorm2d(nn.Module):
                 f"LayerNorm2d({self.num_channels}): expected (N, {self.num_channels}, H, W) "
                 f"input, got input of size {tuple(input.shape)}"
             )
-        # F.layer_norm on the NHWC view benchmarks 2-4x faster than a var_mean formula on CPU;
-        # for channels_last input the permutes are free.
-        out = F.layer_norm(
-            input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
-        ).permute(0, 3, 1, 2)
-        if input.is_contiguous():
-            out = out.contiguous()
-        return out
+        return layer_norm_2d(input, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return (

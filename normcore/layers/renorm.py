@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .batchnorm import _BatchNorm
+from .batchnorm import SmallBatch, _BatchNorm, _blend_
 
 __all__ = ["BatchRenorm2d"]
 
@@ -46,6 +46,7 @@ class BatchRenorm2d(_BatchNorm):
         dtype: Any = None,
         *,
         bias: bool = True,
+        small_batch: SmallBatch = "error",
     ) -> None:
         if not r_max >= 1.0 or not d_max >= 0.0:
             raise ValueError(
@@ -57,7 +58,15 @@ class BatchRenorm2d(_BatchNorm):
                 f"{warmup_steps} and {warmup_start}"
             )
         super().__init__(
-            num_features, eps, momentum, affine, True, device=device, dtype=dtype, bias=bias
+            num_features,
+            eps,
+            momentum,
+            affine,
+            True,
+            device=device,
+            dtype=dtype,
+            bias=bias,
+            small_batch=small_batch,
         )
         self.r_max = float(r_max)
         self.d_max = float(d_max)
@@ -76,7 +85,11 @@ class BatchRenorm2d(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Renormalize with batch statistics in training; normalize with running ones in eval."""
-        self._check_input(input, self.training)
+        self._check_input(input, False)
+        if self.training and input.numel() <= input.shape[1]:
+            small = self._small_batch_forward(input)
+            if small is not None:
+                return small
         if not self.training or input.shape[0] == 0:
             return self._batch_norm(input, self.training)
         assert self.running_mean is not None and self.running_var is not None
@@ -87,9 +100,21 @@ class BatchRenorm2d(_BatchNorm):
             old_std = (self.running_var + self.eps).sqrt()
         # one fused pass: x_hat, the batch mean and 1/sqrt(var_B + eps), and the running
         # statistics updated exactly as BatchNorm updates them (r and d use the old ones)
-        x_hat, mean, invstd = torch.native_batch_norm(
-            input, None, None, self.running_mean, self.running_var, True, factor, self.eps
-        )
+        if isinstance(factor, Tensor):
+            # momentum=None: scratch buffers take the batch statistics (momentum 1), then
+            # they are blended with the tensor factor (compile-safe, no host sync)
+            batch_mean = torch.zeros_like(self.running_mean)
+            batch_var = torch.ones_like(self.running_var)
+            x_hat, mean, invstd = torch.native_batch_norm(
+                input, None, None, batch_mean, batch_var, True, 1.0, self.eps
+            )
+            with torch.no_grad():
+                _blend_(self.running_mean, batch_mean, factor)
+                _blend_(self.running_var, batch_var, factor)
+        else:
+            x_hat, mean, invstd = torch.native_batch_norm(
+                input, None, None, self.running_mean, self.running_var, True, factor, self.eps
+            )
         with torch.no_grad():
             r_max, d_max = r_max.to(old_std.dtype), d_max.to(old_std.dtype)
             r = torch.clamp(invstd.reciprocal() / old_std, 1.0 / r_max, r_max)

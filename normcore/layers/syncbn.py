@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from normcore.layers.batchnorm import _BatchNorm
+from normcore.layers.batchnorm import SmallBatch, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -55,7 +55,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         running_mean: Tensor | None,
         running_var: Tensor | None,
         eps: float,
-        momentum: float,
+        momentum: float | Tensor,
         process_group: Any,
         world_size: int,
     ) -> Tensor:
@@ -198,6 +198,7 @@ class SyncBatchNorm(_BatchNorm):
         dtype: Any = None,
         *,
         bias: bool = True,
+        small_batch: SmallBatch = "error",
     ) -> None:
         super().__init__(
             num_features,
@@ -208,6 +209,7 @@ class SyncBatchNorm(_BatchNorm):
             device=device,
             dtype=dtype,
             bias=bias,
+            small_batch=small_batch,
         )
         self.process_group = process_group
 

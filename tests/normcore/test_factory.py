@@ -20,7 +20,25 @@ from normcore.factory import (
     validate_norm,
 )
 
-BUILTINS = ["bn", "brn", "frozen_bn", "ghost_bn", "gn", "in", "l2", "ln", "none", "sync_bn"]
+BUILTINS = [
+    "bn",
+    "brn",
+    "evo_b0",
+    "evo_s0",
+    "frn",
+    "frozen_bn",
+    "ghost_bn",
+    "gn",
+    "in",
+    "l2",
+    "ln",
+    "lrn",
+    "none",
+    "rms",
+    "rms2d",
+    "split_bn",
+    "sync_bn",
+]
 
 
 @pytest.fixture
@@ -146,10 +164,10 @@ def test_class_and_callable_specs() -> None:
 
 def test_unknown_name_lists_the_choices() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown norm 'bnn'; valid: bn, brn, .*did you mean 'bn'"
+        ValueError, match=r"unknown norm 'bnn'; valid: bn, brn, evo_b0, .*did you mean 'bn'"
     ):
         make_norm("bnn", 8)
-    with pytest.raises(ValueError, match=r"unknown norm 'whatever'; valid: bn, brn, frozen_bn"):
+    with pytest.raises(ValueError, match=r"unknown norm 'whatever'; valid: bn, brn, evo_b0, evo_s0, frn, frozen_bn"):
         validate_norm("whatever")
 
 

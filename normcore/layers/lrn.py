@@ -1,0 +1,43 @@
+"""LocalResponseNorm: a drop-in twin of ``torch.nn.LocalResponseNorm`` (AlexNet's LRN)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LocalResponseNorm"]
+
+
+class LocalResponseNorm(nn.Module):
+    """``b_c = a_c / (k + alpha / n * sum_{c' near c} a_{c'}^2) ** beta`` over ``size`` channels.
+
+    The window spans channels ``c - size // 2 .. c + (size - 1) // 2`` (zero-padded at the
+    edges), as in ``torch.nn.LocalResponseNorm``; no parameters or buffers. Seed 004 notes that
+    BatchNorm replaced LRN in later networks; this layer is here to run the old ones.
+    """
+
+    size: int
+    alpha: float
+    beta: float
+    k: float
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"LocalResponseNorm: size must be a positive int, got {size!r}")
+        self.size = size
+        self.alpha = alpha
+        self.beta = beta
+        self.k = k
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Divide each channel by the local sum of squares across neighbouring channels."""
+        if input.dim() < 3:
+            raise ValueError(
+                f"LocalResponseNorm({self.size}): expected input (N, C, *) with at least 3 "
+                f"dimensions, got {input.dim()}D input of size {tuple(input.shape)}"
+            )
+        return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
+
+    def extra_repr(self) -> str:
+        return "{size}, alpha={alpha}, beta={beta}, k={k}".format(**self.__dict__)

@@ -1,0 +1,115 @@
+"""RMSNorm (twin of ``torch.nn.RMSNorm``) and RMSNorm2d (over C of an NCHW map)."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+
+from .channelwise import rms_norm, rms_norm_2d
+
+__all__ = ["RMSNorm", "RMSNorm2d"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization over the trailing ``normalized_shape`` dims.
+
+    ``y = x / sqrt(mean(x^2) + eps) * weight``; twin of ``torch.nn.RMSNorm`` (same constructor,
+    ``weight`` parameter and state dict). ``eps=None`` means ``torch.finfo(x.dtype).eps``.
+    """
+
+    normalized_shape: tuple[int, ...]
+    eps: float | None
+    elementwise_affine: bool
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int] | torch.Size,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (int(normalized_shape),)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(
+                torch.empty(self.normalized_shape, device=device, dtype=dtype)
+            )
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set weight to 1."""
+        if self.weight is not None:
+            init.ones_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize each sample over its trailing ``normalized_shape`` dims."""
+        n = len(self.normalized_shape)
+        if input.dim() < n or tuple(input.shape[input.dim() - n :]) != self.normalized_shape:
+            raise ValueError(
+                f"RMSNorm({self.normalized_shape}): expected input of size "
+                f"(*, {', '.join(map(str, self.normalized_shape))}), got input of size "
+                f"{tuple(input.shape)}; for a (N, C, H, W) conv map use RMSNorm2d(C)"
+            )
+        eps = torch.finfo(input.dtype).eps if self.eps is None else self.eps
+        return rms_norm(input, self.normalized_shape, self.weight, eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )
+
+
+class RMSNorm2d(nn.Module):
+    """RMS normalization over the channels of an (N, C, H, W) map at each position.
+
+    ``y[n, :, h, w] = x[n, :, h, w] / sqrt(mean_c(x^2) + eps) * weight`` with a learnable
+    per-channel ``weight``; equals ``torch.nn.RMSNorm(C)`` on the NHWC permutation (same
+    ``weight``). The output has the input's memory layout (channels_last stays channels_last).
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-6,
+        elementwise_affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set weight to 1."""
+        if self.weight is not None:
+            init.ones_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize each position's channel vector by its RMS; keeps the input's layout."""
+        if input.dim() != 4 or input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"RMSNorm2d({self.num_channels}): expected (N, {self.num_channels}, H, W) "
+                f"input, got input of size {tuple(input.shape)}"
+            )
+        return rms_norm_2d(input, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
