@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the store: users, tokens, jobs, metrics, checkpoints, logs.
+"""SQLAlchemy models of the store: users, tokens, jobs, metrics, checkpoints, logs, workers.
 
 The same models serve SQLite and PostgreSQL. Datetimes are timezone-aware UTC in Python; SQLite
 keeps them naive (always UTC) and :class:`UTCDateTime` restores the zone on the way out.
@@ -184,6 +184,23 @@ class Log(Base):
     message: Mapped[str] = mapped_column(sa.Text)
 
 
+class Worker(Base):
+    """A worker process that registered itself: where it runs, what it has, when it last beat."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(sa.String(255))
+    pid: Mapped[int] = mapped_column(sa.Integer)
+    gpus: Mapped[int] = mapped_column(sa.Integer, default=0)
+    gpu_names: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    memory_bytes: Mapped[int | None] = mapped_column(sa.BigInteger, default=None)
+    queues: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    version: Mapped[str | None] = mapped_column(sa.String(64), default=None)
+
+
 metadata = Base.metadata
 users = User.__table__
 tokens = Token.__table__
@@ -191,3 +208,4 @@ jobs = Job.__table__
 metrics = Metric.__table__
 checkpoints = Checkpoint.__table__
 logs = Log.__table__
+workers = Worker.__table__

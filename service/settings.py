@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(default=2.0, gt=0)
     cancel_grace_seconds: float = Field(default=10.0, ge=0)
     worker_queues: str = Field(default="cpu,gpu", description="Queues `python -m worker` consumes.")
+    worker_heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="How often a worker refreshes its row in the workers table."
+    )
+    worker_live_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A worker whose last heartbeat is older than this is not live (GET /workers, "
+        "and the GPU check at submit).",
+    )
     max_active_jobs_per_user: int = Field(default=20, ge=1)
     visibility_timeout_seconds: float = Field(
         default=6 * 3600.0,

@@ -48,6 +48,7 @@ from service.db import (
     tokens,
     users,
     utcnow,
+    workers,
 )
 from service.db import metrics as metrics_t
 
@@ -160,6 +161,47 @@ class LogRecord:
     time: datetime
     level: str
     message: str
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A registered worker: its node name, host, process, GPUs, memory, queues and heartbeat."""
+
+    name: str
+    host: str
+    pid: int
+    gpus: int
+    gpu_names: list[str]
+    memory_bytes: int | None
+    queues: list[str]
+    started_at: datetime
+    heartbeat_at: datetime
+    version: str | None
+
+    def is_live(self, within_seconds: float, now: datetime | None = None) -> bool:
+        """True if the last heartbeat is at most ``within_seconds`` old."""
+        return (now or utcnow()) - self.heartbeat_at <= timedelta(seconds=within_seconds)
+
+
+def waiting_reason(queue: str) -> str:
+    """The status_reason of a job queued while no worker of its queue is live."""
+    return f"waiting for a {queue} worker: none is live"
+
+
+def _worker(row: Any) -> WorkerRecord:
+    m = row._mapping
+    return WorkerRecord(
+        name=m["name"],
+        host=m["host"],
+        pid=int(m["pid"]),
+        gpus=int(m["gpus"]),
+        gpu_names=[str(n) for n in m["gpu_names"] or []],
+        memory_bytes=m["memory_bytes"],
+        queues=[str(q) for q in m["queues"] or []],
+        started_at=m["started_at"],
+        heartbeat_at=m["heartbeat_at"],
+        version=m["version"],
+    )
 
 
 def _job(row: Any) -> JobRecord:
@@ -792,6 +834,102 @@ class Store:
                 .where(jobs.c.owner_id == owner_id, jobs.c.status.in_(ACTIVE_STATUSES))
             ).scalar_one()
 
+    # ------------------------------------------------------------ workers
+
+    def register_worker(
+        self,
+        name: str,
+        *,
+        host: str,
+        pid: int,
+        gpus: int = 0,
+        gpu_names: Sequence[str] = (),
+        memory_bytes: int | None = None,
+        queues: Sequence[str] = (),
+        version: str | None = None,
+    ) -> WorkerRecord:
+        """Insert or replace the row of worker ``name`` (started and heartbeat now).
+
+        Queued jobs of its queues that were waiting for a live worker lose that reason (a gpu
+        worker counts only with at least one GPU).
+        """
+        if not name or len(name) > 255:
+            raise ValueError("worker name must be 1 to 255 characters")
+        if gpus < 0:
+            raise ValueError(f"gpus must be >= 0, got {gpus}")
+        queue_list = [str(q) for q in queues]
+        now = utcnow()
+        values = {
+            "host": host[:255],
+            "pid": int(pid),
+            "gpus": int(gpus),
+            "gpu_names": [str(n) for n in gpu_names],
+            "memory_bytes": memory_bytes,
+            "queues": queue_list,
+            "started_at": now,
+            "heartbeat_at": now,
+            "version": version[:64] if version else None,
+        }
+        serves = [q for q in queue_list if q != "gpu" or gpus > 0]
+
+        def tx(conn: Connection) -> WorkerRecord:
+            res = conn.execute(sa.update(workers).where(workers.c.name == name).values(**values))
+            if res.rowcount == 0:
+                conn.execute(sa.insert(workers).values(name=name, **values))
+            for queue in serves:
+                conn.execute(
+                    sa.update(jobs)
+                    .where(
+                        jobs.c.status == "queued",
+                        jobs.c.queue == queue,
+                        jobs.c.status_reason == waiting_reason(queue),
+                    )
+                    .values(status_reason=None, updated_at=now)
+                )
+            return _worker(conn.execute(sa.select(workers).where(workers.c.name == name)).one())
+
+        try:
+            return self._write(tx)
+        except IntegrityError:  # registered by a twin between our update and insert
+            return self._write(tx)
+
+    def worker_heartbeat(self, name: str) -> bool:
+        """Refresh a worker's heartbeat; False if it is not registered (register it again)."""
+
+        def tx(conn: Connection) -> bool:
+            res = conn.execute(
+                sa.update(workers).where(workers.c.name == name).values(heartbeat_at=utcnow())
+            )
+            return res.rowcount == 1
+
+        return self._write(tx)
+
+    def remove_worker(self, name: str) -> bool:
+        """Forget a worker (it is shutting down); True if it was registered."""
+        return self._write(
+            lambda conn: (
+                conn.execute(sa.delete(workers).where(workers.c.name == name)).rowcount == 1
+            )
+        )
+
+    def list_workers(self, live_within_seconds: float | None = None) -> list[WorkerRecord]:
+        """Registered workers by name; with ``live_within_seconds``, only those beating since."""
+        q = sa.select(workers).order_by(workers.c.name)
+        if live_within_seconds is not None:
+            since = utcnow() - timedelta(seconds=live_within_seconds)
+            q = q.where(workers.c.heartbeat_at >= since)
+        with self._read() as conn:
+            return [_worker(r) for r in conn.execute(q).all()]
+
+    def max_live_gpus(
+        self, queue: str | None = None, *, live_within_seconds: float = 30.0
+    ) -> int | None:
+        """Most GPUs of one live worker (consuming ``queue`` when given); None if none is live."""
+        live = [
+            w for w in self.list_workers(live_within_seconds) if queue is None or queue in w.queues
+        ]
+        return max((w.gpus for w in live), default=None)
+
     # ------------------------------------------------------------ the worker's side
 
     def claim_job(self, job_id: str, *, worker_id: str, lease_seconds: float) -> int | None:
@@ -1172,6 +1310,8 @@ __all__ = [
     "Store",
     "StoreError",
     "UserRecord",
+    "WorkerRecord",
     "hash_token",
     "normalize_url",
+    "waiting_reason",
 ]

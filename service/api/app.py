@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import normcore
 from service import auth, queue
-from service.api import routes_checkpoints, routes_health, routes_jobs
+from service.api import routes_checkpoints, routes_health, routes_jobs, routes_workers
 from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
 from service.settings import Settings, get_settings
 from service.store import Store
@@ -198,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_health.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_checkpoints.router)
+    app.include_router(routes_workers.router)
 
     # The last added is the outermost: metrics see every answer, 413 and 403 included, and the
     # body limit runs before anything reads the body.

@@ -36,7 +36,7 @@ from service.api.schemas import (
     MetricOut,
     MetricPage,
 )
-from service.store import IdempotencyConflict
+from service.store import IdempotencyConflict, waiting_reason
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
@@ -149,6 +149,30 @@ def check_data_path(spec: JobSpec, data_root: Path) -> None:
         )
 
 
+def check_gpu_capacity(spec: JobSpec, store: Any, settings: Any) -> str | None:
+    """For a gpu-queue job: refuse (422) more GPUs than the largest live gpu worker has.
+
+    Returns the status_reason to store with the job: "waiting for a gpu worker: none is live"
+    when no live worker with a GPU consumes the gpu queue (the job is accepted and waits), else
+    None. CPU jobs are not checked: there ``resources.gpus`` counts gloo processes.
+    """
+    queue_name = queue.queue_for(spec)
+    if queue_name != "gpu":
+        return None
+    largest = store.max_live_gpus("gpu", live_within_seconds=settings.worker_live_seconds)
+    if not largest:
+        return waiting_reason("gpu")
+    wanted = spec.resources.gpus
+    if wanted > largest:
+        raise _invalid(
+            ["resources", "gpus"],
+            f"resources.gpus={wanted} but the largest live gpu worker has {largest} "
+            f"GPU{'s' if largest != 1 else ''}: ask for at most {largest}, or start a worker "
+            f"with {wanted} GPUs",
+        )
+    return None
+
+
 def job_detail(store: Any, job: Any) -> JobDetail:
     """A JobDetail from a JobRecord plus its last metrics and checkpoints."""
     base = JobOut.model_validate(job).model_dump()
@@ -208,7 +232,7 @@ def _enqueue(store: Any, settings: Any, job: Any) -> None:
         ),
         413: _err("Body over the size limit", "request body over 1000000 bytes"),
         422: _err(
-            "Invalid spec",
+            "Invalid spec, or more resources.gpus than the largest live gpu worker has",
             [
                 {
                     "loc": ["model", "norm"],
@@ -262,8 +286,14 @@ def submit_job(
         ),
     ] = None,
 ) -> Any:
-    """Validate a job spec, store the job, enqueue it; 201 with the job."""
+    """Validate a job spec, store the job, enqueue it; 201 with the job.
+
+    A CUDA job asking for more GPUs than the largest live gpu worker has is refused (422); one
+    submitted while no gpu worker is live is accepted and waits, with the reason in
+    ``status_reason``.
+    """
     check_data_path(spec, settings.data_root)
+    waiting = check_gpu_capacity(spec, store, settings)
     limit = settings.max_active_jobs_per_user
     active = store.count_active(user.id)
     if active >= limit and not (
@@ -294,6 +324,8 @@ def submit_job(
             "spec; use a new key for a new job",
         ) from None
     if created:
+        if waiting is not None:
+            store.set_status_reason(job.id, waiting)
         _enqueue(store, settings, job)
     else:
         response.status_code = status.HTTP_200_OK

@@ -151,3 +151,25 @@ class ReadyOut(BaseModel):
 
 
 ErrorOut.model_rebuild()
+
+
+class WorkerOut(_Out):
+    """A registered worker: node name, host, process, GPUs, memory, queues, heartbeat, liveness."""
+
+    name: str = Field(description="The Celery node name, e.g. normcore-1234@gpu-box-1.")
+    host: str
+    pid: int
+    gpus: int = Field(description="CUDA devices the worker sees (0 on a CPU-only worker).")
+    gpu_names: list[str] = Field(default_factory=list)
+    memory_bytes: int | None = Field(default=None, description="Physical memory of the host.")
+    queues: list[str]
+    started_at: datetime
+    heartbeat_at: datetime
+    version: str | None = None
+    live: bool = Field(description="Heartbeat within NORMCORE_WORKER_LIVE_SECONDS.")
+
+
+class WorkerList(BaseModel):
+    """Every registered worker, live or not, by name."""
+
+    items: list[WorkerOut]
