@@ -1,4 +1,12 @@
-"""``python -m worker``: migrate the store, start the reaper, run a Celery worker.
+"""``python -m worker``: migrate the store, register the worker, start the reaper, run Celery.
+
+Queues: ``--queues`` (default ``NORMCORE_WORKER_QUEUES``, "cpu,gpu"). "gpu" is only consumed
+where a CUDA device is found (counted in a throwaway subprocess, never in this process), so a
+job for CUDA never runs on a CPU-only worker; a CPU-only worker asked for "gpu" alone exits.
+
+Registration: the worker's row in the store (node name, host, pid, GPUs, memory, queues,
+version) is written at start, refreshed every ``worker_heartbeat_seconds`` and removed at a
+clean stop; ``GET /workers`` shows it to admins and the API sizes CUDA jobs against it.
 
 Stopping: SIGTERM or Ctrl-C starts Celery's warm shutdown. A running job's training child gets
 SIGTERM and stops after its current step; the job is left ``running`` with its lease, which
@@ -12,39 +20,46 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from service.settings import Settings, get_settings
 
-_CUDA_PROBE = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+if TYPE_CHECKING:
+    from worker.registry import GpuInfo
 
 
-def cuda_available() -> bool:
-    """Whether torch sees a GPU, asked in a throwaway subprocess so CUDA never starts here."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _CUDA_PROBE],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=120,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
+def choose_queues(requested: str | None, settings: Settings) -> tuple[list[str], GpuInfo | None]:
+    """The queues to consume and, when "gpu" was asked for, the GPUs found.
 
+    "gpu" is dropped on a machine without CUDA (with a warning when it was asked for
+    explicitly): jobs for CUDA must never land on a CPU-only worker. Raises SystemExit when
+    nothing is left to consume.
+    """
+    if requested:
+        queues = [q.strip() for q in requested.split(",") if q.strip()]
+    else:
+        queues = settings.queues
+    if "gpu" not in queues:
+        return queues, None
+    from worker.registry import probe_gpus
 
-def default_queues(settings: Settings) -> str:
-    """``worker_queues`` as configured; left at its default, "gpu" is dropped on a box without CUDA."""
-    queues = settings.queues
-    if (
-        "worker_queues" not in settings.model_fields_set
-        and "gpu" in queues
-        and not cuda_available()
-    ):
-        queues = [q for q in queues if q != "gpu"] or ["cpu"]
-    return ",".join(queues)
+    gpus = probe_gpus()
+    if gpus.count == 0:
+        queues = [q for q in queues if q != "gpu"]
+        explicit = requested or "worker_queues" in settings.model_fields_set
+        if explicit:
+            print(
+                "python -m worker: no CUDA device here, so the gpu queue is not consumed "
+                "(jobs for CUDA never run on a CPU-only worker)",
+                file=sys.stderr,
+            )
+        if not queues:
+            raise SystemExit(
+                "python -m worker: --queues gpu needs a CUDA device and this machine has none; "
+                "use --queues cpu"
+            )
+    return queues, gpus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,11 +98,15 @@ def main(argv: list[str] | None = None) -> None:
     store = Store.from_settings(settings)
     store.upgrade()
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
-    queues = args.queues or default_queues(settings)
+    queues, gpus = choose_queues(args.queues, settings)
+    hostname = args.hostname or f"normcore-{os.getpid()}@{socket.gethostname()}"
 
     from worker.app import app
     from worker.reaper import Reaper
+    from worker.registry import WorkerRegistry
 
+    registry = WorkerRegistry(settings, store, name=hostname, queues=queues, gpus=gpus)
+    registry.start()
     reaper = Reaper(settings, store)
     reaper.start()
     # The CLI's --pool only takes Celery's own names; a pool class goes through the config.
@@ -96,7 +115,6 @@ def main(argv: list[str] | None = None) -> None:
         pool_args = []
     else:
         pool_args = ["--pool=threads"]
-    hostname = args.hostname or f"normcore-{os.getpid()}@{socket.gethostname()}"
     try:
         app.worker_main(
             [
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 *pool_args,
                 f"--concurrency={args.concurrency}",
                 f"--loglevel={args.loglevel}",
-                f"--queues={queues}",
+                f"--queues={','.join(queues)}",
                 f"--hostname={hostname}",
                 # Gossip and mingle talk over broadcast exchanges we do not use; they only slow
                 # the start (and the SQLite broker has no fanout).
@@ -114,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     finally:
         reaper.stop()
+        registry.stop()
         store.dispose()
 
 
