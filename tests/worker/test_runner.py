@@ -199,6 +199,24 @@ def test_cancel_stops_within_two_seconds_and_keeps_checkpoints(
     assert "cancelled at step" in text
 
 
+def test_cancel_of_a_data_parallel_job_stops_every_rank(settings: Settings, store: Store) -> None:
+    # Two gloo ranks spawned by the engine inside the training child: SIGTERM goes to the child
+    # alone (a rank would die of it), the engine relays the stop, and no rank is left behind.
+    ddp = {**TINY, "model": {**TINY["model"], "norm": "sync_bn"}}
+    job_id = new_job(store, {**ddp, "epochs": 500, "resources": {"device": "cpu", "gpus": 2}})
+    bg = Background(job_id, settings, store)
+    pid = child_pid(store, job_id)
+    wait_for(lambda: store.list_checkpoints(job_id), what="a first checkpoint")
+    t0 = time.monotonic()
+    store.request_cancel(job_id)
+    wait_for(lambda: store.get_job(job_id).status != "running", timeout=10, what="the cancel")
+    assert store.get_job(job_id).status == "cancelled"
+    assert time.monotonic() - t0 < 2.0
+    assert bg.join() == "cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # nothing of the child's process group survives
+
+
 def test_diverging_job_fails_with_the_engines_message(settings: Settings, store: Store) -> None:
     job_id = new_job(store, DIVERGING)
     assert run_job(job_id, settings, store) == "failed"
