@@ -270,8 +270,9 @@ class _Supervisor:
                 proc.join()
                 return
             if (self.cancel_seen or self.flags.warm.is_set()) and self.term_sent_at is None:
-                # SIGTERM goes to the child only: it stops after the current step and cleans up
-                # its own helpers. Its whole group gets SIGKILL if it overstays the grace.
+                # SIGTERM goes to the child only, not its group: the engine's data-parallel ranks
+                # (and data loader workers) would die of it and turn a cancel into a failure.
+                # The child stops them itself; the whole group gets SIGKILL after the grace.
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
                 self.term_sent_at = time.monotonic()
