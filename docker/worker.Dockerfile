@@ -81,4 +81,4 @@ WORKDIR /var/lib/normcore
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD ["pgrep", "-f", "python -m worker"]
 
-CMD ["python", "-m", "worker", "--queues", "gpu", "--concurrency", "1"]
+CMD ["python", "-m", "worker", "--queues", "gpu,cpu", "--concurrency", "1"]

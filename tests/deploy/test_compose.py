@@ -314,7 +314,7 @@ def test_gpu_workers_own_one_device_each(compose: dict[str, Any]) -> None:
         # The container sees its one GPU as device 0, whatever the host index.
         assert env_of(svc)["CUDA_VISIBLE_DEVICES"] == "0", name
         command = command_of(svc)
-        assert command[command.index("--queues") + 1] == "gpu", name
+        assert command[command.index("--queues") + 1] == "gpu,cpu", name
         assert command[command.index("--concurrency") + 1] == "1", name
         hostname = command[command.index("--hostname") + 1]
         assert hostname.startswith(f"gpu{match.group(1)}@${{NODE_NAME"), f"{name}: {hostname}"
@@ -500,7 +500,7 @@ def test_worker_commands_parse(compose: dict[str, Any]) -> None:
     for svc in workers:
         args = parse_args([interpolate_defaults(a) for a in command_of(svc)[3:]])
         assert args.concurrency == 1
-        assert args.queues in ("gpu", "cpu")
+        assert args.queues in ("gpu,cpu", "cpu")
 
 
 def test_migrate_command_names_real_code(compose: dict[str, Any]) -> None:
