@@ -83,6 +83,21 @@ class BatchRenorm2d(_BatchNorm):
             p = (t >= 0).to(torch.float64)
         return 1.0 + (self.r_max - 1.0) * p, self.d_max * p
 
+    @staticmethod
+    def _snapshot(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """Copies of the running statistics as they are before this batch's update.
+
+        Under torch.compile (inductor, torch 2.13) a plain clone is not enough: the partitioner
+        recomputes r and d in the backward from the buffers themselves, which the forward has
+        already overwritten, and the gradients come out wrong. A reduction's output is saved
+        rather than recomputed, so there the copy goes through an exact one (max of equal
+        values).
+        """
+        if not torch.compiler.is_compiling():
+            return mean.clone(), var.clone()
+        both = torch.stack((mean, var)).unsqueeze(0).expand(8, 2, mean.numel()).amax(0)
+        return both[0], both[1]
+
     def forward(self, input: Tensor) -> Tensor:
         """Renormalize with batch statistics in training; normalize with running ones in eval."""
         self._check_input(input, False)
@@ -96,8 +111,8 @@ class BatchRenorm2d(_BatchNorm):
         r_max, d_max = self.limits()
         factor = self._average_factor()
         with torch.no_grad():
-            old_mean = self.running_mean.clone()
-            old_std = (self.running_var + self.eps).sqrt()
+            old_mean, old_var = self._snapshot(self.running_mean, self.running_var)
+            old_std = (old_var + self.eps).sqrt()
         # one fused pass: x_hat, the batch mean and 1/sqrt(var_B + eps), and the running
         # statistics updated exactly as BatchNorm updates them (r and d use the old ones)
         if isinstance(factor, Tensor):
@@ -119,6 +134,10 @@ class BatchRenorm2d(_BatchNorm):
             r_max, d_max = r_max.to(old_std.dtype), d_max.to(old_std.dtype)
             r = torch.clamp(invstd.reciprocal() / old_std, 1.0 / r_max, r_max)
             d = torch.clamp((mean - old_mean) / old_std, -d_max, d_max)
+        # r and d are constants for autograd. no_grad alone is not enough under torch.compile
+        # (aot_eager and inductor, torch 2.13): gradient leaked through r once the running
+        # statistics had moved, giving wrong weight and input gradients; detach is honoured
+        r, d = r.detach(), d.detach()
         # y = w * (x_hat * r + d) + b as one per-channel scale and shift (r, d: constants)
         scale, shift = r, d
         if self.weight is not None:

@@ -60,7 +60,7 @@ def _compare(ours: Tensor, ref: Tensor, g: Tensor, leaves: list[Tensor]) -> None
 def frn_formula(x: Tensor, gamma: Tensor, beta: Tensor, tau: Tensor, eps: float) -> Tensor:
     """Singh & Krishnan, Eq. 1-2: nu^2 = sum_{h,w} x^2 / (H W); y = gamma x / sqrt(nu^2+eps) +
     beta; TLU z = max(y, tau)."""
-    n, c, h, w = x.shape
+    h, w = x.shape[2:]
     nu2 = (x * x).sum(dim=(2, 3), keepdim=True) / (h * w)
     y = _ch(gamma) * (x / torch.sqrt(nu2 + eps)) + _ch(beta)
     return torch.maximum(y, _ch(tau))
@@ -106,7 +106,7 @@ def evo_b0_formula(
     x: Tensor, gamma: Tensor, beta: Tensor, v: Tensor, batch_var: Tensor, eps: float
 ) -> Tensor:
     """Liu et al., EvoNorm-B0: x / max(sqrt(s_b^2 + eps), v x + sqrt(s_i^2 + eps)) gamma + beta."""
-    n, c, h, w = x.shape
+    h, w = x.shape[2:]
     inst_mean = x.sum(dim=(2, 3), keepdim=True) / (h * w)
     inst_var = ((x - inst_mean) ** 2).sum(dim=(2, 3), keepdim=True) / (h * w)
     left = torch.sqrt(_ch(batch_var) + eps)
