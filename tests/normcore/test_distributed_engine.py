@@ -181,6 +181,25 @@ def test_two_gloo_ranks_with_sync_bn_match_one_process_with_the_double_batch(
     assert ddp_val.values == pytest.approx(one_val.values, abs=1e-5)
 
 
+def test_precise_bn_over_ranks_matches_one_process(tmp_path: Path) -> None:
+    # Precise BN splits each global batch across the ranks as training does, and SyncBatchNorm
+    # merges the halves, so the recalibrated statistics are the single process's.
+    ddp_spec = copy.deepcopy(DDP_SPEC)
+    ddp_spec["epochs"] = 1
+    ddp_spec["checkpoint"]["precise_bn_batches"] = 3
+    one_spec = single_spec()
+    one_spec["checkpoint"] = dict(ddp_spec["checkpoint"])
+    rec = Recorder()
+    ddp = normcore.train(ddp_spec, tmp_path / "ddp", [rec])
+    one = normcore.train(one_spec, tmp_path / "one", [])
+    assert any("recalibrated over 3 train batches" in line for line in rec.logs)
+    ddp_w, one_w = weights(ddp.checkpoints[-1].path), weights(one.checkpoints[-1].path)
+    for key in (k for k in one_w if k.endswith(("running_mean", "running_var"))):
+        diff = (ddp_w[key].double() - one_w[key].double()).abs().max().item()
+        assert diff <= 1e-6, f"{key}: {diff}"
+    assert ddp.metrics == pytest.approx(one.metrics, abs=1e-5)
+
+
 def test_distributed_checkpoint_loads_into_the_plain_model(
     ddp_run: tuple[TrainResult, Recorder, Path],
 ) -> None:
