@@ -46,8 +46,14 @@ class ModelSpec(_Strict):
     norm: NormChoice = Field(
         default="bn",
         description='Normalization, any name make_norm accepts: "bn", "gn:8", "ln", "in", '
-        '"frozen_bn", "brn", "ghost_bn:16", "sync_bn", "l2", "none", "bn(momentum=0.01)", '
-        'or a dict such as {"type": "batch", "momentum": 0.01}. edsr defaults to "none".',
+        '"frozen_bn", "brn", "ghost_bn:16", "sync_bn", "l2", "rms", "frn", "evo_b0", '
+        '"evo_s0:8", "split_bn:2", "none", "bn(momentum=0.01)", or a dict such as '
+        '{"type": "batch", "momentum": 0.01}. edsr defaults to "none".',
+    )
+    conv: Literal["standard", "std"] = Field(
+        default="standard",
+        description='Convolutions: "standard" (nn.Conv2d) or "std", weight-standardized '
+        'StdConv2d (the WS of GN + WS; pair it with a batch-independent norm such as "gn:8").',
     )
     num_classes: int = Field(default=10, ge=1, le=100_000, description="Output classes.")
     scale: int = Field(default=2, ge=1, le=8, description="Upscaling factor (edsr only).")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from normcore.models.blocks import use_conv
 from normcore.models.convblock import convblock
 from normcore.models.edsr import edsr
 from normcore.models.lenet import lenet
@@ -67,4 +68,4 @@ def build_model(spec: ModelSpec, *, in_channels: int) -> nn.Module:
                 f"{spec.arch} has a fixed depth: remove model.depth"
             )
         kwargs["depth"] = spec.depth
-    return builder(**kwargs)
+    return use_conv(builder(**kwargs), spec.conv)

@@ -10,9 +10,11 @@ from torch import Tensor, nn
 
 from normcore.factory import make_norm, norm_name, norm_uses_batch_stats, parse_norm
 from normcore.layers.l2norm import L2Norm
+from normcore.layers.stdconv import StdConv2d
 
 NormPosition = Literal["before", "after"]
 NORM_POSITIONS = ("before", "after")
+CONV_KINDS = ("standard", "std")
 
 
 def check_args(
@@ -147,3 +149,21 @@ def init_weights(model: nn.Module) -> None:
                     weight.fill_(1.0)
                     if isinstance(bias, nn.Parameter):
                         bias.zero_()
+
+
+def use_conv(model: nn.Module, kind: str = "standard") -> nn.Module:
+    """Make every plain ``nn.Conv2d`` of ``model`` the conv ``kind`` names, in place.
+
+    ``"standard"`` leaves the model as it is; ``"std"`` swaps each for a ``StdConv2d`` that
+    shares its weight and bias (the state dict keeps its keys), so every conv of the model,
+    stem and shortcuts included, is weight-standardized as in GN + WS.
+    """
+    if kind not in CONV_KINDS:
+        raise ValueError(f"conv must be one of {', '.join(CONV_KINDS)}, got {kind!r}")
+    if kind == "standard":
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d:
+                setattr(parent, name, StdConv2d.from_conv(child))
+    return model
