@@ -123,6 +123,11 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(sa.String(128), default=None)
+    # When the job's message was last handed to the broker (None: the last publish failed), and
+    # how many messages it got since it was last queued; the reaper republishes a queued job
+    # whose message may be lost, backing off by that count.
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    enqueues: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
 
 
 class Metric(Base):

@@ -1,13 +1,18 @@
-"""The reaper: re-queue jobs whose worker stopped renewing their lease.
+"""The reaper: put jobs of dead workers back in the queue, and republish lost messages.
 
-Every worker process runs one as a daemon thread. Several reapers are harmless:
-``store.requeue_expired`` is a single conditional UPDATE (lease expired and still running), so
-each expired job is moved back to ``queued`` by exactly one of them, and only that one re-enqueues
-it. Even a duplicate message would be dropped by ``claim_job``.
+The API process runs one (``api_reaper``), and so does every worker process, as a daemon thread.
+Several reapers are harmless: ``store.requeue_expired`` moves each expired job back to ``queued``
+with one conditional UPDATE, and ``store.take_unpublished`` hands each job due for a republish
+to one reaper only; even a duplicate message is dropped by the worker's ``claim_job``.
 
-It also republishes queued jobs whose message never reached the broker (the API, or this
-reaper, marks them with a status reason starting "enqueue failed"), so a broker outage at submit
-time does not leave a job waiting forever.
+Each round (every ``reaper_interval_seconds``):
+
+1. Jobs whose lease expired (their worker died or lost the store) go back to ``queued`` with
+   attempt + 1 still to come, or fail after ``max_attempts``, and are published again.
+2. Queued jobs whose message may be lost are published again: the publish failed (the broker was
+   down), or the job is still unclaimed ``republish_after_seconds`` after its last publish (a
+   worker acked the message and died before its claim, the broker lost it, the API died between
+   storing and publishing), with a doubling wait so a job that merely waits gets few duplicates.
 """
 
 from __future__ import annotations
@@ -19,58 +24,56 @@ from service.queue import enqueue
 from service.settings import Settings
 from service.store import Store
 
-log = logging.getLogger("worker.reaper")
-
-# The status-reason prefix the API writes when a publish fails (service/api/routes_jobs.py).
-ENQUEUE_FAILED = "enqueue failed"
-# Republishing scans the queued jobs, so it runs every this many reaper rounds, not every one.
-REPUBLISH_EVERY = 5
+log = logging.getLogger("service.reaper")
 
 
-def _publish(store: Store, settings: Settings, job_id: str, queue: str) -> bool:
-    """Enqueue a queued job; on a broker error mark it for republishing and return False."""
+def publish(store: Store, settings: Settings, job_id: str, queue: str) -> bool:
+    """Publish a queued job; on a broker error mark it for the next round and return False."""
     try:
         enqueue(job_id, queue, settings)
     except Exception as exc:
-        log.warning("reaper: enqueue of job %s failed: %r", job_id, exc)
-        store.set_status_reason(job_id, f"{ENQUEUE_FAILED}: {exc}")
+        log.warning("reaper: publishing job %s failed: %r", job_id, exc)
+        store.mark_enqueue_failed(job_id, str(exc) or type(exc).__name__)
         return False
     return True
 
 
 def reap_once(store: Store, settings: Settings) -> list[str]:
-    """Re-queue every job whose lease expired, enqueue them again, return their ids."""
+    """Re-queue every job whose lease expired and publish it; return the re-queued ids."""
     job_ids = store.requeue_expired(max_attempts=settings.max_attempts)
+    broker_down = False
     for job_id in job_ids:
         job = store.get_job(job_id)
         if job is None or job.status != "queued":
             continue
-        if _publish(store, settings, job_id, job.queue):
+        if broker_down:  # one failed publish a round is enough; the next round retries them
+            store.mark_enqueue_failed(job_id, "broker unreachable")
+        elif publish(store, settings, job_id, job.queue):
             log.warning(
                 "reaper: job %s lost its worker; re-queued as attempt %d", job_id, job.attempt + 1
             )
+        else:
+            broker_down = True
     return job_ids
 
 
-def republish_unsent(store: Store, settings: Settings) -> list[str]:
-    """Publish again every queued job marked "enqueue failed"; return the ids that went out."""
+def republish_unpublished(store: Store, settings: Settings) -> list[str]:
+    """Publish again every queued job whose message may be lost; return the ids sent."""
+    taken = store.take_unpublished(after_seconds=settings.republish_after_seconds)
     sent: list[str] = []
-    cursor: str | None = None
-    while True:
-        jobs, cursor = store.list_jobs(status="queued", limit=500, cursor=cursor)
-        for job in jobs:
-            if not (job.status_reason or "").startswith(ENQUEUE_FAILED):
-                continue
-            if _publish(store, settings, job.id, job.queue):
-                store.set_status_reason(job.id, None)
-                sent.append(job.id)
-                log.warning("reaper: job %s had no message in the broker; published it", job.id)
-        if cursor is None:
-            return sent
+    for i, (job_id, queue) in enumerate(taken):
+        if not publish(store, settings, job_id, queue):
+            for later_id, _ in taken[i + 1 :]:
+                store.mark_enqueue_failed(later_id, "broker unreachable")
+            break
+        store.clear_enqueue_failed(job_id)
+        sent.append(job_id)
+        log.info("reaper: job %s still unclaimed; published it again", job_id)
+    return sent
 
 
 class Reaper:
-    """A daemon thread calling ``reap_once`` every ``reaper_interval_seconds``."""
+    """A daemon thread running ``reap_once`` and ``republish_unpublished`` every interval."""
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
@@ -89,12 +92,9 @@ class Reaper:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        rounds = 0
         while not self._stop.wait(self.settings.reaper_interval_seconds):
-            rounds += 1
             try:
                 reap_once(self.store, self.settings)
-                if rounds % REPUBLISH_EVERY == 0:
-                    republish_unsent(self.store, self.settings)
+                republish_unpublished(self.store, self.settings)
             except Exception as exc:  # store or broker down: try again next round
                 log.warning("reaper: %r", exc)

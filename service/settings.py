@@ -50,11 +50,51 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     auth: bool = Field(default=True, description="False is only allowed on a loopback host.")
     max_body_bytes: int = Field(default=1_000_000, ge=1)
-    lease_seconds: float = Field(default=15.0, gt=0)
+    # Recovery after a worker dies takes lease_seconds + reaper_interval_seconds + a broker poll
+    # (~1 s on SQLite). The lease must still outlast a few missed heartbeats: a heartbeat is one
+    # short write, but on SQLite it can queue behind other writers (a WAL checkpoint, a burst of
+    # metric rows) for some hundreds of ms on a loaded machine; the supervisor imports no torch,
+    # so its GC pauses are milliseconds. 6 s tolerates five missed 1 s beats, and a false expiry
+    # is safe anyway: the attempt is fenced off and the next one resumes from its checkpoint.
+    lease_seconds: float = Field(default=6.0, gt=0)
     heartbeat_seconds: float = Field(default=1.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
-    reaper_interval_seconds: float = Field(default=2.0, gt=0)
+    reaper_interval_seconds: float = Field(
+        default=1.0, gt=0, description="How often each reaper (API and workers) looks for work."
+    )
+    republish_after_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A queued job not claimed this long after its message was published gets "
+        "another message (the first may have been lost: acked by a worker that died before its "
+        "claim, or dropped by the broker). The wait doubles after each republish, up to 64x.",
+    )
+    api_reaper: bool = Field(
+        default=True,
+        description="Run a reaper loop in the API process too, so jobs of a dead worker come "
+        "back even when no other worker is alive.",
+    )
     cancel_grace_seconds: float = Field(default=10.0, ge=0)
+    train_threads: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="torch CPU threads of the training process (0: torch's default, one per "
+        "core). CPU runs are bit-identical only at the same thread count; each checkpoint "
+        "records it.",
+    )
+    train_memory_limit_bytes: int | None = Field(
+        default=None,
+        ge=256 * 2**20,
+        description="Address-space limit (RLIMIT_AS) of the training process, so a job that asks "
+        "for too much memory fails with an out-of-memory error instead of waking the OOM killer. "
+        "CPU only: CUDA reserves far more address space than it uses.",
+    )
+    max_model_parameters: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="Largest model a job may build (parameters, counted at submit).",
+    )
     worker_queues: str = Field(default="cpu,gpu", description="Queues `python -m worker` consumes.")
     worker_heartbeat_seconds: float = Field(
         default=5.0, gt=0, description="How often a worker refreshes its row in the workers table."

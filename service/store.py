@@ -60,6 +60,10 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x6E6F726D636F7265  # "normcore"
 _WRITE_RETRIES = 8
 _IN_CHUNK = 500
+# The status_reason of a queued job whose message the broker refused (a reaper publishes it again).
+ENQUEUE_FAILED = "enqueue failed"
+# A queued job is republished after republish_after, then after twice that, ... up to this factor.
+REPUBLISH_BACKOFF_MAX = 64
 
 
 class StoreError(Exception):
@@ -113,6 +117,8 @@ class JobRecord:
     lease_expires_at: datetime | None
     idempotency_key: str | None
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    enqueued_at: datetime | None = None
+    enqueues: int = 0
 
     @property
     def finished(self) -> bool:
@@ -225,6 +231,8 @@ def _job(row: Any) -> JobRecord:
         lease_expires_at=m["lease_expires_at"],
         idempotency_key=m["idempotency_key"],
         attempts=list(m["attempts"] or []),
+        enqueued_at=m["enqueued_at"],
+        enqueues=int(m["enqueues"] or 0),
     )
 
 
@@ -707,6 +715,10 @@ class Store:
                     updated_at=now,
                     idempotency_key=idempotency_key,
                     request_hash=request_hash,
+                    # The caller publishes right after this; if it never does (it crashed, or the
+                    # broker lost the message), a reaper republishes after republish_after.
+                    enqueued_at=now,
+                    enqueues=1,
                 )
             )
             return _job(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()), True
@@ -1034,6 +1046,23 @@ class Store:
 
         self._write(tx)
 
+    def discard_metrics_after(self, job_id: str, *, attempt: int, step: int) -> int:
+        """Delete the job's metric rows past ``step`` (a resumed attempt starts there).
+
+        Rows an earlier attempt wrote beyond the checkpoint a resume starts from describe
+        training that no longer counts; the resumed attempt writes those steps anew, and if it
+        stops earlier (cancelled, failed) none of the discarded rows linger. Returns the count.
+        """
+
+        def tx(conn: Connection) -> int:
+            self._fence(conn, job_id, attempt)
+            res = conn.execute(
+                sa.delete(metrics_t).where(metrics_t.c.job_id == job_id, metrics_t.c.step > step)
+            )
+            return int(res.rowcount or 0)
+
+        return self._write(tx)
+
     def add_checkpoint(
         self,
         job_id: str,
@@ -1204,6 +1233,8 @@ class Store:
                     values |= {
                         "status": "queued",
                         "status_reason": f"worker lost; re-queued as attempt {attempt + 1}",
+                        "enqueued_at": now,  # the caller publishes it
+                        "enqueues": 1,
                     }
                 conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(**values))
                 return values["status"] == "queued"
@@ -1211,6 +1242,89 @@ class Store:
             if self._write(tx):
                 requeued.append(job_id)
         return requeued
+
+    def mark_enqueue_failed(self, job_id: str, error: str) -> None:
+        """Note that publishing a queued job failed: a reaper retries it on its next round."""
+        reason = f"{ENQUEUE_FAILED}: {error}"[:2000]
+
+        def tx(conn: Connection) -> None:
+            conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == "queued")
+                .values(
+                    enqueued_at=None,
+                    # a publish that did not happen does not count towards the backoff
+                    enqueues=sa.case((jobs.c.enqueues > 0, jobs.c.enqueues - 1), else_=0),
+                    status_reason=reason,
+                    updated_at=utcnow(),
+                )
+            )
+
+        self._write(tx)
+
+    def clear_enqueue_failed(self, job_id: str) -> None:
+        """Drop an "enqueue failed" status reason once the job's message went out."""
+
+        def tx(conn: Connection) -> None:
+            conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status_reason.like(f"{ENQUEUE_FAILED}%"))
+                .values(status_reason=None, updated_at=utcnow())
+            )
+
+        self._write(tx)
+
+    def take_unpublished(
+        self, *, after_seconds: float, now: datetime | None = None, limit: int = 100
+    ) -> list[tuple[str, str]]:
+        """Queued jobs whose message may be lost, marked as republished now: [(id, queue)].
+
+        Due: the last publish failed (``enqueued_at`` is NULL), or the job is still unclaimed
+        ``after_seconds * 2**(enqueues - 1)`` (at most ``REPUBLISH_BACKOFF_MAX`` times
+        ``after_seconds``) after its last publish, so a job that merely waits for a busy worker
+        gets a handful of duplicate messages (dropped by the claim), not one per period. Each job
+        is taken by one conditional UPDATE, so of several reapers only one republishes it.
+        """
+        now = now or utcnow()
+        first_due = now - timedelta(seconds=after_seconds)
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.id, jobs.c.queue, jobs.c.enqueued_at, jobs.c.enqueues)
+                .where(
+                    jobs.c.status == "queued",
+                    sa.not_(jobs.c.cancel_requested),
+                    sa.or_(jobs.c.enqueued_at.is_(None), jobs.c.enqueued_at < first_due),
+                )
+                .order_by(jobs.c.created_at, jobs.c.id)
+                .limit(max(1, int(limit)))
+            ).all()
+        taken: list[tuple[str, str]] = []
+        for job_id, queue, enqueued_at, enqueues in rows:
+            factor = min(2 ** max(int(enqueues) - 1, 0), REPUBLISH_BACKOFF_MAX)
+            due = now - timedelta(seconds=after_seconds * factor)
+            if enqueued_at is not None and enqueued_at >= due:
+                continue
+            seen = sa.or_(jobs.c.enqueued_at.is_(None), jobs.c.enqueued_at < _ts(due))
+
+            def tx(
+                conn: Connection, job_id: str = job_id, n: int = int(enqueues), seen: Any = seen
+            ) -> bool:
+                res = conn.execute(
+                    sa.update(jobs)
+                    .where(
+                        jobs.c.id == job_id,
+                        jobs.c.status == "queued",
+                        sa.not_(jobs.c.cancel_requested),
+                        jobs.c.enqueues == n,
+                        seen,
+                    )
+                    .values(enqueued_at=now, enqueues=n + 1)
+                )
+                return res.rowcount == 1
+
+            if self._write(tx):
+                taken.append((job_id, queue))
+        return taken
 
     # ------------------------------------------------------------ reads for the API
 
@@ -1300,6 +1414,7 @@ class Store:
 _LOCAL_MIGRATION_LOCK = threading.Lock()
 
 __all__ = [
+    "ENQUEUE_FAILED",
     "CheckpointRecord",
     "IdempotencyConflict",
     "JobRecord",

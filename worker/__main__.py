@@ -10,9 +10,9 @@ clean stop; ``GET /workers`` shows it to admins and the API sizes CUDA jobs agai
 
 Stopping: SIGTERM or Ctrl-C starts Celery's warm shutdown. A running job's training child gets
 SIGTERM and stops after its current step; the job is left ``running`` with its lease, which
-expires within ``lease_seconds``, and a reaper (in any worker) re-queues it so the next attempt
-resumes from its last checkpoint. A second Ctrl-C (or SIGQUIT) is a cold shutdown: the child is
-killed at once, with the same recovery.
+expires within ``lease_seconds``, and a reaper (the API's or any worker's) re-queues it so the
+next attempt resumes from its last checkpoint. A second Ctrl-C (or SIGQUIT) is a cold shutdown:
+the child is killed at once, with the same recovery.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     queues, gpus = choose_queues(args.queues, settings)
     hostname = args.hostname or f"normcore-{os.getpid()}@{socket.gethostname()}"
 
+    from service.reaper import Reaper
     from worker.app import app
-    from worker.reaper import Reaper
     from worker.registry import WorkerRegistry
 
     registry = WorkerRegistry(settings, store, name=hostname, queues=queues, gpus=gpus)

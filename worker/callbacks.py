@@ -204,6 +204,13 @@ class StoreCallback(Callback):
         start = info.get("start_step", 0)
         total = info.get("total_steps", "?")
         self.log(f"training started (attempt {self.attempt}) at step {start} of {total}")
+        if self.attempt > 1:
+            dropped = self._write(self.store.discard_metrics_after, step=int(start))
+            if dropped:
+                self.log(
+                    f"discarded {dropped} metric rows of earlier attempts past step {start}; "
+                    "this attempt writes those steps again"
+                )
         self.flush()
 
     def on_metrics(self, row: Any) -> None:

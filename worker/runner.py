@@ -21,6 +21,8 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
+import resource
 import signal
 import socket
 import sys
@@ -75,7 +77,11 @@ def describe_error(exc: BaseException, *, data_root: str | Path, step: int) -> s
     if isinstance(exc, TrainingDiverged):
         return str(exc)
     if _is_oom(exc):
-        return f"out of memory at step {step + 1}: lower data.batch_size or model width"
+        wanted = _allocation(str(exc))
+        return (
+            f"out of memory at step {step + 1}{f' (tried to allocate {wanted})' if wanted else ''}"
+            ": lower data.batch_size or model width"
+        )
     if isinstance(exc, ValueError):  # spec and data errors are written for the user already
         return str(exc)
     if isinstance(exc, FileNotFoundError):
@@ -94,7 +100,40 @@ def _is_oom(exc: BaseException) -> bool:
         return True
     torch = sys.modules.get("torch")
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    return oom is not None and isinstance(exc, oom)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    # torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
+    # memory: you tried to allocate N bytes. Error code 12 (Cannot allocate memory)").
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def _allocation(message: str) -> str | None:
+    """The size an out-of-memory message says was asked for ("2.00 GiB"), if it says."""
+    m = re.search(r"tried to allocate (\d+) bytes", message, re.IGNORECASE)
+    if m:
+        return f"{int(m.group(1)) / 2**30:.2f} GiB"
+    m = re.search(r"tried to allocate ([\d.]+ ?[KMGT]i?B)", message, re.IGNORECASE)
+    return m.group(1) if m else None
+
+
+def _limit_memory(cfg: dict[str, Any]) -> str | None:
+    """Apply ``train_memory_limit_bytes`` as RLIMIT_AS to a CPU run; returns a line to log.
+
+    Not on CUDA: its driver reserves far more address space than it ever backs with memory.
+    """
+    limit = cfg.get("memory_limit_bytes")
+    if not limit:
+        return None
+    device = (cfg["spec"].get("resources") or {}).get("device", "auto")
+    if device == "cuda":
+        return "train_memory_limit_bytes not applied: the job runs on CUDA"
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return "train_memory_limit_bytes not applied: the job runs on CUDA"
+    resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))
+    return f"address space limited to {int(limit) / 2**30:.2f} GiB (train_memory_limit_bytes)"
 
 
 def _resolve(target: str) -> Any:
@@ -105,11 +144,17 @@ def _resolve(target: str) -> Any:
 def _child_main(config_json: str, conn: multiprocessing.connection.Connection) -> None:
     """Entry point of the training process: train one attempt and send back a JSON outcome."""
     os.setpgrp()  # our own group: the supervisor can SIGKILL us and everything we start at once
+    cfg = json.loads(config_json)
+    threads = int(cfg.get("train_threads") or 0)
+    if threads:
+        # Before torch is imported, so its thread pools (and data-parallel ranks spawned from
+        # here, which inherit the environment) start at this size.
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(threads)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # Ctrl-C in a terminal goes to the worker's group, not ours; the supervisor decides for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cfg = json.loads(config_json)
     sent = threading.Lock()
 
     def report(outcome: dict[str, Any]) -> None:
@@ -147,6 +192,17 @@ def _run_attempt(cfg: dict[str, Any], stop: threading.Event, report: Any) -> int
     callback.start()
     try:
         callback.log(f"attempt {attempt} started on worker {cfg['worker_id']} (pid {os.getpid()})")
+        import torch
+
+        if cfg.get("train_threads"):
+            torch.set_num_threads(int(cfg["train_threads"]))
+        callback.log(
+            f"torch threads {torch.get_num_threads()}"
+            f"{'' if cfg.get('train_threads') else ' (torch default; set train_threads to fix it)'}"
+        )
+        limited = _limit_memory(cfg)
+        if limited:
+            callback.log(limited)
         import normcore.spec
 
         spec = normcore.spec.JobSpec.model_validate(cfg["spec"])
@@ -323,6 +379,8 @@ def run_job(
         "data_root": str(settings.data_root),
         "workdir": str(settings.job_dir(job_id)),
         "train_target": train_target,
+        "train_threads": settings.train_threads,
+        "memory_limit_bytes": settings.train_memory_limit_bytes,
     }
     ctx = multiprocessing.get_context("spawn")
     recv_end, send_end = ctx.Pipe(duplex=False)

@@ -18,6 +18,7 @@ import normcore
 from service import auth, queue
 from service.api import routes_checkpoints, routes_health, routes_jobs, routes_workers
 from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
+from service.reaper import Reaper
 from service.settings import Settings, get_settings
 from service.store import Store
 
@@ -166,7 +167,11 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API: migrate the store, wire routes, auth, body limit and metrics."""
+    """Build the API: migrate the store, wire routes, auth, body limit and metrics.
+
+    While the app runs (its lifespan) a reaper thread re-queues jobs of dead workers and
+    republishes lost messages (``api_reaper``; see ``service.reaper``).
+    """
     settings = settings or get_settings()
     auth.check_auth_allowed(settings.auth, settings.host)
     # Spec validation needs the norm factory (and torch): import it now, not on the first POST.
@@ -176,8 +181,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        store.dispose()
+        # The API reaps too: when the only worker dies, its job must still come back (re-queued
+        # and published) for the next worker to start, without waiting for a worker's reaper.
+        reaper = Reaper(settings, store) if settings.api_reaper else None
+        if reaper is not None:
+            reaper.start()
+        try:
+            yield
+        finally:
+            if reaper is not None:
+                reaper.stop()
+            store.dispose()
 
     app = FastAPI(
         title="normcore training service",

@@ -36,12 +36,11 @@ from service.api.schemas import (
     MetricOut,
     MetricPage,
 )
-from service.store import IdempotencyConflict, waiting_reason
+from service.store import ENQUEUE_FAILED, IdempotencyConflict, waiting_reason
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
 
-ENQUEUE_FAILED = "enqueue failed"
 EVENT_POLL_SECONDS = 0.5
 MAX_SEQ = 2**62
 
@@ -193,21 +192,48 @@ def _active_replay(store: Any, owner_id: Any, key: str) -> bool:
 
 
 def _enqueue(store: Any, settings: Any, job: Any) -> None:
+    """Publish the job; if the broker refuses, say so on the job and leave it to the reapers.
+
+    The job is stored either way (the store is the source of truth), so the caller still gets
+    it: a reaper publishes it on its next round once the broker answers again.
+    """
     try:
         queue.enqueue(job.id, job.queue, settings)
     except Exception as exc:
-        log.exception("enqueue of job %s failed", job.id)
-        store.set_status_reason(job.id, f"{ENQUEUE_FAILED}: {exc}")
-        raise HTTPException(
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            detail={
-                "message": "the job was stored but the broker refused it; "
-                "retry with the same Idempotency-Key to enqueue it again",
-                "job_id": job.id,
-            },
-        ) from exc
+        log.warning("enqueue of job %s failed, a reaper will retry: %r", job.id, exc)
+        store.mark_enqueue_failed(
+            job.id, f"{exc or type(exc).__name__}; published when the broker is back"
+        )
+        return
     if (job.status_reason or "").startswith(ENQUEUE_FAILED):
-        store.set_status_reason(job.id, None)
+        store.clear_enqueue_failed(job.id)
+
+
+def count_parameters(spec: JobSpec) -> int:
+    """Parameters of the model a spec builds, counted on the meta device (no memory, ~10 ms)."""
+    import torch
+
+    from normcore.models import build_model
+
+    in_channels = spec.model.in_channels or spec.data.channels or 3
+    with torch.device("meta"):
+        model = build_model(spec.model, in_channels=in_channels)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model_size(spec: JobSpec, settings: Any) -> None:
+    """Refuse (422) a model with more parameters than ``max_model_parameters``."""
+    try:
+        params = count_parameters(spec)
+    except ValueError as exc:  # a spec the builder refuses: say why, as for any bad field
+        raise _invalid(["model"], str(exc)) from None
+    limit = settings.max_model_parameters
+    if params > limit:
+        raise _invalid(
+            ["model"],
+            f"the model has {params:,} parameters and this server's limit is {limit:,}: "
+            "lower model.width or model.depth",
+        )
 
 
 @router.post(
@@ -217,7 +243,8 @@ def _enqueue(store: Any, settings: Any, job: Any) -> None:
     summary="Submit a training job",
     responses={
         201: {
-            "description": "Job created and enqueued",
+            "description": "Job stored and enqueued (broker down: stored, with status_reason "
+            '"enqueue failed: ...", and published by a reaper once the broker is back)',
             "content": {"application/json": {"example": {**_EXAMPLE_QUEUED}}},
         },
         200: {
@@ -232,7 +259,8 @@ def _enqueue(store: Any, settings: Any, job: Any) -> None:
         ),
         413: _err("Body over the size limit", "request body over 1000000 bytes"),
         422: _err(
-            "Invalid spec, or more resources.gpus than the largest live gpu worker has",
+            "Invalid spec, a model over the parameter limit, or more resources.gpus than the "
+            "largest live gpu worker has",
             [
                 {
                     "loc": ["model", "norm"],
@@ -245,10 +273,6 @@ def _enqueue(store: Any, settings: Any, job: Any) -> None:
         429: _err(
             "Too many active jobs",
             {"message": "too many active jobs", "active": 20, "limit": 20},
-        ),
-        503: _err(
-            "Stored but the broker refused it: retry with the same Idempotency-Key",
-            {"message": "the job was stored but the broker refused it", "job_id": "3f2c..."},
         ),
     },
 )
@@ -288,11 +312,14 @@ def submit_job(
 ) -> Any:
     """Validate a job spec, store the job, enqueue it; 201 with the job.
 
-    A CUDA job asking for more GPUs than the largest live gpu worker has is refused (422); one
-    submitted while no gpu worker is live is accepted and waits, with the reason in
-    ``status_reason``.
+    If the broker is down the job is still stored and returned (201), with ``status_reason``
+    "enqueue failed: ..."; a reaper publishes it once the broker is back. A model over the
+    server's parameter limit is refused (422). A CUDA job asking for more GPUs than the largest
+    live gpu worker has is refused (422); one submitted while no gpu worker is live is accepted
+    and waits, with the reason in ``status_reason``.
     """
     check_data_path(spec, settings.data_root)
+    check_model_size(spec, settings)
     waiting = check_gpu_capacity(spec, store, settings)
     limit = settings.max_active_jobs_per_user
     active = store.count_active(user.id)

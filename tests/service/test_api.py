@@ -574,7 +574,7 @@ def test_prometheus_metrics(api: Api) -> None:
     assert "f" * 32 not in text
 
 
-def test_readyz_503_names_the_dead_broker(tmp_path: Path) -> None:
+def test_readyz_503_names_the_dead_broker_and_jobs_are_still_accepted(tmp_path: Path) -> None:
     env = make_env(tmp_path / "nc", NORMCORE_BROKER_URL="redis://127.0.0.1:1/0")
     env.store().dispose()
     proc, url = start_api(env)
@@ -584,18 +584,23 @@ def test_readyz_503_names_the_dead_broker(tmp_path: Path) -> None:
         body = r.json()
         assert body["store"] is True and body["broker"] is False
         assert "broker" in body["detail"]
-        # A submission is stored but cannot be enqueued: 503 naming the job, and a retry with
-        # the same Idempotency-Key tries the broker again instead of making a twin.
+        # A submission is stored even though it cannot be enqueued (the store is the source of
+        # truth): 201 with the reason on the job, marked for the reapers to publish. A retry
+        # with the same Idempotency-Key answers the same job and tries the broker again.
         store = env.store()
         token = store.create_token("eve", "eve-tok")
         headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "k"}
         with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
             r = c.post("/jobs", json=SPEC)
-            assert r.status_code == 503
-            job_id = r.json()["detail"]["job_id"]
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            assert r.json()["status"] == "queued"
+            assert r.json()["status_reason"].startswith("enqueue failed: ")
             job = store.get_job(job_id)
-            assert job.status == "queued" and job.status_reason.startswith("enqueue failed")
-            assert c.post("/jobs", json=SPEC).status_code == 503
+            assert job.enqueued_at is None  # due for a republish on the next reaper round
+            again = c.post("/jobs", json=SPEC)
+            assert again.status_code == 200 and again.json()["id"] == job_id
+            assert again.json()["status_reason"].startswith("enqueue failed: ")
             assert [j["id"] for j in c.get("/jobs").json()["items"]] == [job_id]
         store.dispose()
     finally:

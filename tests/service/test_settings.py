@@ -41,8 +41,11 @@ def test_defaults_derive_from_data_dir(tmp_path: Path, monkeypatch: pytest.Monke
     assert s.artifact_dir == data / "artifacts"
     assert s.data_root == data / "datasets"
     assert (s.host, s.port, s.auth) == ("127.0.0.1", 8000, True)
-    assert (s.lease_seconds, s.heartbeat_seconds, s.max_attempts) == (15.0, 1.0, 3)
-    assert (s.reaper_interval_seconds, s.cancel_grace_seconds) == (2.0, 10.0)
+    assert (s.lease_seconds, s.heartbeat_seconds, s.max_attempts) == (6.0, 1.0, 3)
+    assert (s.reaper_interval_seconds, s.cancel_grace_seconds) == (1.0, 10.0)
+    assert (s.republish_after_seconds, s.api_reaper) == (10.0, True)
+    assert (s.train_threads, s.train_memory_limit_bytes) == (0, None)
+    assert s.max_model_parameters == 50_000_000
     assert s.max_body_bytes == 1_000_000 and s.max_active_jobs_per_user == 20
     assert s.queues == ["cpu", "gpu"]
     assert s.job_dir("ab" * 16) == data / "artifacts" / "jobs" / ("ab" * 16)

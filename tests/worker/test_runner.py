@@ -244,7 +244,7 @@ def test_out_of_memory_names_the_step_and_the_fix(settings: Settings, store: Sto
     result = run_job(job_id, settings, store, train_target="tests.worker.fake_train:out_of_memory")
     assert result == "failed"
     assert store.get_job(job_id).error == (
-        "out of memory at step 4: lower data.batch_size or model width"
+        "out of memory at step 4 (tried to allocate 2.00 GiB): lower data.batch_size or model width"
     )
     # the three rows written before the failure are flushed, not lost
     rows, _ = store.get_metrics(job_id)
@@ -329,6 +329,13 @@ def test_describe_error_messages(tmp_path: Path) -> None:
     )
     assert describe_error(MemoryError(), data_root=root, step=41) == (
         "out of memory at step 42: lower data.batch_size or model width"
+    )
+    cpu = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 12884901888 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    assert describe_error(cpu, data_root=root, step=0) == (
+        "out of memory at step 1 (tried to allocate 12.00 GiB): lower data.batch_size or model width"
     )
     assert describe_error(ValueError("data.batch_size 64 is larger"), data_root=root, step=0) == (
         "data.batch_size 64 is larger"
