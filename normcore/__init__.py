@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "fuse_conv_bn": "fuse",
     "recalibrate_bn": "stats",
     "norm_stats": "stats",
+    "check_norm_buffers": "stats",
     # spec, models, data, engine, checkpoints
     "JobSpec": "spec",
     "build_model": "models",

@@ -4,11 +4,17 @@ Every function walks ``named_children`` recursively and replaces layers in place
 ``convert_frozen_batchnorm`` style); the model (or the replacement, when the model itself is a
 norm layer) is returned. A layer registered under several names is converted once and the
 replacement shared, so aliasing survives.
+
+Conversions only replace the exact classes they know. A subclass of a norm layer (say a
+BatchNorm2d whose forward also applies an activation) may do more than its base, and a
+replacement built from the base would silently drop that: such a layer is left in place with
+a ``NormConversionWarning`` naming its class and path, or refused with ``strict=True``.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,10 +26,11 @@ from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
 from normcore import layers as L
 from normcore.factory import NormSpec, make_norm, parse_norm
-from normcore.layers.batchnorm import _NormBase
+from normcore.layers.batchnorm import _BatchNorm, _NormBase
 from normcore.layers.instancenorm import _InstanceNorm
 
 __all__ = [
+    "NormConversionWarning",
     "convert_norm",
     "convert_sync_norm",
     "freeze_norm",
@@ -44,26 +51,85 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
     L.LayerNorm2d,
     L.FrozenBatchNorm2d,
     L.L2Norm,
+    L.RMSNorm,
+    L.RMSNorm2d,
+    L.FilterResponseNorm2d,
+    L.EvoNorm2dB0,
+    L.EvoNorm2dS0,
 )
 
-# BatchNorms that convert_sync_norm turns into SyncBatchNorm (GhostBN and BatchRenorm keep
-# their own training rule, so they are left alone)
-_PLAIN_BN: tuple[type[nn.Module], ...] = (
-    _TorchBatchNorm,
-    L.BatchNorm1d,
-    L.BatchNorm2d,
-    L.BatchNorm3d,
-    L.SyncBatchNorm,
+# every norm class whose forward normcore knows, by exact type: anything else that is a norm
+# layer (is_norm_layer) is a user's subclass, which conversions leave alone
+_KNOWN: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.RMSNorm,
+        L.BatchNorm1d,
+        L.BatchNorm2d,
+        L.BatchNorm3d,
+        L.SyncBatchNorm,
+        L.GhostBatchNorm2d,
+        L.BatchRenorm2d,
+        L.SplitBatchNorm2d,
+        L.InstanceNorm1d,
+        L.InstanceNorm2d,
+        L.InstanceNorm3d,
+        L.GroupNorm,
+        L.LayerNorm,
+        L.LayerNorm2d,
+        L.RMSNorm,
+        L.RMSNorm2d,
+        L.FrozenBatchNorm2d,
+        L.L2Norm,
+        L.FilterResponseNorm2d,
+        L.EvoNorm2dB0,
+        L.EvoNorm2dS0,
+    }
+)
+
+
+class NormConversionWarning(UserWarning):
+    """A norm layer was left unconverted because normcore does not know its class."""
+
+
+# BatchNorms that convert_sync_norm turns into SyncBatchNorm, by exact type (GhostBN,
+# BatchRenorm and SplitBN keep their own training rule, so they are left alone)
+_PLAIN_BN: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        L.BatchNorm1d,
+        L.BatchNorm2d,
+        L.BatchNorm3d,
+        L.SyncBatchNorm,
+    }
 )
 # what freeze_norm replaces: 2-D batch norms (SyncBatchNorm assumed to see 4-D input)
-_BN2D: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm2d,
-    nn.SyncBatchNorm,
-    L.BatchNorm2d,
-    L.SyncBatchNorm,
-    L.GhostBatchNorm2d,
-    L.BatchRenorm2d,
+_BN2D: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.BatchNorm2d,
+        nn.SyncBatchNorm,
+        L.BatchNorm2d,
+        L.SyncBatchNorm,
+        L.GhostBatchNorm2d,
+        L.BatchRenorm2d,
+        L.SplitBatchNorm2d,
+    }
 )
+# batch norms whose affine freeze_norm(stats=False) can freeze (their statistics keep moving)
+_ANY_BN: frozenset[type[nn.Module]] = _PLAIN_BN | _BN2D
+_UNFROZEN = "_normcore_unfrozen"  # attribute of a FrozenBatchNorm2d: the layer it replaced
+_FROZEN_AFFINE = "_normcore_frozen_affine"  # attribute of a BN whose affine freeze_norm froze
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -204,6 +270,40 @@ def _remember_dims(old: nn.Module, new: nn.Module) -> None:
         new.norm_dims = norm_dims(old)
 
 
+def _unknown_subclasses(
+    model: nn.Module, bases: tuple[type[nn.Module], ...], known: frozenset[type[nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every module that is an instance of ``bases`` but not a known class."""
+    return [
+        (name or "<model>", m)
+        for name, m in model.named_modules()
+        if isinstance(m, bases) and type(m) not in known
+    ]
+
+
+def _report_unknown(what: str, found: list[tuple[str, nn.Module]], strict: bool) -> None:
+    """Warn about (or, with ``strict``, refuse) the layers ``what`` leaves unconverted."""
+    if not found:
+        return
+    names = ", ".join(
+        f"{path!r} ({type(m).__module__}.{type(m).__qualname__})" for path, m in found
+    )
+    bases = sorted({c.__name__ for _, m in found for c in type(m).__mro__[1:] if c in _KNOWN})
+    message = (
+        f"{what}: {len(found)} layer(s) subclass a norm class normcore knows "
+        f"({', '.join(bases) or 'a norm base'}) but are not one: {names}. Their forward may do "
+        "more than the base (an activation, a different statistic), which a replacement would "
+        "drop, so they are left as they are; convert them yourself"
+    )
+    if strict:
+        raise ValueError(message + ".")
+    warnings.warn(
+        message + ", or pass strict=True to make this an error.",
+        NormConversionWarning,
+        stacklevel=3,
+    )
+
+
 def _replace(
     module: nn.Module, fn: Callable[[nn.Module], nn.Module | None], memo: dict[int, nn.Module]
 ) -> nn.Module:
@@ -222,7 +322,9 @@ def _replace(
     return module
 
 
-def convert_norm(model: nn.Module, to: NormSpec = "gn", *, dims: int | None = None) -> nn.Module:
+def convert_norm(
+    model: nn.Module, to: NormSpec = "gn", *, dims: int | None = None, strict: bool = False
+) -> nn.Module:
     """Replace every norm layer in ``model`` with the kind ``to`` describes (any make_norm spec).
 
     Channels come from each old layer; ``dims`` defaults to the old layer's (BatchNorm1d -> 1,
@@ -235,14 +337,17 @@ def convert_norm(model: nn.Module, to: NormSpec = "gn", *, dims: int | None = No
         model: the model (converted in place) or a single norm layer.
         to: the new norm, e.g. ``"gn:8"``, ``"bn"``, ``"frozen_bn"``, ``nn.BatchNorm2d``.
         dims: force 1, 2 or 3 for every replacement.
+        strict: raise ValueError, instead of warning, for a norm subclass normcore does not
+            know (such layers are never replaced).
 
     Returns:
         ``model``, or the replacement if ``model`` itself is a norm layer.
     """
     parse_norm(to)  # fail on a bad spec before touching the model
+    _report_unknown("convert_norm", _unknown_subclasses(model, _NORM_TYPES, _KNOWN), strict)
 
     def swap(m: nn.Module) -> nn.Module | None:
-        if not is_norm_layer(m):
+        if not is_norm_layer(m) or type(m) not in _KNOWN:
             return None
         new = make_norm(
             to,
@@ -260,13 +365,19 @@ def convert_norm(model: nn.Module, to: NormSpec = "gn", *, dims: int | None = No
     return _replace(model, swap, {})
 
 
-def convert_sync_norm(module: nn.Module, process_group: Any = None) -> nn.Module:
+def convert_sync_norm(
+    module: nn.Module, process_group: Any = None, *, strict: bool = False
+) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d (torch.nn's and normcore's) and SyncBatchNorm with
     normcore's SyncBatchNorm on ``process_group``, sharing parameters and buffers (device,
-    dtype, requires_grad, training flag kept). GhostBN and BatchRenorm are left alone."""
+    dtype, requires_grad, training flag, small-batch policy kept). GhostBN, BatchRenorm and
+    SplitBN are left alone; a BatchNorm subclass normcore does not know is left in place with a
+    ``NormConversionWarning`` (ValueError with ``strict=True``)."""
+    bases = (_TorchBatchNorm, L.BatchNorm1d, L.BatchNorm2d, L.BatchNorm3d, L.SyncBatchNorm)
+    _report_unknown("convert_sync_norm", _unknown_subclasses(module, bases, _KNOWN), strict)
 
     def swap(m: nn.Module) -> nn.Module | None:
-        if not isinstance(m, _PLAIN_BN):
+        if type(m) not in _PLAIN_BN:
             return None
         affine = bool(m.affine)
         new = L.SyncBatchNorm(
@@ -278,6 +389,7 @@ def convert_sync_norm(module: nn.Module, process_group: Any = None) -> nn.Module
             process_group,
             bias=not affine or m.bias is not None,
             device="meta",  # every tensor is replaced by the old layer's own below
+            small_batch=getattr(m, "small_batch", "error"),
         )
         for name in ("weight", "bias"):
             if name in new._parameters:
@@ -292,44 +404,106 @@ def convert_sync_norm(module: nn.Module, process_group: Any = None) -> nn.Module
     return _replace(module, swap, {})
 
 
-def freeze_norm(model: nn.Module) -> nn.Module:
-    """Replace every 2-D BatchNorm (BatchNorm2d, SyncBatchNorm, GhostBN, BatchRenorm; torch.nn's
-    and normcore's) with a FrozenBatchNorm2d carrying its statistics, affine and eps.
+def freeze_norm(
+    model: nn.Module, stats: bool = True, affine: bool = True, *, strict: bool = False
+) -> nn.Module:
+    """Freeze the batch norms of ``model``: their statistics, their affine parameters, or both.
 
-    The old ``momentum`` and ``affine`` are kept as plain attributes on the frozen layer so
-    ``unfreeze_norm`` can restore them. Raises ValueError for a BN without running stats.
+    - ``stats=True, affine=True`` (default): every 2-D BatchNorm (BatchNorm2d, SyncBatchNorm,
+      GhostBN, BatchRenorm, SplitBN; torch.nn's and normcore's) becomes a FrozenBatchNorm2d
+      carrying its statistics, affine and eps as buffers: no gradients, no updates.
+    - ``stats=True, affine=False`` (fine-tuning): the same FrozenBatchNorm2d, but ``weight`` and
+      ``bias`` stay the old layer's trainable Parameters (optimizers keep working). The
+      statistics never move, however often ``model.train()`` is called; gamma and beta train.
+    - ``stats=False, affine=True``: every batch norm (1-d, 2-d and 3-d) keeps updating its
+      statistics in training, but its weight and bias get ``requires_grad=False``.
+
+    ``unfreeze_norm`` undoes each mode and gives back the original kind (its class, momentum,
+    eps and other settings). A batch norm subclass normcore does not know is left in place
+    with a ``NormConversionWarning`` (ValueError with ``strict=True``). Raises ValueError for a
+    BN without running statistics, or when neither ``stats`` nor ``affine`` is asked for.
     """
+    if not stats and not affine:
+        raise ValueError("freeze_norm: nothing to freeze; pass stats=True and/or affine=True")
+    known = _BN2D if stats else _ANY_BN
+    if stats:
+        bases: tuple[type[nn.Module], ...] = (
+            nn.BatchNorm2d,
+            nn.SyncBatchNorm,
+            L.BatchNorm2d,
+            L.SyncBatchNorm,
+            L.GhostBatchNorm2d,
+            L.BatchRenorm2d,
+        )
+    else:
+        bases = (_TorchBatchNorm, _BatchNorm)
+    _report_unknown("freeze_norm", _unknown_subclasses(model, bases, _KNOWN), strict)
+
+    if not stats:
+        for m in model.modules():
+            if type(m) in known and getattr(m, "weight", None) is not None:
+                flags = {n: p.requires_grad for n, p in m.named_parameters(recurse=True)}
+                for p in m.parameters():
+                    p.requires_grad_(False)
+                setattr(m, _FROZEN_AFFINE, flags)
+        return model
 
     def swap(m: nn.Module) -> nn.Module | None:
-        if not isinstance(m, _BN2D):
+        if type(m) not in known:
             return None
         frozen = L.FrozenBatchNorm2d.from_batchnorm(m)
+        if not affine:
+            # keep the old layer's Parameters: gamma and beta go on training
+            for name in ("weight", "bias"):
+                param = getattr(m, name, None)
+                if isinstance(param, nn.Parameter):
+                    delattr(frozen, name)
+                    frozen.register_parameter(name, param)
         frozen.momentum = m.momentum
         frozen.affine = bool(m.affine)
+        # the layer itself, unregistered (not in state_dict or modules()): unfreeze_norm
+        # gives it back with its class and settings
+        object.__setattr__(frozen, _UNFROZEN, m)
         return frozen.train(m.training)
 
     return _replace(model, swap, {})
 
 
 def unfreeze_norm(model: nn.Module) -> nn.Module:
-    """Replace every FrozenBatchNorm2d with a trainable normcore BatchNorm2d holding the same
-    statistics, affine and eps (and momentum/affine saved by ``freeze_norm``, if any)."""
+    """Undo ``freeze_norm``: every FrozenBatchNorm2d becomes a trainable batch norm again.
+
+    A layer ``freeze_norm`` froze comes back as its original kind (class, momentum, eps, and
+    every other setting, e.g. GhostBN's virtual batch size), holding the frozen layer's
+    current statistics and affine values, on its device and dtype. A FrozenBatchNorm2d built
+    any other way (e.g. loaded from a checkpoint) becomes a normcore BatchNorm2d with its eps
+    and, if ``freeze_norm`` left one, its momentum. Affine parameters frozen with
+    ``stats=False`` get their ``requires_grad`` back.
+    """
+    for m in model.modules():
+        flags = m.__dict__.pop(_FROZEN_AFFINE, None)
+        if flags is not None:
+            for name, p in m.named_parameters(recurse=True):
+                p.requires_grad_(flags.get(name, True))
 
     def swap(m: nn.Module) -> nn.Module | None:
-        if not isinstance(m, L.FrozenBatchNorm2d):
+        if type(m) is not L.FrozenBatchNorm2d:
             return None
         ref = m.running_mean
-        identity_affine = bool((m.weight == 1).all() and (m.bias == 0).all())
-        # an affine=False BN froze to weight 1, bias 0; anything else needs affine parameters
-        affine = bool(getattr(m, "affine", True)) or not identity_affine
-        bn = L.BatchNorm2d(
-            m.num_features,
-            eps=m.eps,
-            momentum=getattr(m, "momentum", 0.1),
-            affine=affine,
-            device=ref.device,
-            dtype=ref.dtype,
-        )
+        original = m.__dict__.get(_UNFROZEN)
+        if original is not None:
+            bn = original.to(device=ref.device, dtype=ref.dtype)
+        else:
+            identity_affine = bool((m.weight == 1).all() and (m.bias == 0).all())
+            # an affine=False BN froze to weight 1, bias 0; anything else needs affine
+            affine = bool(getattr(m, "affine", True)) or not identity_affine
+            bn = L.BatchNorm2d(
+                m.num_features,
+                eps=m.eps,
+                momentum=getattr(m, "momentum", 0.1),
+                affine=affine,
+                device=ref.device,
+                dtype=ref.dtype,
+            )
         _transfer_state(m, bn)
         return bn.train(m.training)
 

@@ -3,41 +3,67 @@
 A conv→BN pair is fused only when it is provably adjacent in the data flow: the model (or a
 submodule) is traced with ``torch.fx`` and the BN's single input must be the conv's output, with
 no other user of that output and each module called exactly once. Where fx cannot trace a
-module, only consecutive children of a plain ``nn.Sequential`` are fused.
+module, only consecutive children of a plain ``nn.Sequential`` are fused. Conv1d/2d/3d,
+ConvTranspose1d/2d/3d and Linear (with BatchNorm1d) are folded; a conv that runs more than once
+in a forward is refused with an error (folding would change its other calls; torch.fx's own
+fuse gets this wrong, pytorch#104593).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from normcore.convert import is_norm_layer
+from normcore import layers as L
+from normcore.convert import NormConversionWarning, is_norm_layer
 from normcore.layers import FrozenBatchNorm2d
 from normcore.layers.batchnorm import _BatchNorm
 
 __all__ = ["fold_bn_params", "fuse_conv_bn"]
 
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_TRANSPOSED: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 
 
-# Every kind whose eval forward is (x - running_mean) / sqrt(running_var + eps) * weight + bias:
-# torch.nn's BatchNorm*/SyncBatchNorm, normcore's BatchNorm*/SyncBatchNorm/GhostBatchNorm2d/
-# BatchRenorm2d (all normcore _BatchNorm subclasses) and FrozenBatchNorm2d.
-_BN_TYPES: tuple[type[nn.Module], ...] = (_TorchBatchNorm, _BatchNorm, FrozenBatchNorm2d)
+# Every kind whose eval forward is (x - running_mean) / sqrt(running_var + eps) * weight + bias,
+# by exact type: a subclass may do more in its forward (an activation) and is never folded.
+_BN_TYPES: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        L.BatchNorm1d,
+        L.BatchNorm2d,
+        L.BatchNorm3d,
+        L.SyncBatchNorm,
+        L.GhostBatchNorm2d,
+        L.BatchRenorm2d,
+        L.SplitBatchNorm2d,  # eval mode is its main BN alone
+        FrozenBatchNorm2d,
+    }
+)
+# what may follow a Linear: its output features are the last dim, so only a BN over (N, C)
+_BN_AFTER_LINEAR: frozenset[type[nn.Module]] = frozenset({nn.BatchNorm1d, L.BatchNorm1d})
 
 
 def _is_bn(m: nn.Module) -> bool:
     """Whether ``m`` is a batch norm kind this module knows how to fold."""
-    return isinstance(m, _BN_TYPES)
+    return type(m) in _BN_TYPES
 
 
 def _is_conv(m: nn.Module) -> bool:
-    return type(m) in _CONV_TYPES
+    return type(m) in _CONV_TYPES or type(m) in _TRANSPOSED
 
 
 def _bn_channels(bn: nn.Module) -> int | None:
@@ -50,10 +76,15 @@ def _out_channels(conv: nn.Module) -> int:
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    """Whether the pair can be folded: known kinds, running stats present, channels match."""
+    """Whether the pair can be folded: known kinds, running stats present, channels match.
+
+    A Linear pairs with BatchNorm1d only (on (N, features) activations its channel dim is the
+    Linear's output dim).
+    """
     return (
         _is_conv(conv)
         and _is_bn(bn)
+        and (not isinstance(conv, nn.Linear) or type(bn) in _BN_AFTER_LINEAR)
         and (not bn.training or isinstance(bn, FrozenBatchNorm2d))
         and getattr(bn, "running_var", None) is not None
         and _bn_channels(bn) == _out_channels(conv)
@@ -68,11 +99,15 @@ def fold_bn_params(
     eps: float,
     bn_weight: Tensor | None,
     bn_bias: Tensor | None,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Return (weight, bias) of a conv/linear whose output equals ``bn(conv(x))`` in eval mode.
 
-    ``weight`` has the output channels in dim 0 (Conv*d and Linear, any groups). The arithmetic is
-    done in float64 and cast back to ``weight``'s dtype.
+    ``weight`` has the output channels in dim 0 (Conv*d and Linear, any groups), or, with
+    ``transposed=True``, a ConvTranspose*d's (in, out / groups, *kernel) layout with
+    ``groups`` groups. The arithmetic is done in float64 and cast back to ``weight``'s dtype.
     """
     f64 = torch.float64
     scale = torch.rsqrt(running_var.to(f64) + eps)
@@ -81,7 +116,13 @@ def fold_bn_params(
     shift = -running_mean.to(f64) * scale
     if bn_bias is not None:
         shift = shift + bn_bias.to(f64)
-    new_w = weight.to(f64) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    if transposed:
+        # output channel g * (out / groups) + j lives in weight[g * (in / groups) + i, j]
+        kernel = [1] * (weight.dim() - 2)
+        w = weight.to(f64).reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        new_w = (w * scale.view(groups, 1, -1, *kernel)).reshape(weight.shape)
+    else:
+        new_w = weight.to(f64) * scale.view(-1, *([1] * (weight.dim() - 1)))
     new_b = shift if bias is None else bias.to(f64) * scale + shift
     return new_w.to(weight.dtype), new_b.to(weight.dtype)
 
@@ -97,6 +138,8 @@ def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
         float(bn.eps),
         getattr(bn, "weight", None),
         getattr(bn, "bias", None),
+        transposed=isinstance(conv, _TRANSPOSED),
+        groups=getattr(conv, "groups", 1),
     )
     requires_grad = conv.weight.requires_grad
     conv.weight = nn.Parameter(w, requires_grad=requires_grad)
@@ -142,16 +185,24 @@ def _fx_pairs(root: nn.Module) -> list[tuple[nn.Module, nn.Module]] | None:
         if not _is_bn(bn) or not isinstance(src, fx.Node) or src.op != "call_module":
             continue
         conv = root.get_submodule(src.target)
-        if (
+        if not (
             len(src.users) == 1
             and len(src.args) == 1
             and not src.kwargs
-            and calls[id(conv)] == 1
-            and calls[id(bn)] == 1
             and id(conv) not in touched
             and id(bn) not in touched
             and _foldable(conv, bn)
         ):
+            continue
+        if calls[id(conv)] > 1:
+            raise ValueError(
+                f"fuse_conv_bn: {type(conv).__name__} {src.target!r} runs {calls[id(conv)]} "
+                f"times in one forward and one of its calls feeds {type(bn).__name__} "
+                f"{node.target!r}; folding the BN into it would change its other calls too "
+                "(torch.fx's fuse gives wrong outputs here, pytorch#104593). Give each call "
+                "its own module, or leave this pair unfused."
+            )
+        if calls[id(bn)] == 1:
             pairs.append((conv, bn))
     return pairs
 
@@ -187,13 +238,17 @@ def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(m, child_name, new)
 
 
-def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Fold every eval-mode BN that directly follows a Conv1d/2d/3d or Linear into it.
+def fuse_conv_bn(model: nn.Module, inplace: bool = False, *, strict: bool = False) -> nn.Module:
+    """Fold every eval-mode BN that directly follows a conv or linear layer into it.
 
+    Folds into Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear (followed by BatchNorm1d).
     Handles torch.nn BatchNorm*/SyncBatchNorm and normcore's BatchNorm*, SyncBatchNorm,
-    GhostBatchNorm2d, BatchRenorm2d (all plain BN in eval) and FrozenBatchNorm2d; convs without
-    bias, BNs without affine and grouped/depthwise convs. A BN without running statistics is
-    left in place. The folded BN becomes ``nn.Identity``; the model keeps its class and forward.
+    GhostBatchNorm2d, BatchRenorm2d, SplitBatchNorm2d (all plain BN in eval) and
+    FrozenBatchNorm2d; convs without bias, BNs without affine and grouped/depthwise convs. A BN
+    without running statistics is left in place. The folded BN becomes ``nn.Identity``; the
+    model keeps its class and forward. A BN subclass normcore does not know (its forward may
+    add an activation) is never folded: it is reported with a ``NormConversionWarning``, or a
+    ValueError with ``strict=True``.
 
     Limits: Linear→BatchNorm1d assumes (N, features) input (on (N, L, F) input BN1d would
     normalize L, which no fold can express). Where fx cannot trace a module, its traceable
@@ -204,13 +259,15 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     Args:
         model: the model, in eval mode.
         inplace: modify ``model`` itself instead of a deep copy.
+        strict: raise instead of warning about BN subclasses normcore does not know.
 
     Returns:
         The fused model (``model`` itself when ``inplace``).
 
     Raises:
         ValueError: if ``model`` or any BN in it is in training mode (its batch statistics
-            cannot be folded).
+            cannot be folded), or if a conv or linear that feeds a BN runs more than once in
+            one forward.
     """
     training = [
         n or "<root>"
@@ -221,6 +278,21 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise ValueError(
             f"fuse_conv_bn needs an eval-mode model; in training mode: {', '.join(training[:5])}"
             " (call model.eval() first)"
+        )
+    unknown = [
+        f"{name or '<model>'!r} ({type(m).__module__}.{type(m).__qualname__})"
+        for name, m in model.named_modules()
+        if isinstance(m, _TorchBatchNorm | _BatchNorm | FrozenBatchNorm2d) and not _is_bn(m)
+    ]
+    if unknown:
+        message = (
+            f"fuse_conv_bn: {', '.join(unknown)} subclass a batch norm but are not one normcore "
+            "knows; their forward may do more than normalize, so they are not folded"
+        )
+        if strict:
+            raise ValueError(message)
+        warnings.warn(
+            message + " (strict=True makes this an error)", NormConversionWarning, stacklevel=2
         )
     if not inplace:
         model = copy.deepcopy(model)

@@ -1,9 +1,10 @@
 """Running statistics of normalization layers: precise-BN recalibration and JSON reports.
 
 ``recalibrate_bn`` recomputes every BN's running mean/var as exact averages over N batches
-(fvcore's ``update_bn_stats``). ``norm_stats`` / ``norm_stats_from_state_dict`` report them per
-layer as JSON-able rows (the service serves a checkpoint's rows without building its model),
-and ``stats_drift`` compares two reports.
+(fvcore's ``update_bn_stats``), across ranks too. ``check_norm_buffers`` finds ranks whose norm
+buffers drifted apart. ``norm_stats`` / ``norm_stats_from_state_dict`` report them per layer as
+JSON-able rows (the service serves a checkpoint's rows without building its model), and
+``stats_drift`` compares two reports.
 """
 
 from __future__ import annotations
@@ -16,13 +17,20 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase as _TorchNormBase
 
 from normcore.convert import is_norm_layer, norm_channels
 from normcore.layers.batchnorm import _NormBase
 
-__all__ = ["norm_stats", "norm_stats_from_state_dict", "recalibrate_bn", "stats_drift"]
+__all__ = [
+    "check_norm_buffers",
+    "norm_stats",
+    "norm_stats_from_state_dict",
+    "recalibrate_bn",
+    "stats_drift",
+]
 
 
 # --------------------------------------------------------------------------- precise BN
@@ -48,9 +56,20 @@ def _first_input(batch: Any) -> Any:
     return batch
 
 
+def _world_size(group: Any) -> int:
+    """Ranks in ``group`` (the default group when None); 1 without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
 @torch.no_grad()
 def recalibrate_bn(
-    model: nn.Module, batches: Iterable[Any], num_batches: int | None = None
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    process_group: Any = None,
 ) -> nn.Module:
     """Recompute the running statistics of every BN in ``model`` over ``num_batches`` batches.
 
@@ -60,20 +79,29 @@ def recalibrate_bn(
     statistics and running with ``momentum=None`` (cumulative average) in train mode under
     ``no_grad``; momentum and every module's training flag are restored afterwards.
     ``num_batches_tracked`` ends at its old value plus the number of updates, as if trained.
+    A layer no batch reached keeps its old statistics.
 
     Args:
         model: the model; modified in place (also returned).
         batches: iterable of input tensors or ``(x, y, ...)`` tuples; tensors are moved to
-            the model's device. Under torch.distributed, SyncBatchNorm layers synchronize, so
-            every rank must call this with the same number of batches.
-        num_batches: how many batches to use (default: all of ``batches``).
+            the model's device.
+        num_batches: how many batches to use (default: all of ``batches``), per rank.
+        process_group: under torch.distributed, combine the ranks' statistics: each layer's
+            averages are weighted by its number of updates on each rank (one all-reduce), so
+            every rank ends with the buffers one process gets over the union of all ranks'
+            batches. Every rank of the group must call this (with any number of batches,
+            zero included). None with an initialized world means the default group; pass
+            ``False`` to keep each rank's own statistics. SyncBatchNorm layers synchronize in
+            their forward, so then every rank must run the same number of batches.
 
     Raises:
-        ValueError: if ``batches`` yields no batch.
+        ValueError: if no batch was seen (on any rank); the statistics are then unchanged.
     """
     bns = [m for m in model.modules() if _recalibratable(m)]
     if not bns:
         return model
+    distributed = process_group is not False and _world_size(process_group) > 1
+    group = None if process_group is False else process_group
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     flags = {m: m.training for m in model.modules()}
     saved = [
@@ -89,6 +117,7 @@ def recalibrate_bn(
         bn.reset_running_stats()
         bn.momentum = None
     seen = 0
+    ok = False
     try:
         model.train()
         it = iter(batches) if num_batches is None else itertools.islice(batches, num_batches)
@@ -98,22 +127,23 @@ def recalibrate_bn(
                 x = x.to(device)
             model(x)
             seen += 1
-        if seen == 0:
+        counts = [_updates(bn, seen) for bn in bns]
+        total_seen = seen
+        if distributed:
+            total_seen, counts = _combine_across_ranks(bns, counts, seen, group, device)
+        if total_seen == 0:
             raise ValueError("recalibrate_bn got no batches; the running statistics are unchanged")
-    except BaseException:
-        for bn, (_momentum, mean, var, nbt) in zip(bns, saved, strict=True):
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            if nbt is not None:
-                bn.num_batches_tracked.copy_(nbt)
-        raise
-    else:
-        for bn, (*_r, nbt) in zip(bns, saved, strict=True):
-            if nbt is not None:
-                bn.num_batches_tracked.add_(nbt)
+        ok = True
     finally:
-        for bn, (momentum, *_r) in zip(bns, saved, strict=True):
+        for bn, (momentum, mean, var, nbt), n in zip(
+            bns, saved, counts if ok else [0] * len(bns), strict=True
+        ):
             bn.momentum = momentum
+            if n == 0:  # failed, or no batch reached this layer: keep what it had
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+            if nbt is not None:
+                bn.num_batches_tracked.copy_(nbt + n)
         for m, flag in flags.items():
             m.training = flag
     if num_batches is not None and seen < num_batches:
@@ -122,6 +152,83 @@ def recalibrate_bn(
             stacklevel=2,
         )
     return model
+
+
+def _updates(bn: nn.Module, seen: int) -> int:
+    """How many batches updated ``bn``'s statistics in this pass (it may sit in a branch some
+    batches skip): its ``num_batches_tracked`` counted them from 0."""
+    nbt = getattr(bn, "num_batches_tracked", None)
+    return int(nbt) if isinstance(nbt, Tensor) else seen
+
+
+def _combine_across_ranks(
+    bns: list[nn.Module], counts: list[int], seen: int, group: Any, device: torch.device
+) -> tuple[int, list[int]]:
+    """Replace each layer's local averages by the update-weighted averages over all ranks.
+
+    One all-reduce of ``[n * mean, n * var, n]`` per layer (float64) plus the batch count;
+    returns (total batches, total updates per layer).
+    """
+    parts = []
+    for bn, n in zip(bns, counts, strict=True):
+        parts += [bn.running_mean.double() * n, bn.running_var.double() * n]
+        parts.append(torch.tensor([float(n)], dtype=torch.float64, device=device))
+    parts.append(torch.tensor([float(seen)], dtype=torch.float64, device=device))
+    flat = torch.cat([t.to(device).flatten() for t in parts])
+    dist.all_reduce(flat, dist.ReduceOp.SUM, group=group)
+    totals = []
+    offset = 0
+    for bn in bns:
+        c = bn.running_mean.numel()
+        mean_sum, var_sum = flat[offset : offset + c], flat[offset + c : offset + 2 * c]
+        n = round(flat[offset + 2 * c].item())
+        offset += 2 * c + 1
+        if n > 0:
+            bn.running_mean.copy_((mean_sum / n).to(bn.running_mean.dtype))
+            bn.running_var.copy_((var_sum / n).to(bn.running_var.dtype))
+        totals.append(n)
+    return round(flat[offset].item()), totals
+
+
+@torch.no_grad()
+def check_norm_buffers(model: nn.Module, group: Any = None) -> dict[str, float]:
+    """The largest difference, across the ranks of ``group``, of each norm layer's buffers.
+
+    Returns ``{layer name: max |a - b|}`` over every buffer of every norm layer that has
+    buffers (running mean/var, num_batches_tracked, ...), the maximum over ranks minus the
+    minimum, element by element; 0.0 means every rank holds the same values. A NaN counts as
+    an infinite difference. Every rank of ``group`` must call it (two all-reduces); without
+    torch.distributed every difference is 0.0. Divergent buffers mean the ranks evaluate
+    different models (pytorch#13711): broadcast them, or recalibrate with a process group.
+    """
+    layers = []
+    for name, m in model.named_modules():
+        if not is_norm_layer(m):
+            continue
+        tensors = [b for b in m.buffers(recurse=False) if b is not None]
+        if tensors:
+            layers.append((name, tensors))
+    if not layers:
+        return {}
+    if _world_size(group) <= 1:
+        return {name: 0.0 for name, _ in layers}
+    device = layers[0][1][0].device
+    flat = torch.cat(
+        [t.detach().to(device, torch.float64).flatten() for _, ts in layers for t in ts]
+    )
+    high = torch.nan_to_num(flat, nan=math.inf)
+    low = torch.nan_to_num(flat, nan=-math.inf)
+    dist.all_reduce(high, dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, dist.ReduceOp.MIN, group=group)
+    diff = (high - low).nan_to_num(nan=math.inf)  # inf - inf: NaN on every rank
+    out = {}
+    offset = 0
+    for name, ts in layers:
+        size = sum(t.numel() for t in ts)
+        part = diff[offset : offset + size]
+        offset += size
+        out[name or "<model>"] = float(part.max().item()) if size else 0.0
+    return out
 
 
 # --------------------------------------------------------------------------- reports

@@ -158,7 +158,7 @@ def test_freeze_blocks_grads_and_stats_then_unfreeze_restores() -> None:
 
     unfreeze_norm(model)
     bn1, bn4 = model[1], model[4]
-    assert type(bn1) is L.BatchNorm2d and type(bn4) is L.BatchNorm2d
+    assert type(bn1) is nn.BatchNorm2d and type(bn4) is L.BatchNorm2d  # the original kinds
     assert (bn1.eps, bn1.momentum, bn4.momentum) == (1e-3, 0.2, None)
     assert bn1.weight.requires_grad and isinstance(bn1.weight, nn.Parameter)
     for key in ("1.running_mean", "1.running_var", "1.weight", "1.bias", "4.num_batches_tracked"):

@@ -167,7 +167,9 @@ def test_unknown_name_lists_the_choices() -> None:
         ValueError, match=r"unknown norm 'bnn'; valid: bn, brn, evo_b0, .*did you mean 'bn'"
     ):
         make_norm("bnn", 8)
-    with pytest.raises(ValueError, match=r"unknown norm 'whatever'; valid: bn, brn, evo_b0, evo_s0, frn, frozen_bn"):
+    with pytest.raises(
+        ValueError, match=r"unknown norm 'whatever'; valid: bn, brn, evo_b0, evo_s0, frn, frozen_bn"
+    ):
         validate_norm("whatever")
 
 
