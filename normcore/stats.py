@@ -86,13 +86,13 @@ def recalibrate_bn(
         batches: iterable of input tensors or ``(x, y, ...)`` tuples; tensors are moved to
             the model's device.
         num_batches: how many batches to use (default: all of ``batches``), per rank.
-        process_group: under torch.distributed, combine the ranks' statistics: each layer's
-            averages are weighted by its number of updates on each rank (one all-reduce), so
-            every rank ends with the buffers one process gets over the union of all ranks'
-            batches. Every rank of the group must call this (with any number of batches,
-            zero included). None with an initialized world means the default group; pass
-            ``False`` to keep each rank's own statistics. SyncBatchNorm layers synchronize in
-            their forward, so then every rank must run the same number of batches.
+        process_group: a torch.distributed group (``dist.group.WORLD`` for all ranks) whose
+            ranks' statistics are combined: each layer's averages are weighted by its number
+            of updates on each rank (one all-reduce), so every rank ends with the buffers one
+            process gets over the union of all ranks' batches. Every rank of the group must
+            call this, with any number of batches (zero included). None (default): each
+            process keeps its own statistics. SyncBatchNorm layers synchronize in their
+            forward, so with them every rank must run the same number of batches.
 
     Raises:
         ValueError: if no batch was seen (on any rank); the statistics are then unchanged.
@@ -100,8 +100,7 @@ def recalibrate_bn(
     bns = [m for m in model.modules() if _recalibratable(m)]
     if not bns:
         return model
-    distributed = process_group is not False and _world_size(process_group) > 1
-    group = None if process_group is False else process_group
+    distributed = process_group is not None and _world_size(process_group) > 1
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     flags = {m: m.training for m in model.modules()}
     saved = [
@@ -130,7 +129,7 @@ def recalibrate_bn(
         counts = [_updates(bn, seen) for bn in bns]
         total_seen = seen
         if distributed:
-            total_seen, counts = _combine_across_ranks(bns, counts, seen, group, device)
+            total_seen, counts = _combine_across_ranks(bns, counts, seen, process_group, device)
         if total_seen == 0:
             raise ValueError("recalibrate_bn got no batches; the running statistics are unchanged")
         ok = True

@@ -87,6 +87,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         empty = _model()
         recalibrate_bn(empty, _batches(rank, BATCHES[0]) if rank == 0 else [], process_group=group)
         out["rank0_only"] = _buffers(empty)
+        # without a process group each rank keeps its own statistics (and needs no peer)
+        local = _model()
+        recalibrate_bn(local, _batches(rank, BATCHES[rank]))
+        out["local"] = _buffers(local)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -111,10 +115,13 @@ def test_recalibrated_buffers_equal_on_both_ranks_and_to_the_union(gloo_results)
     for key, value in expected.items():
         torch.testing.assert_close(r0[key], value, atol=1e-12, rtol=1e-12, msg=key)
     assert int(r0["1.num_batches_tracked"]) == 5
-    # and not merely each rank's own result
-    own = _model()
-    recalibrate_bn(own, _batches(0, BATCHES[0]))
-    assert not torch.allclose(_buffers(own)["1.running_mean"], r0["1.running_mean"])
+    # and not merely each rank's own result, which is what process_group=None keeps
+    for rank, result in enumerate(gloo_results):
+        own = _model()
+        recalibrate_bn(own, _batches(rank, BATCHES[rank]))
+        assert not torch.allclose(_buffers(own)["1.running_mean"], r0["1.running_mean"])
+        for key, value in _buffers(own).items():
+            torch.testing.assert_close(result["local"][key], value, atol=1e-12, rtol=0)
 
 
 def test_rank_without_batches_ends_with_the_others_statistics(gloo_results) -> None:
