@@ -174,8 +174,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     auth.check_auth_allowed(settings.auth, settings.host)
-    # Spec validation needs the norm factory (and torch): import it now, not on the first POST.
+    # Spec validation needs the norm factory and the models (parameter count): import them now,
+    # not on the first POST.
     importlib.import_module("normcore.factory")
+    importlib.import_module("normcore.models")
     store = Store.from_settings(settings)
     store.upgrade()
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import Proc, ServiceEnv, make_env, start_api
+from tests.harness import Proc, ServiceEnv, make_env, start_api, wait_for
 
 SPEC: dict[str, Any] = {
     "name": "api-test",
@@ -67,6 +67,9 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         tmp_path_factory.mktemp("api") / "nc",
         NORMCORE_MAX_ACTIVE_JOBS_PER_USER="1000",
         NORMCORE_MAX_BODY_BYTES="20000",
+        # No worker consumes here: keep the reaper from republishing the waiting jobs, so the
+        # queue depth counts only what a test publishes.
+        NORMCORE_REPUBLISH_AFTER_SECONDS="3600",
     )
     store = env.store()
     proc, url = start_api(env)
@@ -159,6 +162,38 @@ def test_unknown_arch_and_norm_list_valid_ones(api: Api) -> None:
     norm = by_loc[("model", "norm")]
     assert "foo" in norm and all(n in norm for n in ("bn", "gn", "ln", "none"))
     assert not any(m.startswith("Value error") for m in by_loc.values())
+
+
+def test_model_over_the_parameter_limit_is_422_naming_the_numbers(api: Api) -> None:
+    huge = {**SPEC, "model": {"arch": "resnet18", "width": 1024}}  # 2.9 billion parameters
+    with api.client() as c:
+        r = c.post("/jobs", json=huge)
+        assert r.status_code == 422, r.text
+        (error,) = errors_of(r)
+        assert error["loc"] == ["model"]
+        assert "2,856,707,082 parameters" in error["msg"] and "50,000,000" in error["msg"]
+        # A spec the model builder refuses is a 422 at submit too, not a failed job later.
+        odd = {**SPEC, "model": {"arch": "convblock", "norm": "gn:8", "width": 12}}
+        r = c.post("/jobs", json=odd)
+        assert r.status_code == 422
+        assert "divisible by 8" in errors_of(r)[0]["msg"]
+        # The default resnet18 (11 M parameters) is fine.
+        submit(c, {**SPEC, "model": {"arch": "resnet18"}})
+
+
+def test_api_reaper_requeues_a_dead_workers_job_and_publishes_it(api: Api) -> None:
+    """No worker runs here: only the API's reaper can bring the job back."""
+    from service.queue import queue_depths
+
+    with api.client() as c:
+        job_id = submit(c)["id"]
+    settings = api.env.settings()
+    before = queue_depths(settings)["cpu"]
+    assert api.store.claim_job(job_id, worker_id="dead:1", lease_seconds=0.2) == 1
+    job = wait_for(lambda: (j := api.store.get_job(job_id)).status == "queued" and j, timeout=15)
+    assert job.attempt == 1 and job.status_reason == "worker lost; re-queued as attempt 2"
+    assert [(h["worker"], h["outcome"]) for h in job.attempts] == [("dead:1", "lost")]
+    wait_for(lambda: queue_depths(settings)["cpu"] == before + 1, timeout=10)
 
 
 def test_negative_lr_and_unknown_field(api: Api) -> None:

@@ -20,6 +20,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import service.store as store_mod
+from service.db import jobs as jobs_t
 from service.db import metadata
 from service.store import (
     MIGRATIONS_DIR,
@@ -562,6 +563,82 @@ def test_heartbeat_keeps_job_from_reaper(store: Store) -> None:
     store.heartbeat(job_id, attempt=attempt, lease_seconds=120)
     assert store.requeue_expired(now=soon, max_attempts=3) == []
     assert store.get_job(job_id).status == "running"
+
+
+def test_take_unpublished_backs_off_and_hands_each_job_to_one_reaper(store: Store) -> None:
+    _, job_id = _job(store)
+    created = store.get_job(job_id)
+    assert created.enqueues == 1 and created.enqueued_at is not None
+    t0 = created.enqueued_at
+
+    def take(after: float) -> list[tuple[str, str]]:
+        return store.take_unpublished(after_seconds=10, now=t0 + timedelta(seconds=after))
+
+    assert take(5) == []  # published 5 s ago: its message is most likely waiting in the broker
+    assert take(11) == [(job_id, "cpu")]
+    assert store.get_job(job_id).enqueues == 2
+    assert take(11 + 15) == []  # the wait doubled to 20 s
+    assert take(11 + 21) == [(job_id, "cpu")]
+    assert take(32 + 39) == []  # then 40 s
+    assert take(32 + 41) == [(job_id, "cpu")]
+
+    # Several reapers at once: each due job goes to exactly one of them.
+    _, other = _job(store, name="other")
+    later = t0 + timedelta(hours=1)
+    with ThreadPoolExecutor(4) as pool:
+        taken = list(
+            pool.map(lambda _: store.take_unpublished(after_seconds=10, now=later), range(4))
+        )
+    assert sorted(j for batch in taken for j, _ in batch) == sorted([job_id, other])
+
+    # The wait is capped at 64 periods however often a job was republished.
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(jobs_t).values(enqueues=50, enqueued_at=later))
+    assert store.take_unpublished(after_seconds=10, now=later + timedelta(seconds=639)) == []
+    assert len(store.take_unpublished(after_seconds=10, now=later + timedelta(seconds=641))) == 2
+
+    # Running, finished and cancelled jobs are never republished.
+    assert store.claim_job(job_id, worker_id="w", lease_seconds=30) == 1
+    store.request_cancel(other)
+    assert store.take_unpublished(after_seconds=10, now=later + timedelta(days=1)) == []
+
+
+def test_failed_publish_is_due_at_once_and_requeue_resets_the_backoff(store: Store) -> None:
+    _, job_id = _job(store)
+    store.mark_enqueue_failed(job_id, "Error 111 connecting to redis")
+    job = store.get_job(job_id)
+    assert job.enqueued_at is None and job.enqueues == 0
+    assert job.status_reason == "enqueue failed: Error 111 connecting to redis"
+    assert store.take_unpublished(after_seconds=10) == [(job_id, "cpu")]
+    assert store.take_unpublished(after_seconds=10) == []
+    store.clear_enqueue_failed(job_id)
+    assert store.get_job(job_id).status_reason is None
+    store.set_status_reason(job_id, "waiting for a gpu worker: none is live")
+    store.clear_enqueue_failed(job_id)  # only an "enqueue failed" reason is cleared
+    assert store.get_job(job_id).status_reason == "waiting for a gpu worker: none is live"
+
+    assert store.claim_job(job_id, worker_id="w", lease_seconds=1) == 1
+    store.mark_enqueue_failed(job_id, "late")  # a running job is not marked
+    assert store.get_job(job_id).status_reason is None
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    assert store.requeue_expired(now=later, max_attempts=3) == [job_id]
+    job = store.get_job(job_id)
+    assert job.enqueues == 1 and job.enqueued_at == later
+
+
+def test_discard_metrics_after_a_resume_point(store: Store) -> None:
+    job_id, attempt = _running(store, lease=1)
+    rows = [_row(i) for i in range(1, 11)] + [_row(5, "val"), _row(10, "val")]
+    store.add_metrics(job_id, attempt=attempt, rows=rows)
+    assert store.requeue_expired(now=datetime.now(UTC) + timedelta(seconds=30), max_attempts=3)
+    second = store.claim_job(job_id, worker_id="w2", lease_seconds=30)
+    with pytest.raises(StaleAttempt):  # fenced like every worker write
+        store.discard_metrics_after(job_id, attempt=attempt, step=5)
+    assert store.discard_metrics_after(job_id, attempt=second, step=5) == 6
+    kept, _ = store.get_metrics(job_id)
+    assert sorted((r.split, r.step) for r in kept) == [("train", i) for i in range(1, 6)] + [
+        ("val", 5)
+    ]
 
 
 # ---------------------------------------------------------------- metrics, logs, checkpoints
