@@ -84,7 +84,8 @@ class GroupNorm(nn.Module):
                 f"(dim 1), got {channels} channels in input of size {tuple(input.shape)}"
             )
         out = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
-        if input.dim() == 4 and not input.is_contiguous():
+        # torch's CPU kernel keeps channels_last; other devices return NCHW
+        if not input.is_contiguous() and not input.is_cpu and input.dim() == 4:
             out = restore_layout(out, layout_of(input))
         return out
 
