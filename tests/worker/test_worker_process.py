@@ -158,6 +158,37 @@ def test_worker_runs_a_job_from_the_broker(env: ServiceEnv, workers: list[Proc])
     store.dispose()
 
 
+def test_duplicate_deliveries_while_the_lease_is_held_train_once(
+    env: ServiceEnv, workers: list[Proc]
+) -> None:
+    """Three more messages for a running job reach an idle second worker: each is dropped."""
+    store = env.store()
+    workers.extend([start_worker(env, name="w1"), start_worker(env, name="w2")])
+    job_id = submit(env, store, LONG)
+    child_pid(store, job_id, 1)
+    holder = store.get_job(job_id).lease_owner
+    for _ in range(3):
+        enqueue(job_id, "cpu", env.settings())
+
+    def dropped() -> int:
+        return sum(w.log().count(f"job {job_id}: not claimable") for w in workers)
+
+    wait_for(lambda: dropped() == 3, timeout=60, what="the three duplicates to be dropped")
+    assert store.get_job(job_id).status == "running"  # still the first attempt, untouched
+    wait_for(lambda: status(store, job_id) == "succeeded", timeout=120, what="the job")
+    job = store.get_job(job_id)
+    assert job.attempt == 1 and job.lease_owner == holder
+    assert [(h["attempt"], h["outcome"]) for h in job.attempts] == [(1, "succeeded")]
+    # The side effects of training, counted: one child started, one training run, one set of rows.
+    text = logs(store, job_id)
+    assert text.count("started on worker") == 1
+    assert text.count("training started (attempt") == 1
+    rows, _ = store.get_metrics(job_id, limit=10_000)
+    assert len({(r.split, r.step) for r in rows}) == len(rows)
+    assert_one_row_per_step(rows, epochs=20)
+    store.dispose()
+
+
 def test_sigterm_stops_the_worker_and_another_resumes_the_job(
     tmp_path: Path, workers: list[Proc]
 ) -> None:
