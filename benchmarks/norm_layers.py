@@ -338,6 +338,7 @@ def report(twin_rows: list[tuple], var_rows: list[tuple], header: str) -> None:
     ]
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         print(header)
@@ -361,7 +362,7 @@ def report(twin_rows: list[tuple], var_rows: list[tuple], header: str) -> None:
             for col in cols:
                 table.add_column(col, justify="left" if col == "layer" else "right")
             for row in data:
-                table.add_row(*row)
+                table.add_row(*map(escape, row))  # "[cl]" is not markup
             console.print(table)
     slow = [f"{n} at {_fmt_shape(s)} ({r:.2f})" for n, s, _, _, r, _, g in twin_rows if r > g]
     both = [

@@ -47,8 +47,8 @@ _CL = torch.channels_last
 _FAST_DTYPES = (torch.float32, torch.float64)
 
 # (op, device type, layout) -> implementation, for float32/float64 input. Measured on CPU with
-# `python benchmarks/norm_layers.py --impls` (forward+backward, training mode); the CUDA
-# entries are torch's kernels until someone measures there. Missing entries mean "torch".
+# `python benchmarks/norm_layers.py --impls` (forward+backward, training mode). A missing entry
+# means "torch": CUDA has none yet (no GPU was at hand to measure the other routes there).
 CHOICES: dict[tuple[str, str, str], str] = {
     ("layer_norm_2d", "cpu", "nchw"): "direct",  # 1.5-2x the permute route
     ("layer_norm_2d", "cpu", "channels_last"): "torch",  # the NHWC view is the kernel's layout
