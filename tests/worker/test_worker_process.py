@@ -189,6 +189,24 @@ def test_duplicate_deliveries_while_the_lease_is_held_train_once(
     store.dispose()
 
 
+def test_a_lost_message_is_published_again(env: ServiceEnv, workers: list[Proc]) -> None:
+    """The early-ack gap: a worker acked the message and died before its claim."""
+    from kombu import Connection
+
+    env.env["NORMCORE_REPUBLISH_AFTER_SECONDS"] = "1"
+    store = env.store()
+    job_id = submit(env, store, SPEC)
+    with Connection(env.settings().broker_url) as conn:
+        conn.default_channel.queue_purge("cpu")  # the message is gone, the job still queued
+    assert queue_depth(env.settings()) == 0
+    workers.append(start_worker(env, name="w1"))
+    wait_for(lambda: status(store, job_id) == "succeeded", timeout=90, what="the job")
+    job = store.get_job(job_id)
+    assert job.attempt == 1 and job.enqueues >= 2
+    assert logs(store, job_id).count("started on worker") == 1
+    store.dispose()
+
+
 def test_sigterm_stops_the_worker_and_another_resumes_the_job(
     tmp_path: Path, workers: list[Proc]
 ) -> None:
