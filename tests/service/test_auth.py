@@ -104,33 +104,60 @@ def job_routes(job_id: str) -> list[tuple[str, str]]:
     ]
 
 
-def test_missing_malformed_and_bad_tokens_are_401(dep: Deployment) -> None:
+def all_token_routes(job_id: str) -> list[tuple[str, str]]:
+    """Every route that needs a token, with a real job in the job routes."""
+    return [("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/workers"), *job_routes(job_id)]
+
+
+def test_missing_malformed_and_bad_tokens_are_401(dep: Deployment, alice_job: str) -> None:
     for headers in (
         {},
         {"Authorization": "Basic dXNlcjpwYXNz"},
         {"Authorization": "Bearer"},
         {"Authorization": "Bearer nc_not-a-real-token"},
     ):
-        for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc")):
-            r = httpx.request(method, dep.url + path, headers=headers, json=SPEC)
-            assert r.status_code == 401, (headers, path)
+        for method, path in all_token_routes(alice_job):
+            r = httpx.request(method, dep.url + path, headers=headers, json=SPEC, timeout=30)
+            assert r.status_code == 401, (headers, method, path)
             assert r.headers["www-authenticate"] == "Bearer"
             assert r.json()["detail"]
+    assert dep.store.get_job(alice_job).cancel_requested is False
 
 
-def test_revoked_token_is_401(dep: Deployment) -> None:
-    token = dep.store.create_token("carol", "carol-old")
+def test_revoked_token_is_401(dep: Deployment, alice_job: str) -> None:
+    token = dep.store.create_token("alice", "alice-old")
     with dep.client(token) as c:
         assert c.get("/jobs").status_code == 200
-        assert dep.store.revoke_token("carol-old") is True
-        r = c.get("/jobs")
-        assert r.status_code == 401
-        assert "revoked" in r.json()["detail"]
+        assert c.get(f"/jobs/{alice_job}").status_code == 200
+        assert dep.store.revoke_token("alice-old") is True
+        for method, path in all_token_routes(alice_job):
+            r = c.request(method, path, json=SPEC)
+            assert r.status_code == 401, (method, path)
+            assert "revoked" in r.json()["detail"]
+    assert dep.store.get_job(alice_job).cancel_requested is False
 
 
 def test_public_routes_need_no_token(dep: Deployment) -> None:
     for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/schema/jobspec"):
         assert httpx.get(dep.url + path, timeout=30).status_code == 200, path
+
+
+def test_job_routes_cover_every_route_of_a_job(dep: Deployment) -> None:
+    """The lists above test every operation the API documents, so a new route gets tested."""
+    paths = httpx.get(f"{dep.url}/openapi.json", timeout=30).json()["paths"]
+    documented = {
+        (method.upper(), path)
+        for path, item in paths.items()
+        for method in item
+        if method in ("get", "post", "put", "patch", "delete")
+        and path != "/schema/jobspec"
+        and path not in ("/healthz", "/readyz", "/metrics")
+    }
+    tested = {
+        (method, path.replace("JOB", "{job_id}").replace("epoch-0001", "{name}"))
+        for method, path in all_token_routes("JOB")
+    }
+    assert documented == tested
 
 
 def test_other_users_job_is_404_everywhere(dep: Deployment, alice_job: str) -> None:
