@@ -1,10 +1,13 @@
 """The OpenAPI document: worked examples on every route, and schemathesis fuzzing of the live
-server (no 5xx, responses and status codes as documented)."""
+server with a token (no 5xx, responses and status codes as documented), on random ids and on
+the routes of a real job."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,6 +53,7 @@ class Server:
     proc: Proc
     url: str
     token: str
+    job_id: str
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +63,53 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     )
     store = env.store()
     token = store.create_token("fuzzer", "fuzzer-token")
+    job_id = _finished_job(store, env.artifact_dir, store.get_user("fuzzer").id)
     store.dispose()
     proc, url = start_api(env)
     try:
-        yield Server(proc, url, token)
+        yield Server(proc, url, token, job_id)
     finally:
         proc.stop()
+
+
+def _finished_job(store: Any, artifact_dir: Path, owner_id: int) -> str:
+    """A succeeded job of the fuzzer's with metric rows, log lines and a checkpoint file."""
+    import torch
+    from safetensors.torch import save_file
+
+    job, _ = store.create_job(owner_id=owner_id, spec=DESIGN_SPEC, name="real", queue="cpu")
+    attempt = store.claim_job(job.id, worker_id="w", lease_seconds=600)
+    store.add_metrics(
+        job.id,
+        attempt=attempt,
+        rows=[
+            {"step": 1, "epoch": 1, "split": "train", "values": {"loss": 1.0, "lr": 0.1}},
+            {"step": 1, "epoch": 1, "split": "val", "values": {"val_loss": 0.9, "val_acc": 0.5}},
+        ],
+    )
+    store.add_logs(job.id, attempt=attempt, lines=[("info", "epoch 1/1"), ("warning", "w")])
+    folder = artifact_dir / "jobs" / job.id / "checkpoints" / "epoch-0001"
+    folder.mkdir(parents=True)
+    save_file(
+        {"bn.running_mean": torch.zeros(2), "bn.running_var": torch.ones(2)},
+        str(folder / "model.safetensors"),
+    )
+    data = (folder / "model.safetensors").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    store.add_checkpoint(
+        job.id,
+        attempt=attempt,
+        name="epoch-0001",
+        epoch=1,
+        step=1,
+        bytes=len(data),
+        sha256=sha,
+        files={"model.safetensors": sha},
+        metrics={"val_acc": 0.5},
+        path=str(folder.relative_to(artifact_dir)),
+    )
+    store.finish_job(job.id, attempt=attempt, status="succeeded")
+    return job.id
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +164,44 @@ def test_fuzz_every_operation(server: Server, mode: GenerationMode) -> None:
         except Exception as exc:
             failures.append(f"{operation.label}: {exc}")
     assert tested >= (10 if mode is GenerationMode.POSITIVE else 6)
+    assert not failures, "\n\n".join(failures)
+
+
+def test_fuzz_the_routes_of_a_real_job(server: Server) -> None:
+    """Positive cases for every job route with the id of an existing job (and its checkpoint's
+    name half the time), so the 200 answers are checked against the schema too, not only 404s."""
+    loaded = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    headers = {"Authorization": f"Bearer {server.token}"}
+    failures: list[str] = []
+    tested = 0
+    for result in loaded.get_all_operations():
+        operation = result.ok()
+        if "{job_id}" not in operation.path:
+            continue
+        strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
+
+        @given(case=strategy)
+        @settings(
+            max_examples=10,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def run(case: Any) -> None:
+            case.path_parameters["job_id"] = server.job_id
+            if "name" in case.path_parameters and len(case.path_parameters["name"]) % 2 == 0:
+                case.path_parameters["name"] = "epoch-0001"
+            response = case.call_and_validate(
+                base_url=server.url, headers=headers, timeout=30, checks=CHECKS
+            )
+            assert response.status_code != 404 or "name" in case.path_parameters
+
+        try:
+            run()
+            tested += 1
+        except Exception as exc:
+            failures.append(f"{operation.label}: {exc}")
+    assert tested >= 7
     assert not failures, "\n\n".join(failures)
 
 
