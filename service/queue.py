@@ -90,9 +90,12 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The one Celery configuration the API (publisher) and the worker (consumer) both use.
 
-    Acks late with reject-on-worker-lost and prefetch 1, so the broker keeps a message until its
-    task ends; the store's claim makes any redelivery harmless. On Redis the visibility timeout
-    is set in all three places Celery and kombu read it.
+    Early acks and prefetch 1: a message only wakes a worker up. Recovery is the store's job
+    (leases renewed by heartbeat, reapers that re-queue expired jobs and republish lost
+    messages), not the broker's, so a job never waits for a visibility timeout and a message is
+    never redelivered to run a finished job again; the claim drops any duplicate. On Redis the
+    visibility timeout is still set in all three places Celery and kombu read it, for any
+    message a worker reserved and never acked.
     """
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
@@ -104,8 +107,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_prefetch_multiplier": 1,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
+        "task_acks_late": False,
+        "task_reject_on_worker_lost": False,
+        # Only matters for late-acked tasks; kept so a late-ack experiment cannot run a task
+        # twice in parallel after a lost connection.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_ignore_result": True,
         "result_backend": None,

@@ -67,7 +67,7 @@ def test_celery_config_for_redis() -> None:
     assert c["task_default_queue"] == "cpu"
     assert [q.name for q in c["task_queues"]] == ["cpu", "gpu"]
     assert c["worker_prefetch_multiplier"] == 1
-    assert c["task_acks_late"] is True and c["task_reject_on_worker_lost"] is True
+    assert c["task_acks_late"] is False and c["task_reject_on_worker_lost"] is False
     assert c["worker_cancel_long_running_tasks_on_connection_loss"] is True
     assert c["task_ignore_result"] is True
 
@@ -81,7 +81,7 @@ def test_celery_config_for_sqlite_broker_passes_only_engine_options(tmp_path: Pa
     assert not (tmp_path / "broker.db").exists()
     assert "visibility_timeout" not in c and "result_backend_transport_options" not in c
     app = queue.make_celery(s)
-    assert app.conf.task_acks_late is True
+    assert app.conf.task_acks_late is False
     assert app.conf.worker_prefetch_multiplier == 1
     assert set(app.amqp.queues) == {"cpu", "gpu"}
     # make_celery leaves the embedded broker's file in WAL mode (one fsync per publish).
