@@ -2,8 +2,10 @@
 
 The Celery process only supervises. Training runs in a ``spawn`` child (never fork: CUDA state
 must never be created in, or inherited from, the Celery process, and nothing here imports torch)
-that makes itself a process-group leader, opens its own Store and calls ``normcore.train``. The
-parent renews the job's lease by heartbeat, turns a cancel request into SIGTERM to the child, then
+that makes itself a process-group leader, fixes its torch thread count (``train_threads``: CPU
+runs are bit-identical only at equal counts), limits its address space on CPU
+(``train_memory_limit_bytes``: a job too big fails with an out-of-memory error, the worker lives
+on), opens its own Store and calls ``normcore.train``. The parent renews the job's lease by heartbeat, turns a cancel request into SIGTERM to the child, then
 SIGKILL to its group after ``cancel_grace_seconds``, and writes the final status from the JSON
 outcome the child sends back over a pipe (no pickled objects cross it).
 
