@@ -30,6 +30,24 @@ SR_DATASETS = ("sr-synthetic",)
 
 NormChoice = str | dict[str, Any]
 
+# DESIGN.md's "A job spec, as a user writes it": the OpenAPI example and the tests' reference.
+EXAMPLE_SPEC: dict[str, Any] = {
+    "name": "resnet20-gn-digits",
+    "model": {"arch": "resnet20", "norm": "gn:8", "num_classes": 10, "dropout": 0.0},
+    "data": {"dataset": "digits", "batch_size": 32, "val_fraction": 0.2},
+    "optim": {
+        "name": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+    },
+    "epochs": 10,
+    "seed": 0,
+    "resources": {"device": "auto", "gpus": 1, "amp": "bf16"},
+    "checkpoint": {"every_epochs": 1, "keep_last": 3, "precise_bn_batches": 0},
+}
+
 
 class _Strict(BaseModel):
     """Base for spec sections: unknown keys are errors, so a typo never passes silently."""

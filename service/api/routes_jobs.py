@@ -14,7 +14,7 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Resp
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from normcore.spec import JobSpec, spec_json_schema
+from normcore.spec import EXAMPLE_SPEC, JobSpec, spec_json_schema
 from service import queue
 from service.api.deps import (
     CurrentUser,
@@ -44,22 +44,6 @@ router = APIRouter(tags=["jobs"])
 EVENT_POLL_SECONDS = 0.5
 MAX_SEQ = 2**62
 
-EXAMPLE_SPEC: dict[str, Any] = {
-    "name": "resnet20-gn-digits",
-    "model": {"arch": "resnet20", "norm": "gn:8", "num_classes": 10, "dropout": 0.0},
-    "data": {"dataset": "digits", "batch_size": 32, "val_fraction": 0.2},
-    "optim": {
-        "name": "sgd",
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "cosine",
-    },
-    "epochs": 10,
-    "seed": 0,
-    "resources": {"device": "auto", "gpus": 1, "amp": "bf16"},
-    "checkpoint": {"every_epochs": 1, "keep_last": 3, "precise_bn_batches": 0},
-}
 
 _EXAMPLE_JOB: dict[str, Any] = {
     "id": "3f2c1e0d9b8a47c6a5e4d3c2b1a09f8e",

@@ -11,27 +11,11 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from normcore.spec import JobSpec, load_spec, spec_json_schema
+from normcore.spec import EXAMPLE_SPEC, JobSpec, load_spec, spec_json_schema
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The example spec of DESIGN.md ("A job spec, as a user writes it"), verbatim.
-DESIGN_EXAMPLE: dict[str, Any] = {
-    "name": "resnet20-gn-digits",
-    "model": {"arch": "resnet20", "norm": "gn:8", "num_classes": 10, "dropout": 0.0},
-    "data": {"dataset": "digits", "batch_size": 32, "val_fraction": 0.2},
-    "optim": {
-        "name": "sgd",
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "cosine",
-    },
-    "epochs": 10,
-    "seed": 0,
-    "resources": {"device": "auto", "gpus": 1, "amp": "bf16"},
-    "checkpoint": {"every_epochs": 1, "keep_last": 3, "precise_bn_batches": 0},
-}
+DESIGN_EXAMPLE: dict[str, Any] = EXAMPLE_SPEC
 
 
 def _errors(data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -183,3 +167,12 @@ def test_json_schema_rejects_what_the_model_rejects() -> None:
     missing_model = copy.deepcopy(DESIGN_EXAMPLE)
     del missing_model["model"]
     assert list(validator.iter_errors(missing_model))
+
+
+def test_example_spec_is_design_md_verbatim() -> None:
+    """EXAMPLE_SPEC is the JSON block of DESIGN.md ("A job spec, as a user writes it")."""
+    design = REPO.parent / "shared" / "DESIGN.md"
+    assert design.is_file(), f"{design} is missing: shared/ belongs beside the repository"
+    text = design.read_text(encoding="utf-8").split("A job spec, as a user writes it", 1)[1]
+    block = text.split("```json", 1)[1].split("```", 1)[0]
+    assert json.loads(block) == EXAMPLE_SPEC

@@ -23,26 +23,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from normcore.spec import JobSpec
+from normcore.spec import EXAMPLE_SPEC, JobSpec
 from tests.harness import Proc, make_env, start_api
 
-# The example spec of DESIGN.md, as a user writes it.
-DESIGN_SPEC = {
-    "name": "resnet20-gn-digits",
-    "model": {"arch": "resnet20", "norm": "gn:8", "num_classes": 10, "dropout": 0.0},
-    "data": {"dataset": "digits", "batch_size": 32, "val_fraction": 0.2},
-    "optim": {
-        "name": "sgd",
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "cosine",
-    },
-    "epochs": 10,
-    "seed": 0,
-    "resources": {"device": "auto", "gpus": 1, "amp": "bf16"},
-    "checkpoint": {"every_epochs": 1, "keep_last": 3, "precise_bn_batches": 0},
-}
+DESIGN_SPEC: dict[str, Any] = EXAMPLE_SPEC
 
 # One xdist worker per module, so the module-scoped server starts once.
 pytestmark = pytest.mark.xdist_group("service-openapi")
