@@ -26,7 +26,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -243,47 +243,25 @@ def _user(row: Any) -> UserRecord:
     )
 
 
-def _metric(row: Any) -> MetricRecord:
+_R = TypeVar("_R")
+
+
+def _record(cls: type[_R], row: Any) -> _R:
+    """A frozen record from a result row whose columns carry the record's field names."""
     m = row._mapping
-    return MetricRecord(
-        seq=m["seq"],
-        job_id=m["job_id"],
-        attempt=m["attempt"],
-        step=m["step"],
-        epoch=m["epoch"],
-        split=m["split"],
-        values=m["values"],
-        time=m["time"],
-    )
+    return cls(**{f.name: m[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def _metric(row: Any) -> MetricRecord:
+    return _record(MetricRecord, row)
 
 
 def _checkpoint(row: Any) -> CheckpointRecord:
-    m = row._mapping
-    return CheckpointRecord(
-        job_id=m["job_id"],
-        name=m["name"],
-        attempt=m["attempt"],
-        epoch=m["epoch"],
-        step=m["step"],
-        bytes=m["bytes"],
-        sha256=m["sha256"],
-        files=m["files"],
-        metrics=m["metrics"],
-        path=m["path"],
-        created_at=m["created_at"],
-    )
+    return _record(CheckpointRecord, row)
 
 
 def _log(row: Any) -> LogRecord:
-    m = row._mapping
-    return LogRecord(
-        id=m["id"],
-        job_id=m["job_id"],
-        attempt=m["attempt"],
-        time=m["time"],
-        level=m["level"],
-        message=m["message"],
-    )
+    return _record(LogRecord, row)
 
 
 # ---------------------------------------------------------------- helpers
