@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
+from safetensors.torch import load_file
 
 from tests.harness import Stack, wait_for
 
@@ -119,3 +122,52 @@ def test_job_lifecycle_over_http(stack: Stack) -> None:
         assert cancelled["status"] == "cancelled", cancelled
         assert elapsed < 2.0, f"cancel took {elapsed:.2f}s"
         assert cancelled["checkpoints"], "checkpoints written before the cancel are kept"
+
+
+LENET_DIGITS: dict[str, Any] = {
+    "name": "lenet-bn-digits",
+    "model": {"arch": "lenet", "norm": "bn", "num_classes": 10},
+    "data": {"dataset": "digits", "batch_size": 64, "val_fraction": 0.2},
+    "optim": {"name": "sgd", "lr": 0.05},
+    "resources": {"device": "cpu"},
+    "epochs": 2,
+}
+
+
+def test_lenet_digits_checkpoint_reproduces_its_accuracy(stack: Stack, tmp_path: Path) -> None:
+    """The downloaded checkpoint loads with normcore.load_model and gives the reported val
+    accuracy; /stats equals the running statistics stored in the file, layer by layer."""
+    import normcore
+    from normcore.data import build_data
+    from normcore.spec import JobSpec
+
+    with stack.client() as client:
+        job_id = submit(client, LENET_DIGITS)
+        wait_for(lambda: job(client, job_id)["status"] in FINISHED, timeout=120, what="lenet")
+        done = job(client, job_id)
+        assert done["status"] == "succeeded", done
+        last = client.get(f"/jobs/{job_id}/checkpoints").json()[-1]
+        download = client.get(f"/jobs/{job_id}/checkpoints/{last['name']}")
+        assert download.headers["etag"] == f'"{hashlib.sha256(download.content).hexdigest()}"'
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(download.content)
+        stats = client.get(f"/jobs/{job_id}/checkpoints/{last['name']}/stats").json()["layers"]
+    reported = done["last_metrics"]["val"]["values"]["val_accuracy"]
+    assert reported == last["metrics"]["val_accuracy"]
+
+    model = normcore.load_model(path)
+    spec = JobSpec.model_validate(LENET_DIGITS)
+    bundle = build_data(spec.data, seed=spec.seed)
+    with torch.no_grad():
+        predicted = model(bundle.val_x).argmax(1)
+    accuracy = (predicted == bundle.val_y).float().mean().item()
+    assert abs(accuracy - reported) < 1e-6, (accuracy, reported)
+
+    tensors = load_file(str(path))
+    bn_names = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".running_mean")}
+    assert len(bn_names) == 4, bn_names  # lenet: two BatchNorm2d and two BatchNorm1d
+    served = {row["name"]: row for row in stats}
+    assert bn_names <= set(served)
+    for name in bn_names:
+        assert served[name]["running_mean"] == tensors[f"{name}.running_mean"].tolist(), name
+        assert served[name]["running_var"] == tensors[f"{name}.running_var"].tolist(), name
