@@ -32,8 +32,14 @@ GENERATED = ("synthetic", "brightness", "sr-synthetic")
 SR_DATASETS = ("sr-synthetic",)
 
 
-def _to(t: Tensor, device: Any) -> Tensor:
-    return t if device is None else t.to(device, non_blocking=True)
+def to_device(t: Tensor, device: Any) -> Tensor:
+    """``t`` on ``device``; a CUDA copy is staged in pinned memory so it runs asynchronously."""
+    if device is None:
+        return t
+    if torch.device(device).type == "cuda" and not t.is_pinned():
+        # torch's caching host allocator keeps the staging buffer alive until the copy is done
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 @dataclass
@@ -123,8 +129,8 @@ class DataBundle:
         augment = self.augment and self.task == CLASSIFICATION
         for step in range(start_step, steps):
             idx = order[step * global_batch : (step + 1) * global_batch][mine]
-            x = _to(self.train_x[idx], device)
-            y = _to(self.train_y[idx], device)
+            x = to_device(self.train_x[idx], device)
+            y = to_device(self.train_y[idx], device)
             if augment:
                 gen = T.generator("augment", self.seed, epoch, step)
                 pad = self.crop_padding
@@ -138,7 +144,7 @@ class DataBundle:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for start in range(0, self.num_val, batch_size):
             end = start + batch_size
-            yield _to(self.val_x[start:end], device), _to(self.val_y[start:end], device)
+            yield to_device(self.val_x[start:end], device), to_device(self.val_y[start:end], device)
 
 
 def build_data(

@@ -35,6 +35,7 @@ from normcore.checkpoint import (
     save_checkpoint,
 )
 from normcore.data import build_data
+from normcore.data.loader import to_device
 from normcore.data.transforms import generator
 from normcore.engine.callbacks import (
     Callback,
@@ -411,10 +412,10 @@ def _evaluate(
     model.eval()
     meter = _Meter(task, prec.device)
     rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
-    for i, (x_all, y_all) in enumerate(bundle.val_batches(batch_size)):
+    for i, (x, y) in enumerate(bundle.val_batches(batch_size)):
         if i % world != rank:
             continue
-        x, y = x_all.to(prec.device, non_blocking=True), y_all.to(prec.device, non_blocking=True)
+        x, y = to_device(x, prec.device), to_device(y, prec.device)
         with prec.autocast():
             out = model(prec.inputs(x))
             loss = loss_fn(out.float(), y)
@@ -467,7 +468,7 @@ def _precise_bn_batches(
     global_batch = batch_size * world
     for start in range(0, bundle.num_train - global_batch + 1, global_batch):
         index = order[start : start + global_batch][rank * batch_size : (rank + 1) * batch_size]
-        yield prec.inputs(bundle.train_x[index].to(prec.device))
+        yield prec.inputs(to_device(bundle.train_x[index], prec.device))
 
 
 # ----------------------------------------------------------------------------- checkpoints
