@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-
-REPO = Path(__file__).resolve().parents[1]
+from embedded import REPO, Deployment, free_port
 
 JOB = {
     "name": "api-load",
@@ -34,33 +29,6 @@ JOB = {
     "epochs": 200,
     "checkpoint": {"every_epochs": 50, "keep_last": 1},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        args,
-        cwd=REPO,
-        env={**os.environ, **env},
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait)
-            return
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
 
 
 async def _poller(
@@ -114,40 +82,14 @@ def main() -> int:
     from service.store import Store
 
     with tempfile.TemporaryDirectory(prefix="normcore-load-") as tmp:
-        data = Path(tmp)
-        env = {
-            "NORMCORE_DATA_DIR": str(data),
-            "NORMCORE_DATABASE_URL": f"sqlite:///{data / 'normcore.db'}",
-            "NORMCORE_BROKER_URL": f"sqla+sqlite:///{data / 'broker.db'}",
-            "NORMCORE_ARTIFACT_DIR": str(data / "artifacts"),
-            "NORMCORE_DATA_ROOT": str(data / "datasets"),
-            "PYTHONUNBUFFERED": "1",
-        }
-        store = Store(env["NORMCORE_DATABASE_URL"])
+        dep = Deployment(Path(tmp))
+        store = Store(dep.env["NORMCORE_DATABASE_URL"])
         store.upgrade()
         token = store.create_token("bench", "bench-load", admin=False)
         store.dispose()
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        api = _start(
-            [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env,
-            data / "api.log",
-        )  # fmt: skip
-        worker = _start([sys.executable, "-m", "worker", "--queues", "cpu"], env, data / "w.log")
         try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or api.poll() is not None:
-                    print((data / "api.log").read_text()[-3000:])
-                    return 1
-                time.sleep(0.3)
+            url = dep.start_api(free_port())
+            dep.start_worker()
             headers = {"Authorization": f"Bearer {token}"}
             job = httpx.post(f"{url}/jobs", json=JOB, headers=headers, timeout=30).json()
             deadline = time.monotonic() + 120
@@ -155,7 +97,7 @@ def main() -> int:
                 "running"
             ):
                 if time.monotonic() > deadline:
-                    print("job never started:", (data / "w.log").read_text()[-3000:])
+                    print("job never started:", (dep.data / "worker0.log").read_text()[-3000:])
                     return 1
                 time.sleep(0.5)
             runs = []
@@ -169,8 +111,7 @@ def main() -> int:
             status = httpx.get(f"{url}/jobs/{job['id']}", headers=headers).json()["status"]
             httpx.post(f"{url}/jobs/{job['id']}/cancel", headers=headers)
         finally:
-            _stop(worker)
-            _stop(api)
+            dep.stop()
     print(
         f"\nembedded server, {args.clients} clients polling /metrics?after of a running job "
         f"(status during the run: {status}), {args.seconds:.0f} s x {args.repeats}, medians:"
