@@ -41,6 +41,7 @@ __all__ = [
     "restore_layout",
     "rms_norm",
     "rms_norm_2d",
+    "scale_shift",
 ]
 
 _CL = torch.channels_last
@@ -89,6 +90,18 @@ def pick(op: str, x: Tensor, layout: str) -> str:
     return CHOICES.get((op, "cpu" if x.is_cpu else x.device.type, layout), "torch")
 
 
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale + shift`` for per-channel (or per-sample-channel) ``scale`` and ``shift``.
+
+    One ``addcmul`` except on contiguous NCHW CPU tensors: there, with two operands broadcast
+    along H and W, addcmul misses the vectorized loop and takes 4x a multiply (torch 2.13,
+    8x256x14x14: 96 us against 23), so a multiply and an in-place add run instead (41 us).
+    """
+    if x.is_cpu and x.is_contiguous() and not torch.compiler.is_compiling():
+        return torch.mul(x, scale).add_(shift)
+    return torch.addcmul(shift, x, scale)
+
+
 def _wsum(weight: Tensor, t: Tensor) -> Tensor:
     """``sum_c weight[c] * t[n, c, h, w]`` as (N, 1, H, W): one batched GEMV, no temporaries."""
     n, c, h, w = t.shape
@@ -113,7 +126,7 @@ class _LayerNormNCHW(torch.autograd.Function):
         xhat = xc.mul_(rstd)
         w, b = _vec(weight, x.dtype), _vec(bias, x.dtype)
         if w is not None:
-            y = xhat * w if b is None else torch.addcmul(b, xhat, w)
+            y = xhat * w if b is None else scale_shift(xhat, w, b)
         else:
             y = xhat.clone() if b is None else xhat + b  # never hand out the saved tensor
         ctx.save_for_backward(xhat, rstd, weight)
@@ -199,7 +212,7 @@ class _InstanceNormSpatial(torch.autograd.Function):
         xhat = xc.mul_(rstd)
         w, b = _vec(weight, x.dtype), _vec(bias, x.dtype)
         if w is not None:
-            y = xhat * w if b is None else torch.addcmul(b, xhat, w)
+            y = xhat * w if b is None else scale_shift(xhat, w, b)
         else:
             y = xhat.clone() if b is None else xhat + b
         ctx.save_for_backward(xhat, rstd, weight)

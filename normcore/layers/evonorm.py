@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
+from .channelwise import scale_shift
+
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]
 
 _SHAPE = (1, -1, 1, 1)
@@ -95,10 +97,10 @@ class EvoNorm2dB0(nn.Module):
             var_b = self.running_var.to(x.dtype)
         left = (var_b + self.eps).sqrt().view(_SHAPE)
         inst_std = (x.var(dim=(2, 3), correction=0, keepdim=True) + self.eps).sqrt()
-        right = torch.addcmul(inst_std, x, self.v.to(x.dtype).view(_SHAPE))
+        right = scale_shift(x, self.v.to(x.dtype).view(_SHAPE), inst_std)
         y = x / torch.maximum(left, right)
-        out = torch.addcmul(
-            self.bias.to(x.dtype).view(_SHAPE), y, self.weight.to(x.dtype).view(_SHAPE)
+        out = scale_shift(
+            y, self.weight.to(x.dtype).view(_SHAPE), self.bias.to(x.dtype).view(_SHAPE)
         )
         return out.to(input.dtype)
 
@@ -160,7 +162,7 @@ class EvoNorm2dS0(nn.Module):
         scale = inv_std.repeat_interleave(c // g, dim=1).view(n, c, 1, 1)
         scale = scale * self.weight.to(x.dtype).view(_SHAPE)
         gated = x * torch.sigmoid(x * self.v.to(x.dtype).view(_SHAPE))
-        out = torch.addcmul(self.bias.to(x.dtype).view(_SHAPE), gated, scale)
+        out = scale_shift(gated, scale, self.bias.to(x.dtype).view(_SHAPE))
         return out.to(input.dtype)
 
     def extra_repr(self) -> str:

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
+from .channelwise import scale_shift
+
 __all__ = ["FilterResponseNorm2d"]
 
 
@@ -57,7 +59,7 @@ class FilterResponseNorm2d(nn.Module):
         nu2 = acc.square().mean((2, 3), keepdim=True)
         # weight * rsqrt(nu2 + eps) is a per-(n, c) scale: one pass over the map for x * scale + b
         scale = (nu2 + self.eps).rsqrt() * self.weight.to(acc.dtype).view(shape)
-        y = torch.addcmul(self.bias.to(acc.dtype).view(shape), acc, scale)
+        y = scale_shift(acc, scale, self.bias.to(acc.dtype).view(shape))
         return torch.maximum(y, self.tau.to(acc.dtype).view(shape)).to(input.dtype)
 
     def extra_repr(self) -> str:

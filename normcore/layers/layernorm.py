@@ -124,6 +124,18 @@ class LayerNorm2d(nn.Module):
                 f"LayerNorm2d({self.num_channels}): expected (N, {self.num_channels}, H, W) "
                 f"input, got input of size {tuple(input.shape)}"
             )
+        if (
+            input.is_contiguous(memory_format=torch.channels_last)
+            and not input.is_contiguous()
+            and input.shape[1] == self.num_channels
+        ):
+            # channels_last runs torch's kernel on the NHWC view on every device and dtype (the
+            # table in channelwise, checked by a test); going straight there keeps the per-call
+            # cost at or below timm's permute module, which small maps notice
+            out = torch.layer_norm(
+                input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+            )
+            return out.permute(0, 3, 1, 2)
         return layer_norm_2d(input, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:

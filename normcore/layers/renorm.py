@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .batchnorm import SmallBatch, _BatchNorm, _blend_
+from .channelwise import scale_shift
 
 __all__ = ["BatchRenorm2d"]
 
@@ -145,8 +146,8 @@ class BatchRenorm2d(_BatchNorm):
         if self.bias is not None:
             shift = shift + self.bias
         shape = (1, -1, 1, 1)
-        return torch.addcmul(
-            shift.to(x_hat.dtype).view(shape), x_hat, scale.to(x_hat.dtype).view(shape)
+        return scale_shift(
+            x_hat, scale.to(x_hat.dtype).view(shape), shift.to(x_hat.dtype).view(shape)
         )
 
     def extra_repr(self) -> str:

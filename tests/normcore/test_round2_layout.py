@@ -229,3 +229,22 @@ def test_small_batch_policy_errors_and_spec() -> None:
     assert make_norm("ghost_bn:4(small_batch='running_stats')", 4).small_batch == "running_stats"
     # an empty batch is still torch's business (no error, no policy)
     assert L.BatchNorm2d(4, small_batch="running_stats")(torch.randn(0, 4, 2, 2)).shape[0] == 0
+
+
+def test_layernorm2d_channels_last_shortcut_matches_the_table() -> None:
+    """LayerNorm2d sends channels_last input straight to torch's kernel on the NHWC view; that
+    is only right while the table picks "torch" for that layout on every device it lists."""
+    cl_choices = {
+        device: impl
+        for (op, device, layout), impl in channelwise.CHOICES.items()
+        if op == "layer_norm_2d" and layout == "channels_last"
+    }
+    assert cl_choices and set(cl_choices.values()) == {"torch"}
+    layer = _randomize(L.LayerNorm2d(6), 3)
+    x = torch.randn(2, 6, 4, 5).contiguous(memory_format=CL).requires_grad_()
+    out = layer(x)
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    ref = channelwise.layer_norm_2d(x, layer.weight, layer.bias, layer.eps, impl="torch")
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match=r"expected \(N, 6, H, W\)"):
+        layer(torch.randn(2, 5, 4, 5).contiguous(memory_format=CL))
