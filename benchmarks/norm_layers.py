@@ -15,6 +15,13 @@ BatchNorm2d at the same shape, StdConv2d relative to a 3x3 Conv2d. All layers tr
 ``min/min`` is the ratio of the fastest samples: on a loaded machine, where a sample can
 stall for far longer than it runs, it is the steadier estimate of the layers' own cost.
 
+The ``A/A`` row times the permute-way LayerNorm2d against a second copy of itself, sampled like
+every other pair: its distance from 1 is what this run's noise does to a ratio of two equal
+layers. LayerNorm2d on channels_last calls the same torch kernel as the permute way, so its row
+can only be read against that one; a ratio over its goal by no more than the A/A distance is
+marked ``~``, beyond it ``!``. On a 2-core machine pass ``--min-seconds 0.03`` or more: with
+10 ms samples the 64x64x32x32 steps vary 3x with the page faults of their 16 MB tensors.
+
 ``--impls`` times instead every implementation ``normcore.layers.channelwise`` has for each
 op and layout, and says which is fastest and what ``channelwise.CHOICES`` picks.
 """
