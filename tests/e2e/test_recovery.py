@@ -72,10 +72,11 @@ def _logs(stack: Stack, job_id: str) -> str:
     return "\n".join(item["message"] for item in items)
 
 
-def _child_pid(stack: Stack, job_id: str) -> int:
-    """The pid (and process group) of attempt 1's training child, from its start line."""
-    m = re.search(r"attempt 1 started on worker \S+ \(pid (\d+)\)", _logs(stack, job_id))
-    assert m, "the child's start line is missing"
+def _child_pid(stack: Stack, job_id: str, attempt: int = 1) -> int:
+    """The pid (and process group) of an attempt's training child, from its start line."""
+    pattern = rf"attempt {attempt} started on worker \S+ \(pid (\d+)\)"
+    m = re.search(pattern, _logs(stack, job_id))
+    assert m, f"attempt {attempt}'s start line is missing"
     return int(m.group(1))
 
 
@@ -173,3 +174,56 @@ def test_kill_9_three_times_resumes_exactly(env: ServiceEnv, reference: dict[str
             differ = [k for k in weights if not bool((weights[k] == reference[k]).all())]
             assert not differ, f"round {round_no}: tensors differ from the reference: {differ}"
     store.dispose()
+
+
+def test_worker_lost_on_every_attempt_fails_the_job(tmp_path: Path) -> None:
+    """With max_attempts=2, a job whose worker dies (kill -9 of the worker and its child) in both
+    attempts ends failed, saying why and listing both attempts, with its checkpoints kept; no
+    third attempt starts although a live worker is waiting for work."""
+    env = make_env(tmp_path / "nc", NORMCORE_TRAIN_THREADS="1", NORMCORE_MAX_ATTEMPTS="2")
+    with running_stack(env, workers=1) as stack, stack.client() as c:
+        r = c.post("/jobs", json=SPEC)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        last_epoch = 0
+        for attempt in (1, 2):
+
+            def running(attempt: int = attempt) -> bool:
+                job = _job(stack, job_id)
+                assert job["status"] in ("queued", "running"), job
+                return job["status"] == "running" and job["attempt"] == attempt
+
+            wait_for(running, timeout=60, interval=0.1, what=f"attempt {attempt} running")
+
+            def newer_checkpoint(seen: int = last_epoch) -> int:
+                epochs = [ck["epoch"] for ck in c.get(f"/jobs/{job_id}/checkpoints").json()]
+                return max((e for e in epochs if e > seen), default=0)
+
+            # attempt 2 is training too: it writes a checkpoint past the one it resumed from
+            last_epoch = wait_for(newer_checkpoint, timeout=60, interval=0.05, what="a checkpoint")
+            child = _child_pid(stack, job_id, attempt)
+            victim = stack.workers[-1]
+            victim.kill_group(signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child, signal.SIGKILL)
+            victim.popen.wait(10)
+            # what attempt 1 wrote up to the kill is no proof that attempt 2 trained
+            last_epoch = max(ck["epoch"] for ck in c.get(f"/jobs/{job_id}/checkpoints").json())
+            stack.add_worker(name=f"worker-after-{attempt}")
+
+        job = wait_for(
+            lambda: (j := _job(stack, job_id))["status"] not in ("queued", "running") and j,
+            timeout=60,
+            interval=0.1,
+            what="the job to end",
+        )
+        assert job["status"] == "failed", job
+        assert job["attempt"] == 2
+        assert "worker lost on all 2 attempts (max_attempts=2)" in job["error"], job["error"]
+        assert [h["outcome"] for h in job["attempts"]] == ["lost", "lost"]
+        assert job["checkpoints"], "the checkpoints written before the losses are gone"
+        # The live worker never gets a third attempt.
+        time.sleep(3)
+        job = _job(stack, job_id)
+        assert job["status"] == "failed" and job["attempt"] == 2
+        assert "attempt 3" not in _logs(stack, job_id)
