@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from .channelwise import scale_shift
+from .fastops import maximum, scale_shift, variance
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]
 
@@ -88,7 +88,7 @@ class EvoNorm2dB0(nn.Module):
                     f"when training, got input of size {tuple(input.shape)}; use a batch of 2 "
                     "or more, .eval(), or the batch-independent EvoNorm2dS0"
                 )
-            var_b = x.var(dim=(0, 2, 3), correction=0)
+            var_b = variance(x, (0, 2, 3))
             with torch.no_grad():
                 unbiased = var_b.detach() * (m / (m - 1))
                 rv = self.running_var
@@ -96,9 +96,9 @@ class EvoNorm2dB0(nn.Module):
         else:
             var_b = self.running_var.to(x.dtype)
         left = (var_b + self.eps).sqrt().view(_SHAPE)
-        inst_std = (x.var(dim=(2, 3), correction=0, keepdim=True) + self.eps).sqrt()
+        inst_std = (variance(x, (2, 3), keepdim=True) + self.eps).sqrt()
         right = scale_shift(x, self.v.to(x.dtype).view(_SHAPE), inst_std)
-        y = x / torch.maximum(left, right)
+        y = x / maximum(left, right)
         out = scale_shift(
             y, self.weight.to(x.dtype).view(_SHAPE), self.bias.to(x.dtype).view(_SHAPE)
         )
@@ -157,7 +157,7 @@ class EvoNorm2dS0(nn.Module):
         n, c, h, w = x.shape
         g = self.num_groups
         # splitting C into (G, C/G) is a view in both NCHW and channels_last layouts
-        var = x.view(n, g, c // g, h, w).var(dim=(2, 3, 4), correction=0)
+        var = variance(x.view(n, g, c // g, h, w), (2, 3, 4))
         inv_std = (var + self.eps).rsqrt()
         scale = inv_std.repeat_interleave(c // g, dim=1).view(n, c, 1, 1)
         scale = scale * self.weight.to(x.dtype).view(_SHAPE)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from .channelwise import scale_shift
+from .fastops import maximum, scale_shift
 
 __all__ = ["FilterResponseNorm2d"]
 
@@ -60,7 +60,7 @@ class FilterResponseNorm2d(nn.Module):
         # weight * rsqrt(nu2 + eps) is a per-(n, c) scale: one pass over the map for x * scale + b
         scale = (nu2 + self.eps).rsqrt() * self.weight.to(acc.dtype).view(shape)
         y = scale_shift(acc, scale, self.bias.to(acc.dtype).view(shape))
-        return torch.maximum(y, self.tau.to(acc.dtype).view(shape)).to(input.dtype)
+        return maximum(y, self.tau.to(acc.dtype).view(shape)).to(input.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .batchnorm import SmallBatch, _BatchNorm, _blend_
-from .channelwise import scale_shift
+from .fastops import scale_shift
 
 __all__ = ["BatchRenorm2d"]
 
