@@ -213,7 +213,8 @@ class ResourcesSpec(_Strict):
     """Where the job runs: device, number of GPUs (or CPU processes), mixed precision."""
 
     device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto", description="auto: CUDA when the worker has it, else CPU."
+        default="auto",
+        description="auto: CUDA when the worker has resources.gpus CUDA devices, else CPU.",
     )
     gpus: int = Field(
         default=1, ge=1, le=16, description="Data-parallel processes (GPUs; gloo on CPU)."

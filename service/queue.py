@@ -5,7 +5,8 @@ The broker only carries job ids; the store is the source of truth. The API publi
 harmless: the worker's ``Store.claim_job`` refuses it.
 
 Routing: ``queue_for`` sends a spec whose ``resources.device`` is ``"cuda"`` to the ``gpu``
-queue and everything else (``"cpu"`` and ``"auto"``) to ``cpu``. ``"auto"`` jobs still use CUDA
+queue (``gpuK`` when it asks for ``resources.gpus = K > 1``: only workers with at least K GPUs
+consume it) and everything else (``"cpu"`` and ``"auto"``) to ``cpu``. ``"auto"`` jobs still use CUDA
 when the worker that takes them has it (GPU workers consume both queues by default); a lab
 that wants auto jobs on GPUs only can run its GPU workers with ``--queues gpu`` and submit with
 ``device: "cuda"``.
@@ -25,7 +26,9 @@ from normcore.spec import JobSpec
 from service.settings import Settings
 
 TASK_NAME = "normcore.run_job"
-QUEUES = ("cpu", "gpu")
+MAX_GPUS = 16  # JobSpec's bound on resources.gpus
+GPU_QUEUES = ("gpu", *(f"gpu{k}" for k in range(2, MAX_GPUS + 1)))
+QUEUES = ("cpu", *GPU_QUEUES)
 _PING_TIMEOUT = 2.0
 
 _apps: dict[str, Celery] = {}
@@ -146,10 +149,25 @@ def _publisher(settings: Settings) -> Celery:
 
 
 def queue_for(spec: JobSpec | dict[str, Any]) -> str:
-    """The queue a job goes to: ``gpu`` when the spec asks for ``device: "cuda"``, else ``cpu``."""
+    """The queue a job goes to: for ``device: "cuda"``, ``gpu`` (one GPU) or ``gpuK`` (K > 1
+    GPUs); else ``cpu``."""
     if isinstance(spec, dict):
         spec = JobSpec.model_validate(spec)
-    return "gpu" if spec.resources.device == "cuda" else "cpu"
+    if spec.resources.device != "cuda":
+        return "cpu"
+    return gpu_queue(spec.resources.gpus)
+
+
+def gpu_queue(gpus: int) -> str:
+    """The queue of jobs that need ``gpus`` CUDA devices on one worker."""
+    if not 1 <= gpus <= MAX_GPUS:
+        raise ValueError(f"gpus must be between 1 and {MAX_GPUS}, got {gpus}")
+    return "gpu" if gpus == 1 else f"gpu{gpus}"
+
+
+def gpu_queues(count: int) -> list[str]:
+    """The gpu queues a worker with ``count`` GPUs serves: ``gpu`` and ``gpu2`` .. ``gpuN``."""
+    return [gpu_queue(k) for k in range(1, min(count, MAX_GPUS) + 1)]
 
 
 def enqueue(job_id: str, queue: str, settings: Settings) -> str:

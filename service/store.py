@@ -189,6 +189,15 @@ class WorkerRecord:
         return (now or utcnow()) - self.heartbeat_at <= timedelta(seconds=within_seconds)
 
 
+def queue_gpus(queue: str) -> int:
+    """GPUs a job of ``queue`` needs on one worker: 0 for ``cpu``, 1 for ``gpu``, K for ``gpuK``."""
+    if queue == "gpu":
+        return 1
+    if queue.startswith("gpu") and queue[3:].isdigit():
+        return int(queue[3:])
+    return 0
+
+
 def waiting_reason(queue: str) -> str:
     """The status_reason of a job queued while no worker of its queue is live."""
     return f"waiting for a {queue} worker: none is live"
@@ -860,7 +869,7 @@ class Store:
             "heartbeat_at": now,
             "version": version[:64] if version else None,
         }
-        serves = [q for q in queue_list if q != "gpu" or gpus > 0]
+        serves = [q for q in queue_list if gpus >= queue_gpus(q)]
 
         def tx(conn: Connection) -> WorkerRecord:
             res = conn.execute(sa.update(workers).where(workers.c.name == name).values(**values))

@@ -23,10 +23,24 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from service.queue import gpu_queues
 from service.settings import Settings, get_settings
+from service.store import queue_gpus
 
 if TYPE_CHECKING:
     from worker.registry import GpuInfo
+
+
+def expand_gpu_queues(queues: list[str], gpu_count: int) -> list[str]:
+    """``queues`` with ``gpu`` standing for every gpu queue ``gpu_count`` GPUs serve (``gpu``,
+    ``gpu2`` .. ``gpuN``: a job asking for K GPUs only reaches workers with K or more), and
+    without the gpu queues this machine cannot serve."""
+    out: list[str] = []
+    for q in queues:
+        for name in gpu_queues(gpu_count) if q == "gpu" else [q]:
+            if gpu_count >= queue_gpus(name) and name not in out:
+                out.append(name)
+    return out
 
 
 def choose_queues(requested: str | None, settings: Settings) -> tuple[list[str], GpuInfo | None]:
@@ -40,13 +54,13 @@ def choose_queues(requested: str | None, settings: Settings) -> tuple[list[str],
         queues = [q.strip() for q in requested.split(",") if q.strip()]
     else:
         queues = settings.queues
-    if "gpu" not in queues:
+    if not any(queue_gpus(q) for q in queues):
         return queues, None
     from worker.registry import probe_gpus
 
     gpus = probe_gpus()
+    queues = expand_gpu_queues(queues, gpus.count)
     if gpus.count == 0:
-        queues = [q for q in queues if q != "gpu"]
         explicit = requested or "worker_queues" in settings.model_fields_set
         if explicit:
             print(

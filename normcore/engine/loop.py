@@ -98,7 +98,9 @@ def train(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cbs = CallbackList([*CallbackList.of(callbacks).callbacks, _FileLog(workdir / "train.log")])
-    dev = resolve_device(device if device is not None else spec.resources.device)
+    dev = resolve_device(
+        device if device is not None else spec.resources.device, spec.resources.gpus
+    )
     with determinism(dev) as deterministic:
         try:
             if spec.resources.gpus > 1:

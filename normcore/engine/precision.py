@@ -15,12 +15,14 @@ from normcore.spec import ResourcesSpec
 __all__ = ["Precision", "determinism", "resolve_device", "setup_precision"]
 
 
-def resolve_device(requested: str | torch.device) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; asking for CUDA without it is an error."""
+def resolve_device(requested: str | torch.device, processes: int = 1) -> torch.device:
+    """``auto`` is CUDA when the machine has ``processes`` CUDA devices (one per data-parallel
+    process), else CPU; asking for CUDA without it is an error."""
     if isinstance(requested, torch.device):
         device = requested
     elif requested == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        enough = torch.cuda.is_available() and torch.cuda.device_count() >= processes
+        device = torch.device("cuda" if enough else "cpu")
     else:
         device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -140,11 +140,11 @@ def check_gpu_capacity(spec: JobSpec, store: Any, settings: Any) -> str | None:
     None. CPU jobs are not checked: there ``resources.gpus`` counts gloo processes.
     """
     queue_name = queue.queue_for(spec)
-    if queue_name != "gpu":
+    if queue_name == "cpu":
         return None
     largest = store.max_live_gpus("gpu", live_within_seconds=settings.worker_live_seconds)
     if not largest:
-        return waiting_reason("gpu")
+        return waiting_reason(queue_name)
     wanted = spec.resources.gpus
     if wanted > largest:
         raise _invalid(

@@ -343,6 +343,28 @@ def test_adding_a_gpu_is_copying_the_documented_block() -> None:
     assert len(snippet.strip().splitlines()) <= 8
 
 
+def test_a_multi_gpu_worker_is_the_documented_block_in_place_of_two() -> None:
+    """The guide's worker-gpus01 block, in place of worker-gpu0, gives one worker that owns GPUs
+    0 and 1, sees both, and listens on the gpu queues (it adds gpu2 itself)."""
+    snippet = next(b for b in guide_blocks("yaml") if "worker-gpus01:" in b)
+    text = COMPOSE_FILE.read_text()
+    start = text.index("\n  worker-gpu0:\n")
+    end = text.index("\n  # CPU jobs")
+    compose = load_compose(text[:start] + "\n" + snippet.rstrip() + "\n" + text[end:])
+    assert "worker-gpu0" not in compose["services"]
+    worker = compose["services"]["worker-gpus01"]
+    assert gpu_devices(worker)[0]["device_ids"] == ["0", "1"]
+    assert env_of(worker)["CUDA_VISIBLE_DEVICES"] == "0,1"
+    # the rest of the shared worker environment is kept
+    shared = env_of(load_compose(text)["services"]["worker-gpu0"])
+    assert {k: v for k, v in env_of(worker).items() if k != "CUDA_VISIBLE_DEVICES"} == {
+        k: v for k, v in shared.items() if k != "CUDA_VISIBLE_DEVICES"
+    }
+    command = command_of(worker)
+    assert command[command.index("--queues") + 1] == "gpu,cpu"
+    assert worker["volumes"] == load_compose(text)["services"]["worker-gpu0"]["volumes"]
+
+
 def test_workers_stop_warm_with_time_for_a_checkpoint(compose: dict[str, Any]) -> None:
     from service.settings import Settings
 
@@ -556,7 +578,7 @@ def test_guide_documents_the_commands(compose: dict[str, Any]) -> None:
 def test_guide_names_only_real_services(compose: dict[str, Any]) -> None:
     documented = set(compose["services"])
     for block in guide_blocks("yaml"):
-        documented |= set(re.findall(r"^  (worker-gpu\d+):", block, flags=re.M))
+        documented |= set(re.findall(r"^  (worker-gpus?\d+):", block, flags=re.M))
     subcommands = {"up", "exec", "logs", "cp", "stop", "restart", "ps", "build", "down", "run"}
     for line in guide_commands():
         words = line.split()

@@ -395,3 +395,20 @@ def test_schedules_are_pure_functions_of_the_step() -> None:
     assert lr_at(60, step, spe, total) == pytest.approx(0.01)
     const = OptimSpec(lr=0.3, schedule="constant")
     assert {lr_at(s, const, spe, total) for s in range(total)} == {0.3}
+
+
+def test_auto_device_needs_a_cuda_device_per_process(monkeypatch) -> None:
+    """``auto`` picks CUDA only when there is one device for each data-parallel process; else
+    the ranks run on CPU (gloo) instead of failing on a missing cuda:1."""
+    from normcore.engine.precision import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto").type == "cuda"
+    assert resolve_device("auto", processes=2).type == "cuda"
+    assert resolve_device("auto", processes=4).type == "cpu"
+    assert resolve_device("cpu", processes=4).type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="no usable CUDA device"):
+        resolve_device("cuda")

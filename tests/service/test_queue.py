@@ -65,7 +65,7 @@ def test_celery_config_for_redis() -> None:
     assert c["visibility_timeout"] == 7200
     assert c["broker_connection_retry_on_startup"] is True
     assert c["task_default_queue"] == "cpu"
-    assert [q.name for q in c["task_queues"]] == ["cpu", "gpu"]
+    assert [q.name for q in c["task_queues"]] == list(queue.QUEUES)
     assert c["worker_prefetch_multiplier"] == 1
     assert c["task_acks_late"] is False and c["task_reject_on_worker_lost"] is False
     assert c["worker_cancel_long_running_tasks_on_connection_loss"] is True
@@ -83,7 +83,8 @@ def test_celery_config_for_sqlite_broker_passes_only_engine_options(tmp_path: Pa
     app = queue.make_celery(s)
     assert app.conf.task_acks_late is False
     assert app.conf.worker_prefetch_multiplier == 1
-    assert set(app.amqp.queues) == {"cpu", "gpu"}
+    assert set(app.amqp.queues) == set(queue.QUEUES)
+    assert {"cpu", "gpu", "gpu2", "gpu16"} <= set(queue.QUEUES)
     # make_celery leaves the embedded broker's file in WAL mode (one fsync per publish).
     with sqlite3.connect(tmp_path / "broker.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -98,6 +99,25 @@ def test_queue_for() -> None:
     assert queue.queue_for(JobSpec.model_validate({**SPEC, "resources": {"device": "cuda"}})) == (
         "gpu"
     )
+    # a job for K > 1 GPUs goes where only workers with K or more GPUs listen
+    assert queue.queue_for({**SPEC, "resources": {"device": "cuda", "gpus": 2}}) == "gpu2"
+    assert queue.queue_for({**SPEC, "resources": {"device": "cuda", "gpus": 16}}) == "gpu16"
+    assert queue.gpu_queues(3) == ["gpu", "gpu2", "gpu3"]
+    assert queue.gpu_queues(0) == []
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="between 1 and 16"):
+            queue.gpu_queue(bad)
+
+
+def test_workers_expand_gpu_to_the_queues_their_gpu_count_serves() -> None:
+    from worker.__main__ import expand_gpu_queues
+
+    assert expand_gpu_queues(["gpu", "cpu"], 4) == ["gpu", "gpu2", "gpu3", "gpu4", "cpu"]
+    assert expand_gpu_queues(["gpu", "cpu"], 1) == ["gpu", "cpu"]
+    # no CUDA: no gpu queue at all; a queue for more GPUs than the machine has is dropped
+    assert expand_gpu_queues(["gpu", "cpu"], 0) == ["cpu"]
+    assert expand_gpu_queues(["gpu4", "gpu2", "cpu"], 2) == ["gpu2", "cpu"]
+    assert expand_gpu_queues(["gpu", "gpu2"], 2) == ["gpu", "gpu2"]
 
 
 def test_enqueue_and_consume(settings: Settings) -> None:
@@ -107,7 +127,9 @@ def test_enqueue_and_consume(settings: Settings) -> None:
     task_ids = [queue.enqueue(ids[0], "cpu", settings), queue.enqueue(ids[1], "gpu", settings)]
     task_ids.append(queue.enqueue(ids[2], "cpu", settings))
     assert len(set(task_ids)) == 3
-    assert queue.queue_depths(settings) == {"cpu": 2, "gpu": 1}
+    depths = queue.queue_depths(settings)
+    assert depths is not None and set(depths) == set(queue.QUEUES)
+    assert {q: n for q, n in depths.items() if n} == {"cpu": 2, "gpu": 1}
     assert queue.queue_depth(settings) == 3
 
     cpu = _consume(settings, "cpu", 2)

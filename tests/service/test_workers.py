@@ -213,11 +213,21 @@ def test_cuda_job_waits_with_a_reason_while_no_gpu_worker_lives(clean: Api) -> N
         clean.store.register_worker("gpu@dead", host="d", pid=2, gpus=8, queues=["gpu"])
         age(clean.store, "gpu@dead", 300)
         r = client.post("/jobs", json=cuda_spec(gpus=4))
-        assert r.status_code == 201 and r.json()["status_reason"] == waiting_reason("gpu")
+        assert r.status_code == 201, r.text
+        four = r.json()
+        assert four["queue"] == "gpu4" and four["status_reason"] == waiting_reason("gpu4")
+        assert four["status_reason"] == "waiting for a gpu4 worker: none is live"
 
-        # once one registers, the reason goes away
-        clean.store.register_worker("gpu@b", host="b", pid=3, gpus=2, queues=["gpu"])
+        # once one registers, the reason goes away for the jobs it can run, and only for them
+        clean.store.register_worker("gpu@b", host="b", pid=3, gpus=2, queues=["gpu", "gpu2"])
         assert client.get(f"/jobs/{job_id}").json()["status_reason"] is None
+        assert client.get(f"/jobs/{four['id']}").json()["status_reason"] == waiting_reason("gpu4")
+        # a worker that lists gpu4 without the GPUs for it does not count
+        clean.store.register_worker("gpu@c", host="c", pid=4, gpus=1, queues=["gpu", "gpu4"])
+        assert client.get(f"/jobs/{four['id']}").json()["status_reason"] == waiting_reason("gpu4")
+        queues = ["gpu", "gpu2", "gpu3", "gpu4"]
+        clean.store.register_worker("gpu@e", host="e", pid=5, gpus=4, queues=queues)
+        assert client.get(f"/jobs/{four['id']}").json()["status_reason"] is None
 
 
 def test_cuda_job_asking_for_more_gpus_than_any_live_worker_is_refused(clean: Api) -> None:
