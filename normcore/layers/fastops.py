@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 __all__ = ["maximum", "scale_shift", "variance"]
 
@@ -62,8 +62,9 @@ class _Maximum(torch.autograd.Function):
         return torch.maximum(a, b)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        # differentiable ops only (sign's derivative is 0, as maximum's second derivative):
+        # gradient penalties (create_graph=True) get torch.maximum's double backward
         a, b = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         # torch's convention: the larger input takes the gradient, a tie gives half to each.

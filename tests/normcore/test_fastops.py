@@ -41,6 +41,22 @@ def test_maximum_matches_torch_with_ties_and_broadcasting(a_shape, b_shape) -> N
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
+def test_maximum_double_backward_matches_torch() -> None:
+    """A gradient penalty differentiates the gradient again: same as torch.maximum's."""
+    gen = torch.Generator().manual_seed(5)
+    a0 = torch.randn(3, 4, 5, 5, generator=gen, dtype=F64)
+    b0 = torch.randn(1, 4, 1, 1, generator=gen, dtype=F64)
+    results = []
+    for fn in (maximum, torch.maximum):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        out = fn(a * a, b)
+        (ga,) = torch.autograd.grad(out.square().sum(), a, create_graph=True)
+        ga.square().sum().backward()
+        results.append((a.grad, b.grad))
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_maximum_without_grad_is_torch_maximum() -> None:
     a, b = torch.randn(3, 4), torch.zeros(1, 4)
     with torch.no_grad():
