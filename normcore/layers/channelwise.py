@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from .fastops import scale_shift
 
@@ -102,6 +102,23 @@ def _vec(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype).view(1, -1, 1, 1)
 
 
+def _grads_of(
+    fn: Callable[..., Tensor], inputs: Sequence[Tensor | None], dy: Tensor, needs: Sequence[bool]
+) -> tuple[Tensor | None, ...]:
+    """Gradients of ``fn(*inputs)`` for ``dy`` through torch's plain ops, themselves
+    differentiable: the hand-written backwards hand over to this under ``create_graph=True``
+    (gradient penalties), where the saved input still carries its graph."""
+    wanted = [i for i, t in enumerate(inputs) if needs[i] and t is not None]
+    out: list[Tensor | None] = [None] * len(inputs)
+    if wanted:
+        grads = torch.autograd.grad(
+            fn(*inputs), [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True
+        )
+        for i, g in zip(wanted, grads, strict=True):
+            out[i] = g
+    return tuple(out)
+
+
 class _LayerNormNCHW(torch.autograd.Function):
     """LayerNorm over dim 1 of a contiguous NCHW map, without leaving the NCHW layout."""
 
@@ -117,19 +134,26 @@ class _LayerNormNCHW(torch.autograd.Function):
         if w is not None:
             y = xhat * w if b is None else scale_shift(xhat, w, b)
         else:
-            y = xhat.clone() if b is None else xhat + b  # never hand out the saved tensor
-        ctx.save_for_backward(xhat, rstd, weight)
-        ctx.has_bias = bias is not None  # type: ignore[attr-defined]
+            y = xhat if b is None else xhat + b
+        # the input, not xhat, as torch does: it keeps the graph for a double backward
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.eps = eps  # type: ignore[attr-defined]
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xhat, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, mean, rstd, weight, bias = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():
+            eps = ctx.eps  # type: ignore[attr-defined]
+            grads = _grads_of(
+                lambda x, w, b: _ln2d_torch(x, w, b, eps), (x, weight, bias), dy, needs
+            )
+            return (*grads, None)
+        xhat = torch.addcmul(mean.mul(rstd).neg_(), x, rstd)  # (N, 1, H, W) operands: one pass
         c = xhat.shape[1]
         dy = dy.contiguous()
-        dbias = dy.sum((0, 2, 3)) if ctx.has_bias and needs[2] else None  # type: ignore[attr-defined]
+        dbias = dy.sum((0, 2, 3)) if bias is not None and needs[2] else None
         p = dy * xhat
         dweight = p.sum((0, 2, 3)) if weight is not None and needs[1] else None
         dx = None
@@ -160,15 +184,19 @@ class _RMSNormNCHW(torch.autograd.Function):
         rstd = x.square().mean(1, keepdim=True).add_(eps).rsqrt_()
         xhat = x * rstd
         w = _vec(weight, x.dtype)
-        y = xhat.clone() if w is None else xhat * w
-        ctx.save_for_backward(xhat, rstd, weight)
+        y = xhat if w is None else xhat * w
+        ctx.save_for_backward(x, rstd, weight)
+        ctx.eps = eps  # type: ignore[attr-defined]
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xhat, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph: see _grads_of
+            eps = ctx.eps  # type: ignore[attr-defined]
+            return (*_grads_of(lambda x, w: _rms2d_torch(x, w, eps), (x, weight), dy, needs), None)
+        xhat = x * rstd
         c = xhat.shape[1]
         dy = dy.contiguous()
         p = dy * xhat
@@ -196,27 +224,34 @@ class _InstanceNormSpatial(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: FunctionCtx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> Tensor:
-        xc = x - x.mean((2, 3), keepdim=True)
+        mean = x.mean((2, 3), keepdim=True)
+        xc = x - mean
         rstd = xc.square().mean((2, 3), keepdim=True).add_(eps).rsqrt_()
         xhat = xc.mul_(rstd)
         w, b = _vec(weight, x.dtype), _vec(bias, x.dtype)
         if w is not None:
             y = xhat * w if b is None else scale_shift(xhat, w, b)
         else:
-            y = xhat.clone() if b is None else xhat + b
-        ctx.save_for_backward(xhat, rstd, weight)
-        ctx.has_bias = bias is not None  # type: ignore[attr-defined]
+            y = xhat if b is None else xhat + b
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.eps = eps  # type: ignore[attr-defined]
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xhat, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, mean, rstd, weight, bias = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph: see _grads_of
+            eps = ctx.eps  # type: ignore[attr-defined]
+            grads = _grads_of(
+                lambda x, w, b: _in2d_torch(x, w, b, eps), (x, weight, bias), dy, needs
+            )
+            return (*grads, None)
+        xhat = scale_shift(x, rstd, mean.mul(rstd).neg_())
         hw = xhat.shape[2] * xhat.shape[3]
         m1 = dy.mean((2, 3), keepdim=True)
         m2 = (dy * xhat).mean((2, 3), keepdim=True)
-        dbias = m1.sum(0).flatten() * hw if ctx.has_bias and needs[2] else None  # type: ignore[attr-defined]
+        dbias = m1.sum(0).flatten() * hw if bias is not None and needs[2] else None
         dweight = None
         if weight is not None and needs[1]:
             dweight = (m2.sum(0).flatten() * hw).to(weight.dtype)
@@ -239,16 +274,21 @@ class _RMSNormRows(torch.autograd.Function):
         ms = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(d)
         rstd = ms.add_(eps).rsqrt_()
         xhat = x * rstd
-        y = xhat.clone() if weight is None else xhat * weight.to(x.dtype)
-        ctx.save_for_backward(xhat, rstd, weight)
+        y = xhat if weight is None else xhat * weight.to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        ctx.eps = eps  # type: ignore[attr-defined]
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xhat, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        d = xhat.shape[1]
+        d = x.shape[1]
+        if torch.is_grad_enabled():  # create_graph: see _grads_of
+            eps = ctx.eps  # type: ignore[attr-defined]
+            grads = _grads_of(lambda x, w: torch.rms_norm(x, (d,), w, eps), (x, weight), dy, needs)
+            return (*grads, None)
+        xhat = x * rstd
         dy = dy.contiguous()
         p = dy * xhat
         dweight = p.sum(0) if weight is not None and needs[1] else None
