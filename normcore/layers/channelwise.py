@@ -134,23 +134,22 @@ class _LayerNormNCHW(torch.autograd.Function):
         if w is not None:
             y = xhat * w if b is None else scale_shift(xhat, w, b)
         else:
-            y = xhat if b is None else xhat + b
-        # the input, not xhat, as torch does: it keeps the graph for a double backward
-        ctx.save_for_backward(x, mean, rstd, weight, bias)
+            y = xhat.clone() if b is None else xhat + b  # never hand out the saved tensor
+        # xhat for the backward below; the input too, for a double backward (see _grads_of)
+        ctx.save_for_backward(x, xhat, rstd, weight, bias)
         ctx.eps = eps  # type: ignore[attr-defined]
         return y
 
     @staticmethod
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, mean, rstd, weight, bias = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, xhat, rstd, weight, bias = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # create_graph: see _grads_of
             eps = ctx.eps  # type: ignore[attr-defined]
             grads = _grads_of(
                 lambda x, w, b: _ln2d_torch(x, w, b, eps), (x, weight, bias), dy, needs
             )
             return (*grads, None)
-        xhat = torch.addcmul(mean.mul(rstd).neg_(), x, rstd)  # (N, 1, H, W) operands: one pass
         c = xhat.shape[1]
         dy = dy.contiguous()
         dbias = dy.sum((0, 2, 3)) if bias is not None and needs[2] else None
@@ -184,19 +183,18 @@ class _RMSNormNCHW(torch.autograd.Function):
         rstd = x.square().mean(1, keepdim=True).add_(eps).rsqrt_()
         xhat = x * rstd
         w = _vec(weight, x.dtype)
-        y = xhat if w is None else xhat * w
-        ctx.save_for_backward(x, rstd, weight)
+        y = xhat.clone() if w is None else xhat * w
+        ctx.save_for_backward(x, xhat, rstd, weight)
         ctx.eps = eps  # type: ignore[attr-defined]
         return y
 
     @staticmethod
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, xhat, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph: see _grads_of
             eps = ctx.eps  # type: ignore[attr-defined]
             return (*_grads_of(lambda x, w: _rms2d_torch(x, w, eps), (x, weight), dy, needs), None)
-        xhat = x * rstd
         c = xhat.shape[1]
         dy = dy.contiguous()
         p = dy * xhat
@@ -232,14 +230,14 @@ class _InstanceNormSpatial(torch.autograd.Function):
         if w is not None:
             y = xhat * w if b is None else scale_shift(xhat, w, b)
         else:
-            y = xhat if b is None else xhat + b
-        ctx.save_for_backward(x, mean, rstd, weight, bias)
+            y = xhat.clone() if b is None else xhat + b
+        ctx.save_for_backward(x, xhat, rstd, weight, bias)
         ctx.eps = eps  # type: ignore[attr-defined]
         return y
 
     @staticmethod
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, mean, rstd, weight, bias = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, xhat, rstd, weight, bias = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph: see _grads_of
             eps = ctx.eps  # type: ignore[attr-defined]
@@ -247,7 +245,6 @@ class _InstanceNormSpatial(torch.autograd.Function):
                 lambda x, w, b: _in2d_torch(x, w, b, eps), (x, weight, bias), dy, needs
             )
             return (*grads, None)
-        xhat = scale_shift(x, rstd, mean.mul(rstd).neg_())
         hw = xhat.shape[2] * xhat.shape[3]
         m1 = dy.mean((2, 3), keepdim=True)
         m2 = (dy * xhat).mean((2, 3), keepdim=True)
@@ -274,21 +271,20 @@ class _RMSNormRows(torch.autograd.Function):
         ms = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(d)
         rstd = ms.add_(eps).rsqrt_()
         xhat = x * rstd
-        y = xhat if weight is None else xhat * weight.to(x.dtype)
-        ctx.save_for_backward(x, rstd, weight)
+        y = xhat.clone() if weight is None else xhat * weight.to(x.dtype)
+        ctx.save_for_backward(x, xhat, rstd, weight)
         ctx.eps = eps  # type: ignore[attr-defined]
         return y
 
     @staticmethod
     def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, xhat, rstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         d = x.shape[1]
         if torch.is_grad_enabled():  # create_graph: see _grads_of
             eps = ctx.eps  # type: ignore[attr-defined]
             grads = _grads_of(lambda x, w: torch.rms_norm(x, (d,), w, eps), (x, weight), dy, needs)
             return (*grads, None)
-        xhat = x * rstd
         dy = dy.contiguous()
         p = dy * xhat
         dweight = p.sum(0) if weight is not None and needs[1] else None
