@@ -102,6 +102,15 @@ def _vec(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype).view(1, -1, 1, 1)
 
 
+def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``xhat * weight + bias`` per channel; a new tensor even without either (xhat is saved
+    for the backward and must not be handed out)."""
+    w, b = _vec(weight, xhat.dtype), _vec(bias, xhat.dtype)
+    if w is not None:
+        return xhat * w if b is None else scale_shift(xhat, w, b)
+    return xhat.clone() if b is None else xhat + b
+
+
 def _grads_of(
     fn: Callable[..., Tensor], inputs: Sequence[Tensor | None], dy: Tensor, needs: Sequence[bool]
 ) -> tuple[Tensor | None, ...]:
@@ -130,11 +139,7 @@ class _LayerNormNCHW(torch.autograd.Function):
         xc = x - mean
         rstd = xc.square().mean(1, keepdim=True).add_(eps).rsqrt_()
         xhat = xc.mul_(rstd)
-        w, b = _vec(weight, x.dtype), _vec(bias, x.dtype)
-        if w is not None:
-            y = xhat * w if b is None else scale_shift(xhat, w, b)
-        else:
-            y = xhat.clone() if b is None else xhat + b  # never hand out the saved tensor
+        y = _affine(xhat, weight, bias)
         # xhat for the backward below; the input too, for a double backward (see _grads_of)
         ctx.save_for_backward(x, xhat, rstd, weight, bias)
         ctx.eps = eps  # type: ignore[attr-defined]
@@ -226,11 +231,7 @@ class _InstanceNormSpatial(torch.autograd.Function):
         xc = x - mean
         rstd = xc.square().mean((2, 3), keepdim=True).add_(eps).rsqrt_()
         xhat = xc.mul_(rstd)
-        w, b = _vec(weight, x.dtype), _vec(bias, x.dtype)
-        if w is not None:
-            y = xhat * w if b is None else scale_shift(xhat, w, b)
-        else:
-            y = xhat.clone() if b is None else xhat + b
+        y = _affine(xhat, weight, bias)
         ctx.save_for_backward(x, xhat, rstd, weight, bias)
         ctx.eps = eps  # type: ignore[attr-defined]
         return y

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from .channelwise import layer_norm_2d
+from .channelwise import _ln2d_torch, layer_norm_2d
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
@@ -132,10 +132,7 @@ class LayerNorm2d(nn.Module):
             # channels_last runs torch's kernel on the NHWC view on every device and dtype (the
             # table in channelwise, checked by a test); going straight there keeps the per-call
             # cost at or below timm's permute module, which small maps notice
-            out = torch.layer_norm(
-                input.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
-            )
-            return out.permute(0, 3, 1, 2)
+            return _ln2d_torch(input, self.weight, self.bias, self.eps)
         return layer_norm_2d(input, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:

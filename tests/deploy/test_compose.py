@@ -25,12 +25,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import IN_CI
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 GUIDE = REPO / "docs" / "cluster.md"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 ARTIFACT_DIR = "/var/lib/normcore/artifacts"
 DATA_ROOT = "/var/lib/normcore/datasets"
