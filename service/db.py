@@ -1,4 +1,5 @@
-"""SQLAlchemy models of the store: users, tokens, jobs, metrics, checkpoints, logs, workers.
+"""SQLAlchemy models of the store: users, tokens, jobs, job tags, metrics, checkpoints, logs,
+workers.
 
 The same models serve SQLite and PostgreSQL. Datetimes are timezone-aware UTC in Python; SQLite
 keeps them naive (always UTC) and :class:`UTCDateTime` restores the zone on the way out.
@@ -14,9 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("queued", "running")
+from service.status import ACTIVE_STATUSES, FINISHED_STATUSES, JOB_STATUSES, JobStatus
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid), never a BIGINT one.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -101,6 +100,7 @@ class Job(Base):
         sa.Index("ix_jobs_owner_id_created_at_id", "owner_id", "created_at", "id"),
         sa.Index("ix_jobs_created_at_id", "created_at", "id"),
         sa.Index("ix_jobs_status", "status"),
+        sa.Index("ix_jobs_owner_id_name", "owner_id", "name"),
         sa.UniqueConstraint("owner_id", "idempotency_key"),
     )
 
@@ -108,7 +108,8 @@ class Job(Base):
     owner_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(sa.String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
-    status: Mapped[str] = mapped_column(sa.String(16), default="queued")
+    # A service.status.JobStatus value (no CHECK constraint: a new state needs no migration).
+    status: Mapped[str] = mapped_column(sa.String(16), default=JobStatus.QUEUED.value)
     queue: Mapped[str] = mapped_column(sa.String(64), default="cpu")
     attempt: Mapped[int] = mapped_column(sa.Integer, default=0)
     attempts: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON, default=list)
@@ -128,6 +129,22 @@ class Job(Base):
     # whose message may be lost, backing off by that count.
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     enqueues: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    # The broker's error of the last failed publish of a queued job, and when (both None once a
+    # message went out or a worker claimed the job): the "enqueue failed" state.
+    enqueue_error: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    enqueue_failed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobTag(Base):
+    """One tag of a job (from its spec's ``tags``), for ``GET /jobs?tag=``."""
+
+    __tablename__ = "job_tags"
+    __table_args__ = (sa.Index("ix_job_tags_tag_job_id", "tag", "job_id"),)
+
+    job_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
 
 
 class Metric(Base):
@@ -210,7 +227,26 @@ metadata = Base.metadata
 users = User.__table__
 tokens = Token.__table__
 jobs = Job.__table__
+job_tags = JobTag.__table__
 metrics = Metric.__table__
 checkpoints = Checkpoint.__table__
 logs = Log.__table__
 workers = Worker.__table__
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "FINISHED_STATUSES",
+    "JOB_STATUSES",
+    "Base",
+    "UTCDateTime",
+    "checkpoints",
+    "job_tags",
+    "jobs",
+    "logs",
+    "metadata",
+    "metrics",
+    "tokens",
+    "users",
+    "utcnow",
+    "workers",
+]

@@ -19,7 +19,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-import service.store as store_mod
+import service.store.jobs as store_jobs_mod
 from service.db import jobs as jobs_t
 from service.db import metadata
 from service.store import (
@@ -32,7 +32,7 @@ from service.store import (
     normalize_url,
 )
 
-TABLES = ("logs", "metrics", "checkpoints", "jobs", "tokens", "users")
+TABLES = ("logs", "metrics", "checkpoints", "job_tags", "jobs", "tokens", "users")
 
 
 # ---------------------------------------------------------------- fixtures
@@ -324,7 +324,7 @@ def test_list_jobs_cursor_paging(store: Store, monkeypatch: pytest.MonkeyPatch) 
     # 25 jobs over 5 distinct timestamps: paging must be stable under equal created_at.
     expected = []
     for i in range(25):
-        monkeypatch.setattr(store_mod, "utcnow", lambda i=i: base + timedelta(seconds=i // 5))
+        monkeypatch.setattr(store_jobs_mod, "utcnow", lambda i=i: base + timedelta(seconds=i // 5))
         job, _ = store.create_job(owner_id=alice, spec={}, name=f"j{i}", queue="cpu")
         expected.append(job)
     monkeypatch.undo()
@@ -373,6 +373,7 @@ def test_counts(store: Store) -> None:
         "succeeded": 0,
         "failed": 0,
         "cancelled": 1,
+        "timed_out": 0,
     }
     assert store.count_active(owner) == 2
     assert store.count_active(owner + 100) == 0
