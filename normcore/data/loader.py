@@ -9,7 +9,7 @@ is consumed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,20 @@ SUPER_RESOLUTION = "super_resolution"
 TASKS = (CLASSIFICATION, SUPER_RESOLUTION)
 GENERATED = ("synthetic", "brightness", "sr-synthetic")
 SR_DATASETS = ("sr-synthetic",)
+IMAGEFOLDER_CHANNELS = 3
+IMAGEFOLDER_SIZE = 32
+
+
+class DataMemoryError(MemoryError):
+    """Loading or preparing the data set ran out of memory (not the model or its batches)."""
+
+
+def _is_alloc_failure(exc: BaseException) -> bool:
+    # torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
+    # memory"), numpy a MemoryError (numpy._core._exceptions._ArrayMemoryError)
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def to_device(t: Tensor, device: Any) -> Tensor:
@@ -65,6 +79,7 @@ class DataBundle:
     task: str = CLASSIFICATION
     augment: bool = False
     seed: int = 0
+    notes: list[str] = field(default_factory=list)  # changes to the data the log should show
 
     @property
     def num_train(self) -> int:
@@ -160,7 +175,30 @@ def build_data(
     ``task`` defaults to the data set's own ("super_resolution" for sr-synthetic, else
     "classification"); ``scale`` is the SR downscaling factor; ``data_root`` is the folder
     that ``spec.path`` is relative to (file data sets only).
+
+    Raises:
+        ValueError: the spec does not fit the data, or a file is missing, unreadable or lies
+            about its size (the message names the file relative to ``data_root``).
+        DataMemoryError: the data set does not fit in memory.
     """
+    try:
+        return _build_data(spec, seed, data_root, task, scale)
+    except DataMemoryError:
+        raise
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_alloc_failure(exc):
+            raise
+        raise DataMemoryError(
+            f"out of memory while loading data set {spec.dataset!r}"
+            f"{f' from {spec.path!r}' if spec.path else ''} into memory: lower "
+            "data.num_samples or data.image_size, or use a smaller data set (this is the "
+            "data, not the model: data.batch_size does not help here)"
+        ) from None
+
+
+def _build_data(
+    spec: DataSpec, seed: int, data_root: str | Path | None, task: str | None, scale: int
+) -> DataBundle:
     own = SUPER_RESOLUTION if spec.dataset in SR_DATASETS else CLASSIFICATION
     task = own if task is None else task
     if task not in TASKS:
@@ -200,8 +238,13 @@ def _read(spec: DataSpec, data_root: str | Path | None) -> RawData:
     if spec.path is None:
         raise ValueError(f"dataset {spec.dataset!r} reads files: give data.path")
     if spec.dataset == "imagefolder":
+        defaults = tuple(name for name in ("channels", "image_size") if getattr(spec, name) is None)
         return READERS["imagefolder"](
-            data_root, spec.path, channels=spec.channels or 3, image_size=spec.image_size or 32
+            data_root,
+            spec.path,
+            channels=spec.channels or IMAGEFOLDER_CHANNELS,
+            image_size=spec.image_size or IMAGEFOLDER_SIZE,
+            defaults=defaults,
         )
     return READERS[spec.dataset](data_root, spec.path)
 
@@ -218,6 +261,7 @@ def _prepare(x: np.ndarray | Tensor, spec: DataSpec) -> Tensor:
 
 def _build_classification(spec: DataSpec, seed: int, data_root: str | Path | None) -> DataBundle:
     split_gen = T.generator("split", seed)
+    notes: list[str] = []
     if spec.dataset in ("synthetic", "brightness"):
         x, y, num_classes = _generate(spec, seed)
         train_idx, val_idx = T.split_indices(len(y), spec.val_fraction, split_gen, y)
@@ -232,6 +276,7 @@ def _build_classification(spec: DataSpec, seed: int, data_root: str | Path | Non
     else:
         raw = _read(spec, data_root)
         num_classes = raw.num_classes
+        notes += raw.notes
         if raw.test is not None:
             # the files' own test split is the val split; val_fraction is not used
             train_x, train_y = _prepare(raw.train.x, spec), torch.from_numpy(raw.train.y)
@@ -261,6 +306,7 @@ def _build_classification(spec: DataSpec, seed: int, data_root: str | Path | Non
         task=CLASSIFICATION,
         augment=spec.augment,
         seed=seed,
+        notes=notes,
     )
 
 

@@ -54,6 +54,11 @@ def resolve_under(root: str | Path | None, relative: str | Path) -> Path:
 def existing_under(root: str | Path | None, relative: str | Path, *, kind: str = "file") -> Path:
     """``resolve_under`` that also requires a ``kind`` ("file" or "folder") to be there."""
     path = resolve_under(root, relative)
+    if kind == "file" and path.exists() and not path.is_file() and not path.is_dir():
+        # a FIFO or device: say what it is (opening a FIFO to find out would block)
+        raise DataPathError(
+            f"data file '{relative}' is not a regular file: only regular files are read"
+        )
     ok = path.is_file() if kind == "file" else path.is_dir()
     if not ok:
         raise DataNotFoundError(f"data {kind} '{relative}' not found under the data root")

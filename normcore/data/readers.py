@@ -4,6 +4,13 @@ Every path goes through ``resolve_under`` so nothing outside the data root is re
 error names the file by its path relative to the root. CIFAR-10's batches are pickles: they
 are read with ``SafeUnpickler``, which builds dicts, lists, strings, numbers and numpy arrays
 and refuses everything else, never with ``pickle.load``.
+
+Nothing is allocated from a size a file declares before the file is known to hold that much:
+IDX headers are checked against the file's size, ``.npz`` member headers against the member's,
+and the unpickler bounds every allocation by the pickle's own length. Only regular files are
+opened (a FIFO or device in a data folder is refused before anything blocks on it), and every
+read runs under a timeout (``read_timeout()``), so a stalled mount fails the job with a clear
+error instead of hanging it.
 """
 
 from __future__ import annotations
@@ -11,14 +18,17 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
 import pickle
+import stat
 import struct
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
@@ -27,6 +37,11 @@ from normcore.data.paths import DataNotFoundError, existing_under, resolve_under
 # gunzip no more than this, so a small "gzip bomb" cannot fill the memory
 MAX_DECOMPRESSED = 4 << 30
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+# one image file larger than this is not an image a CNN here trains on
+MAX_IMAGE_BYTES = 64 << 20
+# seconds one file read may take; NORMCORE_DATA_READ_TIMEOUT overrides it (0 turns it off)
+DEFAULT_READ_TIMEOUT_S = 120.0
+READ_TIMEOUT_ENV = "NORMCORE_DATA_READ_TIMEOUT"
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -45,6 +60,124 @@ class RawData:
     train: RawSplit
     test: RawSplit | None
     num_classes: int
+    # changes the reader made that the spec did not ask for in so many words (log lines)
+    notes: list[str] = field(default_factory=list)
+
+
+T = TypeVar("T")
+
+
+class DataReadTimeout(ValueError):
+    """A read of a data file took longer than the read timeout; the message names the file."""
+
+
+def read_timeout() -> float | None:
+    """Seconds one file read may take: ``NORMCORE_DATA_READ_TIMEOUT`` or 120; None when <= 0.
+
+    Raises:
+        ValueError: the variable is set but is not a number.
+    """
+    text = os.environ.get(READ_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_READ_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{READ_TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+    return value if value > 0 else None
+
+
+def call_with_timeout(fn: Callable[[], T], label: str, timeout: float | None = None) -> T:
+    """``fn()`` run in a daemon thread; DataReadTimeout if it has not returned in ``timeout`` s.
+
+    ``timeout`` defaults to ``read_timeout()``. A read blocked in the kernel cannot be
+    interrupted from Python: the thread is abandoned (it is a daemon, so it never holds up the
+    interpreter's exit) and the caller gets the error at once.
+    """
+    limit = read_timeout() if timeout is None else timeout
+    if limit is None or limit <= 0:
+        return fn()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="normcore-data-read", daemon=True).start()
+    if not done.wait(limit):
+        raise DataReadTimeout(
+            f"{label}: reading did not finish within {limit:g} s (a stalled network mount or "
+            f"a file that blocks?); the read was abandoned ({READ_TIMEOUT_ENV} sets the limit)"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular(path: Path, label: str) -> int:
+    """The size in bytes of ``path``; ValueError naming ``label`` unless it is a regular file."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"{label}: cannot read it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{label} is {_file_kind(st.st_mode)}: only regular files are read")
+    return st.st_size
+
+
+def open_regular(path: Path, label: str) -> IO[bytes]:
+    """Open ``path`` for binary reading, refusing anything but a regular file.
+
+    Opened with O_NONBLOCK (opening a FIFO would otherwise block until a writer appears) and
+    checked with fstat on the open descriptor, so a file swapped for a FIFO after a stat is
+    still refused.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ValueError(f"{label}: cannot open it ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{label} is {_file_kind(mode)}: only regular files are read")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_file(path: Path, label: str, *, max_bytes: int = MAX_DECOMPRESSED) -> bytes:
+    """All bytes of a regular file of at most ``max_bytes``, read under the read timeout."""
+
+    def work() -> bytes:
+        with open_regular(path, label) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise ValueError(
+                    f"{label}: {size:,} bytes is over the {max_bytes:,}-byte limit of one file"
+                )
+            return f.read(max_bytes + 1)
+
+    return call_with_timeout(work, label)
 
 
 # --------------------------------------------------------------------------- MNIST IDX
@@ -52,7 +185,7 @@ class RawData:
 
 def read_maybe_gzip(path: Path, label: str) -> bytes:
     """The file's bytes, gunzipped when it starts with the gzip magic (whatever its name)."""
-    raw = path.read_bytes()
+    raw = read_file(path, label)
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
@@ -65,8 +198,22 @@ def read_maybe_gzip(path: Path, label: str) -> bytes:
     return data
 
 
-def parse_idx(data: bytes, label: str) -> np.ndarray:
-    """Decode an IDX file (LeCun's MNIST format): 0x0000, type code, rank, big-endian dims."""
+@dataclass(frozen=True)
+class IdxHeader:
+    """What an IDX header declares: element type, shape, header length and data bytes."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    header_bytes: int
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of data the header promises after itself."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def parse_idx_header(data: bytes, label: str) -> IdxHeader:
+    """Decode the header at the start of ``data`` (at least its first 4 + 4 * rank bytes)."""
     if len(data) < 4:
         raise ValueError(f"{label}: {len(data)} bytes is too short for an IDX header (truncated?)")
     zero, code, ndim = struct.unpack(">HBB", data[:4])
@@ -79,26 +226,75 @@ def parse_idx(data: bytes, label: str) -> np.ndarray:
     if len(data) < header:
         raise ValueError(f"{label}: truncated IDX header ({len(data)} of {header} bytes)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_DTYPES[code])
-    count = math.prod(dims)
-    expected = count * dtype.itemsize
-    have = len(data) - header
-    if have != expected:
-        what = "truncated" if have < expected else "has trailing bytes"
+    return IdxHeader(np.dtype(_IDX_DTYPES[code]), tuple(dims), header)
+
+
+def _check_idx_size(head: IdxHeader, have: int, label: str) -> None:
+    if have != head.data_bytes:
+        what = "truncated" if have < head.data_bytes else "has trailing bytes"
         raise ValueError(
-            f"{label}: {what}: the header says shape {dims} ({expected} bytes of data), "
-            f"the file holds {have}"
+            f"{label}: {what}: the header says shape {head.shape} ({head.data_bytes} bytes of "
+            f"data), the file holds {have}"
         )
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims)
+
+
+def parse_idx(data: bytes, label: str) -> np.ndarray:
+    """Decode an IDX file (LeCun's MNIST format): 0x0000, type code, rank, big-endian dims."""
+    head = parse_idx_header(data, label)
+    _check_idx_size(head, len(data) - head.header_bytes, label)
+    count = math.prod(head.shape)
+    array = np.frombuffer(data, dtype=head.dtype, count=count, offset=head.header_bytes)
     # a native-order, writable copy (frombuffer views the read-only bytes)
-    return array.astype(dtype.newbyteorder("="))
+    return array.reshape(head.shape).astype(head.dtype.newbyteorder("="))
+
+
+# the most a deflate stream expands (about 1032:1); a header declaring more is lying
+_GZIP_MAX_RATIO = 1100
+
+
+def read_idx_header(path: Path, label: str) -> tuple[IdxHeader, int]:
+    """The header of an IDX file (gzipped or not) and the file's size, reading a few bytes."""
+
+    def work() -> tuple[IdxHeader, int]:
+        with open_regular(path, label) as f:
+            size = os.fstat(f.fileno()).st_size
+            stream: IO[bytes] = f
+            if f.read(2) == b"\x1f\x8b":
+                f.seek(0)
+                stream = gzip.GzipFile(fileobj=f)  # type: ignore[assignment]
+            else:
+                f.seek(0)
+            try:
+                first = stream.read(4)
+                rank = first[3] if len(first) == 4 else 0
+                return parse_idx_header(first + stream.read(4 * rank), label), size
+            except (OSError, EOFError, zlib.error) as exc:
+                raise ValueError(f"{label}: corrupt gzip data ({exc})") from None
+
+    return call_with_timeout(work, label)
+
+
+def read_idx(path: Path, label: str) -> np.ndarray:
+    """An IDX file's array; the header is checked against the file size before any allocation."""
+    head, size = read_idx_header(path, label)
+    compressed = False
+    with open_regular(path, label) as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    if not compressed:
+        _check_idx_size(head, size - head.header_bytes, label)
+    elif head.data_bytes > MAX_DECOMPRESSED or head.data_bytes > size * _GZIP_MAX_RATIO:
+        raise ValueError(
+            f"{label}: the header says shape {head.shape} ({head.data_bytes:,} bytes of data), "
+            f"more than a {size:,}-byte gzip file can hold"
+        )
+    return parse_idx(read_maybe_gzip(path, label), label)
 
 
 def _find(root: str | Path | None, folder: str, names: list[str]) -> tuple[Path, str] | None:
     for name in names:
         rel = f"{folder}/{name}"
         path = resolve_under(root, rel)
-        if path.is_file():
+        if path.exists():  # read_idx refuses a FIFO or device by name, instead of "missing"
             return path, rel
     return None
 
@@ -118,8 +314,8 @@ def _mnist_split(root: str | Path | None, folder: str, prefix: str) -> RawSplit 
     if images is None or labels is None:
         expected = image_names[0] if images is None else label_names[0]
         raise DataNotFoundError(f"data folder '{folder}' has no {expected}[.gz] for its pair")
-    x = parse_idx(read_maybe_gzip(images[0], images[1]), images[1])
-    y = parse_idx(read_maybe_gzip(labels[0], labels[1]), labels[1])
+    x = read_idx(images[0], images[1])
+    y = read_idx(labels[0], labels[1])
     if x.ndim != 3 or x.dtype != np.uint8:
         raise ValueError(f"{images[1]}: expected uint8 images of rank 3, got {x.dtype} {x.shape}")
     if y.ndim != 1 or y.dtype != np.uint8:
@@ -177,22 +373,62 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
+def _allowed_globals(budget: int) -> dict[tuple[str, str], Any]:
+    """The whitelist, with every callable that can allocate bounded by ``budget`` bytes.
+
+    A real pickle stores its arrays' bytes literally, so nothing it builds is larger than the
+    pickle itself; ``bytes(10**9)`` or ``_reconstruct(ndarray, (100000, 3072), ...)`` in a
+    121-byte file is a lie and is refused before it allocates.
+    """
     multiarray = ("numpy._core.multiarray", "numpy.core.multiarray")
     numeric = ("numpy._core.numeric", "numpy.core.numeric")
     reconstruct = _numpy_attr(multiarray, "_reconstruct")
     frombuffer = _numpy_attr(numeric, "_frombuffer")
+
+    def check(nbytes: int, what: str) -> None:
+        if nbytes > budget:
+            raise RefusedPickle(
+                f"{what} asks for {nbytes:,} bytes, more than the whole file ({budget:,} bytes) "
+                "holds: a data pickle stores its arrays' bytes literally"
+            )
+
+    def array_bytes(shape: Any, dtype: Any) -> int:
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        if not all(isinstance(d, int) and d >= 0 for d in dims):
+            raise RefusedPickle(f"array shape {shape!r} is not a tuple of sizes")
+        return math.prod(dims) * np.dtype(dtype).itemsize
+
+    class _NdarrayType:
+        """Stands for numpy.ndarray: calling it directly would allocate a declared shape."""
+
+        def __new__(cls, shape: Any, dtype: Any = float, *args: Any, **kwargs: Any) -> Any:
+            check(array_bytes(shape, dtype), "an ndarray")
+            return np.ndarray(shape, dtype, *args, **kwargs)
+
+    def bounded_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+        if subtype is _NdarrayType:
+            subtype = np.ndarray
+        if subtype is not np.ndarray:
+            raise RefusedPickle(f"refusing to reconstruct {subtype!r}")
+        check(array_bytes(shape, dtype), "an array")
+        return reconstruct(subtype, shape, dtype)
+
+    def bounded_bytes(*args: Any) -> bytes:
+        if args and isinstance(args[0], int):
+            check(args[0], f"bytes({args[0]})")
+        return bytes(*args)
+
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): _NdarrayType,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_encode,
     }
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        allowed[(module, "_reconstruct")] = reconstruct
-    for module in ("numpy._core.numeric", "numpy.core.numeric"):
-        allowed[(module, "_frombuffer")] = frombuffer
+    for module in multiarray:
+        allowed[(module, "_reconstruct")] = bounded_reconstruct
+    for module in numeric:
+        allowed[(module, "_frombuffer")] = frombuffer  # a view of bytes the pickle holds
     for module in ("builtins", "__builtin__"):
-        for name, obj in (("dict", dict), ("list", list), ("bytes", bytes), ("str", str)):
+        for name, obj in (("dict", dict), ("list", list), ("bytes", bounded_bytes), ("str", str)):
             allowed[(module, name)] = obj
         allowed[(module, "int")] = int
     return allowed
@@ -201,16 +437,23 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 class SafeUnpickler(pickle.Unpickler):
     """An unpickler that resolves only a whitelist of globals: builtins' dict, list, bytes,
     str and int, and numpy's array and dtype reconstruction. Anything else (os.system,
-    eval, subprocess, ...) raises ``pickle.UnpicklingError`` before it can be called.
+    eval, subprocess, ...) raises ``pickle.UnpicklingError`` before it can be called, and no
+    whitelisted call may allocate more than ``max_bytes`` (default: the pickle's length).
     """
 
-    _allowed: dict[tuple[str, str], Any] | None = None
+    def __init__(self, file: IO[bytes], *, max_bytes: int | None = None, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        if max_bytes is None:
+            try:
+                max_bytes = os.fstat(file.fileno()).st_size
+            except (AttributeError, OSError, io.UnsupportedOperation):
+                buffer = getattr(file, "getbuffer", None)
+                max_bytes = len(buffer()) if buffer is not None else MAX_DECOMPRESSED
+        self._allowed = _allowed_globals(max_bytes)
 
     def find_class(self, module: str, name: str) -> Any:
         """Return the whitelisted object for ``module.name`` or refuse."""
-        if SafeUnpickler._allowed is None:
-            SafeUnpickler._allowed = _allowed_globals()
-        obj = SafeUnpickler._allowed.get((module, name))
+        obj = self._allowed.get((module, name))
         if obj is None:
             raise RefusedPickle(
                 f"refusing to load global '{module}.{name}': only plain containers and numpy "
@@ -224,9 +467,12 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def safe_unpickle(data: bytes, label: str) -> Any:
-    """Unpickle ``data`` with ``SafeUnpickler`` (py2 strings as bytes); ValueError on refusal."""
+    """Unpickle ``data`` with ``SafeUnpickler`` (py2 strings as bytes); ValueError on refusal.
+
+    No object it builds may take more bytes than ``data`` has.
+    """
     try:
-        return SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+        return SafeUnpickler(io.BytesIO(data), max_bytes=len(data), encoding="bytes").load()
     except RefusedPickle as exc:
         raise ValueError(f"{label}: {exc}") from None
     except (
@@ -249,7 +495,8 @@ def _get(batch: dict[Any, Any], key: str) -> Any:
 
 
 def _cifar_batch(path: Path, label: str) -> RawSplit:
-    batch = safe_unpickle(path.read_bytes(), label)
+    raw = read_file(path, label)
+    batch = safe_unpickle(raw, label)
     if not isinstance(batch, dict):
         raise ValueError(f"{label}: expected a dict batch, got {type(batch).__name__}")
     data = _get(batch, "data")
@@ -260,6 +507,8 @@ def _cifar_batch(path: Path, label: str) -> RawSplit:
         raise ValueError(f"{label}: 'data' must be a uint8 array (N, 3072)")
     if data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{label}: 'data' rows have {data.shape[1]} values, expected 3072")
+    if data.nbytes > len(raw):
+        raise ValueError(f"{label}: 'data' holds more bytes than the file ({len(raw):,} bytes)")
     if not isinstance(labels, list | np.ndarray) or len(labels) != len(data):
         raise ValueError(f"{label}: 'labels' must be a list of {len(data)} ints")
     try:
@@ -278,40 +527,34 @@ def load_cifar10(root: str | Path | None, folder: str) -> RawData:
     for i in range(1, 6):
         rel = f"{folder}/data_batch_{i}"
         path = resolve_under(root, rel)
-        if path.is_file():
+        if path.exists():
             parts.append(_cifar_batch(path, rel))
     if not parts:
         raise DataNotFoundError(f"data folder '{folder}' has no data_batch_1 .. data_batch_5")
     train = RawSplit(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
     test_rel = f"{folder}/test_batch"
     test_path = resolve_under(root, test_rel)
-    test = _cifar_batch(test_path, test_rel) if test_path.is_file() else None
+    test = _cifar_batch(test_path, test_rel) if test_path.exists() else None
     return RawData(train, test, _num_classes(train, test, at_least=10))
 
 
 # --------------------------------------------------------------------------- image folder
 
 
-def load_imagefolder(
-    root: str | Path | None, folder: str, *, channels: int, image_size: int
-) -> RawData:
-    """One subfolder per class (sorted names give labels 0..K-1), images read with Pillow.
+def list_imagefolder(root: str | Path | None, folder: str) -> list[tuple[str, list[str]]]:
+    """The class folders of an image folder and each one's image files, sorted; no image read.
 
-    Images are converted to grey ("L", ``channels`` 1) or RGB (3) and resized to
-    ``image_size`` square with bilinear filtering.
+    Raises:
+        ValueError: fewer than two class folders, a class folder without images, or an image
+            name that is not a regular file (a FIFO or device would block or never end);
+            messages name the path relative to the data root.
     """
-    from PIL import Image
-
-    if channels not in (1, 3):
-        raise ValueError(f"imagefolder reads grey (channels 1) or RGB (channels 3), got {channels}")
     base = existing_under(root, folder, kind="folder")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"data folder '{folder}' needs a subfolder per class, found {classes}")
-    mode = "L" if channels == 1 else "RGB"
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for index, name in enumerate(classes):
+    listing: list[tuple[str, list[str]]] = []
+    for name in classes:
         class_dir = resolve_under(root, f"{folder}/{name}")
         files = sorted(
             f.name
@@ -320,11 +563,48 @@ def load_imagefolder(
         )
         if not files:
             raise ValueError(f"class folder '{folder}/{name}' holds no images ({IMAGE_SUFFIXES})")
+        for file in files:  # up front: nothing is read if one entry would block
+            rel = f"{folder}/{name}/{file}"
+            check_regular(resolve_under(root, rel), rel)
+        listing.append((name, files))
+    return listing
+
+
+def load_imagefolder(
+    root: str | Path | None,
+    folder: str,
+    *,
+    channels: int,
+    image_size: int,
+    defaults: tuple[str, ...] = (),
+) -> RawData:
+    """One subfolder per class (sorted names give labels 0..K-1), images read with Pillow.
+
+    Images are converted to grey ("L", ``channels`` 1) or RGB (3) and resized to
+    ``image_size`` square with bilinear filtering. Each file is read whole (at most
+    ``MAX_IMAGE_BYTES``) under the read timeout before Pillow decodes it. ``defaults`` names
+    the spec fields ("channels", "image_size") the caller filled in with defaults: the notes
+    of the result then say which images were changed to fit them.
+    """
+    from PIL import Image
+
+    if channels not in (1, 3):
+        raise ValueError(f"imagefolder reads grey (channels 1) or RGB (channels 3), got {channels}")
+    mode = "L" if channels == 1 else "RGB"
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    sizes: dict[tuple[int, int], int] = {}
+    modes: dict[str, int] = {}
+    listing = list_imagefolder(root, folder)
+    num_classes = len(listing)
+    for index, (name, files) in enumerate(listing):
         for file in files:
             rel = f"{folder}/{name}/{file}"
-            path = resolve_under(root, rel)
+            data = read_file(resolve_under(root, rel), rel, max_bytes=MAX_IMAGE_BYTES)
             try:
-                with Image.open(path) as img:
+                with Image.open(io.BytesIO(data)) as img:
+                    sizes[img.size] = sizes.get(img.size, 0) + 1
+                    modes[img.mode] = modes.get(img.mode, 0) + 1
                     img = img.convert(mode).resize((image_size, image_size), Image.BILINEAR)
                     array = np.asarray(img, dtype=np.uint8)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -332,7 +612,18 @@ def load_imagefolder(
             images.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
             labels.append(index)
     train = RawSplit(np.stack(images), np.asarray(labels, dtype=np.int64))
-    return RawData(train, None, len(classes))
+    notes = []
+    resized = {k: v for k, v in sizes.items() if k != (image_size, image_size)}
+    if resized:
+        found = ", ".join(f"{n} of {w}x{h}" for (w, h), n in sorted(resized.items()))
+        why = " (data.image_size unset: its default)" if "image_size" in defaults else ""
+        notes.append(f"{folder}: images resized to {image_size}x{image_size}{why}: {found}")
+    converted = {k: v for k, v in modes.items() if k != mode}
+    if converted:
+        found = ", ".join(f"{n} {m}" for m, n in sorted(converted.items()))
+        why = " (data.channels unset: its default)" if "channels" in defaults else ""
+        notes.append(f"{folder}: images converted to {mode} ({channels} channels){why}: {found}")
+    return RawData(train, None, num_classes, notes)
 
 
 # --------------------------------------------------------------------------- npz
@@ -372,16 +663,88 @@ def _npz_split(arrays: Any, xkey: str, ykey: str, label: str) -> RawSplit:
     return RawSplit(x, y.astype(np.int64))
 
 
+@dataclass(frozen=True)
+class NpyHeader:
+    """What one ``.npz`` member's header declares."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the array the header declares."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def npz_headers(archive: zipfile.ZipFile, label: str) -> dict[str, NpyHeader]:
+    """Shape and dtype of every ``.npy`` member, read from the headers only.
+
+    Each declared size is checked against the member's size in the zip directory (which caps
+    what zipfile will ever inflate) and against ``MAX_DECOMPRESSED``, so a small archive that
+    declares a huge array fails here instead of allocating.
+    """
+    headers: dict[str, NpyHeader] = {}
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        key = info.filename[: -len(".npy")]
+        try:
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                header_len = f.tell()
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            raise ValueError(f"{label}: member {key!r} has no valid .npy header ({exc})") from None
+        head = NpyHeader(tuple(int(d) for d in shape), np.dtype(dtype))
+        if head.dtype.hasobject:
+            raise ValueError(
+                f"{label}: member {key!r} is an object array: pickles are refused (read with allow_pickle=False)"
+            )
+        if head.nbytes > MAX_DECOMPRESSED:
+            raise ValueError(
+                f"{label}: member {key!r} declares {head.nbytes:,} bytes {head.shape}, over the "
+                f"{MAX_DECOMPRESSED >> 30} GiB limit of one array"
+            )
+        if info.file_size - header_len < head.nbytes:
+            raise ValueError(
+                f"{label}: member {key!r} is truncated: its header says shape {head.shape} "
+                f"({head.nbytes:,} bytes), the member holds {info.file_size - header_len:,}"
+            )
+        headers[key] = head
+    return headers
+
+
 def load_npz(root: str | Path | None, relative: str) -> RawData:
     """An ``.npz`` with ``x`` (images) and ``y`` (int labels), optionally ``x_val``/``y_val``.
 
-    Read with ``allow_pickle=False``: an object array in the file is refused.
+    Read with ``allow_pickle=False``: an object array in the file is refused. Member headers
+    are checked (``npz_headers``) before any array is read.
     """
     path = existing_under(root, relative)
-    try:
-        arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"{relative}: cannot read the .npz ({exc})") from None
+    return call_with_timeout(lambda: _read_npz(path, relative), relative)
+
+
+def _read_npz(path: Path, relative: str) -> RawData:
+    with open_regular(path, relative) as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise ValueError(f"{relative}: not an .npz archive (a single .npy array?)")
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as archive:
+                npz_headers(archive, relative)
+            f.seek(0)
+            arrays = np.load(f, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            if str(exc).startswith(relative):
+                raise
+            raise ValueError(f"{relative}: cannot read the .npz ({exc})") from None
+        return _npz_arrays(arrays, relative)
+
+
+def _npz_arrays(arrays: Any, relative: str) -> RawData:
     if not isinstance(arrays, np.lib.npyio.NpzFile):
         raise ValueError(f"{relative}: not an .npz archive (a single .npy array?)")
     with arrays:
