@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,11 +36,22 @@ DataDirOpt = Annotated[
     typer.Option("--data-dir", envvar="NORMCORE_DATA_DIR", help="Local state folder."),
 ]
 UrlOpt = Annotated[
-    str | None, typer.Option("--url", envvar="NORMCORE_URL", help="Server URL.", show_default=False)
+    str | None,
+    typer.Option(
+        "--url",
+        help="Server URL (else NORMCORE_URL, then the `normcore login` config, then "
+        "http://NORMCORE_HOST:NORMCORE_PORT).",
+        show_default=False,
+    ),
 ]
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", envvar="NORMCORE_TOKEN", help="API token.", show_default=False),
+    typer.Option(
+        "--token",
+        help="API token (else NORMCORE_TOKEN, then the `normcore login` config, then a local "
+        "server's <data_dir>/admin.token).",
+        show_default=False,
+    ),
 ]
 
 
@@ -82,29 +92,61 @@ def _api_error(exc: Any) -> typer.Exit:
     return _fail(f"HTTP {exc.status}: {detail}")
 
 
-def _client(url: str | None, token: str | None) -> Any:
-    """A Client for ``url``; a local server's admin token is read from <data_dir>/admin.token."""
-    from normcore.client import Client
+def _credentials(url: str | None, token: str | None) -> Any:
+    """The server and token to use, by flag > environment > config file > local default
+    (service/client_config.py); exits with a message when the config file is unreadable."""
+    from urllib.parse import urlsplit
+
     from service.auth import is_loopback
+    from service.client_config import ConfigError, resolve
 
-    settings = None
-    if not url:
-        settings = _settings()
-        url = f"http://{settings.host}:{settings.port}"
-    if not token:
-        from urllib.parse import urlsplit
+    settings = _settings()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    default_url = f"http://{host}:{settings.port}"
+    try:
+        creds = resolve(url_flag=url, token_flag=token, default_url=default_url)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    if creds.token is None and is_loopback(urlsplit(creds.url).hostname):
+        # A server on this machine: the admin token `normcore serve` wrote, if we can read it.
+        path = Path(settings.data_dir) / "admin.token"
+        with contextlib.suppress(OSError):
+            local = path.read_text(encoding="utf-8").strip() or None
+            if local:
+                creds = type(creds)(creds.url, local, creds.url_source, str(path))
+    return creds
 
-        if is_loopback(urlsplit(url).hostname):
-            settings = settings or _settings()
-            path = Path(settings.data_dir) / "admin.token"
-            with contextlib.suppress(OSError):
-                token = path.read_text(encoding="utf-8").strip() or None
-    return Client(url, token=token)
+
+def _client(url: str | None, token: str | None) -> tuple[Any, Any]:
+    """A Client for the resolved server and token, and the Credentials it was built from."""
+    from normcore.client import Client
+
+    creds = _credentials(url, token)
+    # token "" (not None) when there is none: Client would read NORMCORE_TOKEN again otherwise.
+    return Client(creds.url, token=creds.token or ""), creds
+
+
+def _auth_hint(creds: Any) -> str:
+    """What to do about a 401: where the token came from and every way to pass one."""
+    from service.client_config import config_path
+
+    used = (
+        f"the token came from {creds.token_source}"
+        if creds.token
+        else f"no token was found for {creds.url}"
+    )
+    return (
+        f"{used}. Pass one with --token, the NORMCORE_TOKEN environment variable, or "
+        f"`normcore login --url {creds.url} --token TOKEN` (saves both to {config_path()}); "
+        "an admin creates tokens with `normcore token create NAME` on the server's machine "
+        "(`normcore serve` writes the first admin token to <data_dir>/admin.token)."
+    )
 
 
 @contextlib.contextmanager
-def _api_errors() -> Any:
-    """Turn ApiError and connection failures into a one-line message and exit code 1."""
+def _api_errors(creds: Any = None) -> Any:
+    """Turn ApiError and connection failures into a one-line message and exit code 1; a 401
+    says how to pass a token."""
     import httpx
 
     from normcore.client import ApiError, JobFailed
@@ -112,38 +154,52 @@ def _api_errors() -> Any:
     try:
         yield
     except ApiError as exc:
+        if exc.status == 401 and creds is not None:
+            detail = exc.detail.get("message") if isinstance(exc.detail, dict) else exc.detail
+            raise _fail(f"HTTP 401: {detail}\n{_auth_hint(creds)}") from None
         raise _api_error(exc) from None
     except JobFailed as exc:
         raise _fail(str(exc)) from None
     except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach the server: {exc}") from None
+        where = f" at {creds.url} (from {creds.url_source})" if creds is not None else ""
+        raise _fail(f"cannot reach the server{where}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- running the service
 
-
-def _stop(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
-    """SIGTERM every child's process group, wait up to ``grace`` seconds, then SIGKILL."""
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
+# Files the service writes are its user's alone: folders 0700, files 0600 (database, broker,
+# checkpoints, the admin token). Children inherit the umask, the training child included.
+PRIVATE_UMASK = 0o077
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) 0700, and tighten it to 0700 if it exists."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _supervisor_logging() -> None:
+    """Send the supervisor's lines (deaths, restarts, stops) to stderr with a timestamp."""
+    import logging
+
+    logger = logging.getLogger("normcore.supervisor")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s normcore serve: %(message)s")
+        )
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _wait_healthy(url: str, alive: Any, stopping: Any, timeout: float = 60.0) -> bool:
+    """Poll ``url``/healthz until it answers 200; False once ``alive()`` is false, ``stopping()``
+    is true, or ``timeout`` seconds passed."""
     import httpx
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and alive() and not stopping():
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return True
@@ -160,22 +216,28 @@ def serve(
         bool, typer.Option("--worker/--no-worker", help="Start one worker beside the API.")
     ] = True,
 ) -> None:
-    """Embedded mode: migrate the store, make sure an admin token exists, run API + one worker."""
+    """Embedded mode: migrate the store, make sure an admin token exists, run API + one worker.
+
+    Both run under a supervisor (service/supervisor.py): a child that dies is restarted with
+    backoff, the other keeps running. Ctrl-C or SIGTERM stops the worker, then the API; exit 0.
+    """
     from service.auth import InsecureConfigError, check_auth_allowed, ensure_admin_token
     from service.store import Store
+    from service.supervisor import ChildSpec, Supervisor
 
+    os.umask(PRIVATE_UMASK)
     settings = _settings(data_dir, host=host, port=port)
     try:
         check_auth_allowed(settings.auth, settings.host)
     except InsecureConfigError as exc:
         raise _fail(str(exc), 2) from None
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.data_root.mkdir(parents=True, exist_ok=True)
-    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (settings.data_dir, settings.data_root, settings.artifact_dir):
+        _private_dir(folder)
     store = Store.from_settings(settings)
     try:
         store.upgrade()
-        token, token_path = ensure_admin_token(store, settings) if settings.auth else (None, None)
+        # The token goes to its file only, never to stdout: a log capturing stdout stays clean.
+        _, token_path = ensure_admin_token(store, settings) if settings.auth else (None, None)
     finally:
         store.dispose()
 
@@ -190,6 +252,7 @@ def serve(
         "NORMCORE_PORT": str(settings.port),
         "NORMCORE_AUTH": "true" if settings.auth else "false",
     }
+    env.pop("NORMCORE_TOKEN", None)  # a client setting; the children need no token
     api_cmd = [
         sys.executable,
         "-m",
@@ -201,12 +264,13 @@ def serve(
         "--port",
         str(settings.port),
     ]
-    # Own process groups: signals reach the children only through us, so shutdown is ordered.
-    procs = [subprocess.Popen(api_cmd, env=env, start_new_session=True)]
+    specs = [ChildSpec("api", api_cmd, env, stop_timeout=15.0)]
     if worker:
-        procs.append(
-            subprocess.Popen([sys.executable, "-m", "worker"], env=env, start_new_session=True)
-        )
+        # The worker stops first and gets the time a running job needs to checkpoint and exit.
+        worker_cmd = [sys.executable, "-m", "worker"]
+        specs.append(ChildSpec("worker", worker_cmd, env, settings.cancel_grace_seconds + 5))
+    _supervisor_logging()
+    supervisor = Supervisor(specs)
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{shown_host}:{settings.port}"
 
@@ -217,38 +281,38 @@ def serve(
         stopping = True
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    code = 0
     try:
-        if not _wait_healthy(url, procs[0]):
-            raise _fail("the API did not come up; see its output above")
-        console.print(
-            f"[green]normcore serving[/green] at {url}  (docs: {url}/docs)", soft_wrap=True
-        )
-        names = ("api", "worker")
-        console.print(", ".join(f"{n} pid {p.pid}" for n, p in zip(names, procs, strict=False)))
-        if not settings.auth:
-            console.print(
-                "[yellow]auth is off[/yellow]: loopback clients act as the local admin",
-                soft_wrap=True,
-            )
-        elif token:
-            console.print(f"admin token (also written to {token_path}):\n  {token}", soft_wrap=True)
+        supervisor.start()
+        api = supervisor.child("api")
+        if not _wait_healthy(url, api.alive, lambda: stopping):
+            if not stopping:
+                raise _fail("the API did not come up; see its output above")
         else:
-            console.print(f"admin token: in {token_path}", soft_wrap=True)
-        console.print("Ctrl-C stops the API and the worker.")
+            console.print(
+                f"[green]normcore serving[/green] at {url}  (docs: {url}/docs)", soft_wrap=True
+            )
+            console.print(", ".join(f"{c.spec.name} pid {c.pid}" for c in supervisor.children))
+            if not settings.auth:
+                console.print(
+                    "[yellow]auth is off[/yellow]: loopback clients act as the local admin",
+                    soft_wrap=True,
+                )
+            else:
+                console.print(
+                    f"admin token: in {token_path} (mode 0600; the normcore CLI on this machine "
+                    f"reads it; for curl: export NORMCORE_TOKEN=$(cat {token_path}))",
+                    soft_wrap=True,
+                    highlight=False,
+                )
+            console.print("Ctrl-C stops the worker, then the API.")
         while not stopping:
-            exited = [p for p in procs if p.poll() is not None]
-            if exited:
-                code = exited[0].returncode or 1
-                err_console.print(f"[red]a child process exited ({code}); stopping[/red]")
-                break
-            time.sleep(0.3)
+            supervisor.check()
+            time.sleep(0.2)
     finally:
         console.print("stopping ...")
-        _stop(procs, grace=settings.cancel_grace_seconds + 5)
+        supervisor.stop()
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    raise typer.Exit(code)
 
 
 @app.command(
@@ -256,6 +320,7 @@ def serve(
 )
 def worker(ctx: typer.Context) -> None:
     """Run a worker: python -m worker with the given arguments (--queues, --concurrency)."""
+    os.umask(PRIVATE_UMASK)  # as under serve: the files it and its jobs write are 0600
     args = [sys.executable, "-m", "worker", *ctx.args]
     os.execv(sys.executable, args)
 
@@ -305,6 +370,42 @@ def token_revoke(
 
 
 # --------------------------------------------------------------------------- talking to a server
+
+
+@app.command()
+def login(
+    url: Annotated[str, typer.Option("--url", help="Server URL, e.g. http://host:8000.")],
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="API token (asked for, hidden, when left out: keeps it out of shell history).",
+            show_default=False,
+        ),
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Try the token on the server first.")
+    ] = True,
+) -> None:
+    """Save a server URL and token for the client commands (a 0600 file in your home)."""
+    from normcore.client import Client
+    from service.client_config import ConfigError, Credentials, config_path, write_config
+
+    if token is None:
+        token = typer.prompt("token", hide_input=True)
+    url, token = url.strip().rstrip("/"), token.strip()
+    if not url.startswith(("http://", "https://")) or not token:
+        raise _fail("--url must start with http:// or https:// and the token must not be empty")
+    if check:
+        creds = Credentials(url, token, "--url", "--token")
+        with Client(url, token=token) as client, _api_errors(creds):
+            next(iter(client.list(limit=1)), None)
+    path = config_path()
+    try:
+        write_config(path, url=url, token=token)
+    except (ConfigError, OSError) as exc:
+        raise _fail(f"cannot save {path}: {exc}") from None
+    console.print(f"saved the URL and token for {url} to {path} (mode 0600)", highlight=False)
 
 
 def _fmt(value: Any) -> str:
@@ -370,8 +471,8 @@ def submit(
     token: TokenOpt = None,
 ) -> None:
     """Submit a job spec; prints the job id (and with --wait, follows it to the end)."""
-    client = _client(url, token)
-    with _api_errors():
+    client, creds = _client(url, token)
+    with _api_errors(creds):
         try:
             job = client.submit(spec, idempotency_key=idempotency_key)
         except ValueError as exc:
@@ -399,13 +500,13 @@ def jobs(
     """List jobs, newest first."""
     from itertools import islice
 
-    client = _client(url, token)
+    client, creds = _client(url, token)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", no_wrap=True, min_width=32)
     table.add_column("name", overflow="ellipsis", no_wrap=True)
     for column in ("status", "try", "queue", "created"):
         table.add_column(column, no_wrap=True)
-    with _api_errors():
+    with _api_errors(creds):
         for job in islice(client.list(status=status, limit=min(limit, 200)), limit):
             table.add_row(
                 job["id"],
@@ -429,8 +530,8 @@ def metrics(
     token: TokenOpt = None,
 ) -> None:
     """Print a job's metric rows."""
-    client = _client(url, token)
-    with _api_errors():
+    client, creds = _client(url, token)
+    with _api_errors(creds):
         for row in client.iter_metrics(job_id, until_done=follow):
             if as_json:
                 print(json.dumps(row))
@@ -454,8 +555,8 @@ def download(
     """Download a checkpoint's model.safetensors, verified against its sha256."""
     from normcore.client import ChecksumMismatch
 
-    client = _client(url, token)
-    with _api_errors():
+    client, creds = _client(url, token)
+    with _api_errors(creds):
         try:
             path = client.download(job_id, name, output)
         except ChecksumMismatch as exc:
@@ -470,8 +571,8 @@ def cancel(
     token: TokenOpt = None,
 ) -> None:
     """Ask a job to stop."""
-    client = _client(url, token)
-    with _api_errors():
+    client, creds = _client(url, token)
+    with _api_errors(creds):
         job = client.cancel(job_id)
     state = "cancel requested" if job["status"] == "running" else job["status"]
     console.print(f"job {job_id}: {state}")
@@ -484,8 +585,8 @@ def logs(
     token: TokenOpt = None,
 ) -> None:
     """Print a job's log lines."""
-    client = _client(url, token)
-    with _api_errors():
+    client, creds = _client(url, token)
+    with _api_errors(creds):
         after = 0
         while True:
             page = client.logs(job_id, after=after)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,7 @@ def test_client_metrics_iter_and_wait(server: Server) -> None:
         server.store.add_metrics(
             job_id,
             attempt=attempt,
-            rows=[{"step": 1, "epoch": 0.5, "split": "train", "values": {"loss": 2.0}}],
+            rows=[{"step": 1, "epoch": 1, "split": "train", "values": {"loss": 2.0}}],
         )
         assert [r["step"] for r in client.metrics(job_id)["items"]] == [1]
         # Without until_done: what is there now, then stop.
@@ -163,7 +164,7 @@ def test_client_metrics_iter_and_wait(server: Server) -> None:
                 server.store.add_metrics(
                     job_id,
                     attempt=attempt,
-                    rows=[{"step": step, "epoch": step / 2, "split": "train", "values": {}}],
+                    rows=[{"step": step, "epoch": 1, "split": "train", "values": {}}],
                 )
             server.store.add_logs(job_id, attempt=attempt, lines=[("info", "done")])
             server.store.finish_job(job_id, attempt=attempt, status="succeeded")
@@ -215,9 +216,14 @@ def test_client_checkpoints_download_and_stats(server: Server, tmp_path: Path) -
 
 
 @pytest.fixture
-def cli(server: Server) -> Any:
+def cli(server: Server, tmp_path: Path) -> Any:
     runner = CliRunner()
-    env = {**server.env.env, "NORMCORE_URL": server.url, "NORMCORE_TOKEN": server.token}
+    env = {
+        **server.env.env,
+        "NORMCORE_URL": server.url,
+        "NORMCORE_TOKEN": server.token,
+        "XDG_CONFIG_HOME": str(tmp_path / "config-home"),  # never the user's own config
+    }
 
     def invoke(*args: str, **kwargs: Any) -> Any:
         result = runner.invoke(cli_app, list(args), env=env, **kwargs)
@@ -333,6 +339,76 @@ def test_cli_submit_wait_follows_to_the_end(server: Server, cli: Any, tmp_path: 
     assert "acc -/0.8" in result.output and "loss 0.5" in result.output
 
 
+def test_cli_finds_server_and_token_by_precedence(server: Server, tmp_path: Path) -> None:
+    """flag > NORMCORE_* env > `normcore login`'s config file > local default, for URL and token;
+    a 401 says where the token came from and how to pass one."""
+    from service.client_config import config_path
+
+    runner = CliRunner()
+    port = server.url.rsplit(":", 1)[1]
+    data_dir = tmp_path / "data"
+    base = {
+        **server.env.env,
+        "NORMCORE_DATA_DIR": str(data_dir),
+        "NORMCORE_PORT": port,  # the local default URL is http://127.0.0.1:<port>
+        "NORMCORE_URL": None,  # None: unset for the call
+        "NORMCORE_TOKEN": None,
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+    }
+
+    def run(*args: str, input: str | None = None, **env: str | None) -> Any:
+        return runner.invoke(cli_app, list(args), env={**base, **env}, input=input)
+
+    # Nothing anywhere: the local default URL, no token, and a 401 that says what to do.
+    denied = run("jobs")
+    assert denied.exit_code == 1
+    for hint in ("no token was found", "--token", "NORMCORE_TOKEN", "normcore login"):
+        assert hint in denied.output, denied.output
+    assert "normcore token create" in denied.output
+    # The local default token: the admin token file of a server on this machine.
+    data_dir.mkdir()
+    (data_dir / "admin.token").write_text(server.token + "\n")
+    assert run("jobs").exit_code == 0
+    (data_dir / "admin.token").unlink()
+
+    # login checks the token first and saves nothing when the server refuses it.
+    path = config_path({"XDG_CONFIG_HOME": base["XDG_CONFIG_HOME"]})
+    refused = run("login", "--url", server.url, "--token", "nc_wrong")
+    assert refused.exit_code == 1 and "401" in refused.output and not path.exists()
+    saved = run("login", "--url", server.url + "/", input=server.token + "\n")  # asked, hidden
+    assert saved.exit_code == 0, saved.output
+    assert server.token not in saved.output
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert tomllib.loads(path.read_text()) == {"url": server.url, "token": server.token}
+
+    # The config file alone: its URL beats the local default (pointed at a dead port here).
+    dead = str(free_port())
+    assert run("jobs", NORMCORE_PORT=dead).exit_code == 0
+    # The environment beats the config file; the message names the source of the bad token.
+    env_wins = run("jobs", NORMCORE_TOKEN="nc_wrong")
+    assert env_wins.exit_code == 1 and "the token came from NORMCORE_TOKEN" in env_wins.output
+    # A flag beats the environment.
+    assert run("jobs", "--token", server.token, NORMCORE_TOKEN="nc_wrong").exit_code == 0
+    # The saved token goes only to the saved server: another URL (here another name for the
+    # same server) gets no token at all rather than a token meant for somewhere else.
+    other = f"http://localhost:{port}"
+    kept = run("jobs", NORMCORE_URL=other)
+    assert kept.exit_code == 1 and f"no token was found for {other}" in kept.output
+    unreachable = run("jobs", "--url", f"http://127.0.0.1:{dead}")
+    assert unreachable.exit_code == 1
+    assert f"cannot reach the server at http://127.0.0.1:{dead} (from --url)" in unreachable.output
+
+
+def test_config_dir_follows_xdg() -> None:
+    from service.client_config import config_dir
+
+    assert config_dir({"XDG_CONFIG_HOME": "/etc/xdg-test"}) == Path("/etc/xdg-test/normcore")
+    home = Path.home() / ".config" / "normcore"
+    assert config_dir({}) == home
+    assert config_dir({"XDG_CONFIG_HOME": ""}) == home  # empty or relative: ignored (XDG spec)
+    assert config_dir({"XDG_CONFIG_HOME": "rel/dir"}) == home
+
+
 def test_progress_line_reads_engine_metric_names() -> None:
     from service.cli import _progress_info
 
@@ -402,9 +478,11 @@ def test_serve_runs_api_and_worker_with_admin_token(tmp_path: Path) -> None:
     proc = _serve(data_dir, port)
     try:
         out = _read_until(proc, r"Ctrl-C")
-        token = re.search(r"^\s+(nc_\S+)$", out, re.M).group(1)
         token_file = data_dir / "admin.token"
-        assert token_file.read_text().strip() == token
+        token = token_file.read_text().strip()
+        assert token.startswith("nc_")
+        # Written to its 0600 file and never to stdout, which often ends up in a log file.
+        assert token not in out and str(token_file) in out
         assert token_file.stat().st_mode & 0o777 == 0o600
         pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
         assert len(pids) == 2, out  # the API and the worker
@@ -413,7 +491,7 @@ def test_serve_runs_api_and_worker_with_admin_token(tmp_path: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/jobs").status_code == 401
         assert all(not _gone(pid) for pid in pids)
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        assert proc.wait(60) == 0
         assert all(_gone(pid) for pid in pids)
     finally:
         if proc.poll() is None:

@@ -1,0 +1,220 @@
+"""Keep the embedded deployment's processes up: restart a child that dies, with backoff.
+
+``normcore serve`` runs the API (uvicorn) and one worker (``python -m worker``) as children of
+one :class:`Supervisor`. A child that dies for any reason (kill -9, the kernel's OOM killer, a
+crash) is started again after a delay, with a log line for the death and one for the restart;
+the other child is left alone, so the API keeps answering while the worker is down and the
+reverse. A worker's job is not restarted here: its lease expires (``lease_seconds``) and a reaper
+(the API's, or the new worker's) re-queues it as its next attempt, which resumes from its last
+checkpoint.
+
+Backoff (``Backoff``): a crash streak waits 1 s, 2 s, 4 s ... up to 30 s between restarts, so a
+child that cannot start (a broken install, a port taken) does not spin; a child that stayed up
+60 s before it died starts a new streak at 1 s. The same doubling-with-cap-and-reset shape as
+systemd's ``RestartSec``/``RestartSteps`` and Erlang/OTP supervisors.
+
+Stopping (``stop``): children stop in the reverse of their start order (the worker before the
+API, so a running job gets ``stop_timeout`` seconds to checkpoint while the API still answers),
+each with SIGTERM to its process group, then SIGKILL after its timeout.
+
+Why a small loop and not a library (checked 2026-11 on PyPI): supervisor 4.3 (supervisord) is a
+daemon with its own config file and control socket, restarts a crashed program at once once it
+has reached RUNNING and gives up (FATAL) after ``startretries`` failed starts instead of backing
+off; circus 0.19 needs ZeroMQ and a daemon too; honcho 2.0 runs a Procfile and, by design, stops
+everything when one process exits (what ``serve`` did before). Two children, a doubling delay and
+an ordered stop are ~150 lines on ``subprocess`` with nothing to configure or install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger("normcore.supervisor")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before restarting a child that died: doubling per crash in a row, capped, reset.
+
+    ``initial`` and ``maximum`` are seconds; a child that ran at least ``reset_after`` seconds
+    before it died counts as healthy, and its next crash is the first of a new streak.
+    """
+
+    initial: float = 1.0
+    maximum: float = 30.0
+    reset_after: float = 60.0
+
+    def delay(self, streak: int) -> float:
+        """Seconds to wait before the restart after crash number ``streak`` (1-based) of a streak:
+        ``min(maximum, initial * 2 ** (streak - 1))``. Raises ValueError for ``streak < 1``."""
+        if streak < 1:
+            raise ValueError(f"streak counts crashes from 1, got {streak}")
+        # The exponent is capped so a long streak cannot overflow the float.
+        return min(self.maximum, self.initial * 2.0 ** min(streak - 1, 64))
+
+
+@dataclass
+class ChildSpec:
+    """How to start one supervised process.
+
+    ``argv`` is run with ``env`` (None: this process's environment) in a session of its own, so
+    a terminal's Ctrl-C reaches it only through the supervisor; ``stop_timeout`` is the seconds
+    between SIGTERM and SIGKILL at shutdown.
+    """
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] | None = None
+    stop_timeout: float = 10.0
+
+
+@dataclass
+class Child:
+    """The state of one supervised process."""
+
+    spec: ChildSpec
+    popen: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    streak: int = 0  # crashes in a row, each within reset_after of its start
+    restarts: int = 0
+    restart_at: float | None = None  # when a dead child is due to start again
+    pids: list[int] = field(default_factory=list)  # every pid it had, oldest first
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's pid, or None while it is down."""
+        return self.popen.pid if self.popen is not None and self.popen.poll() is None else None
+
+    def alive(self) -> bool:
+        """True while the current process runs."""
+        return self.pid is not None
+
+
+def describe_exit(returncode: int) -> str:
+    """'killed by SIGKILL (kill -9 or the OOM killer)' or 'exited with code 3', for log lines."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (kill -9 or the kernel's OOM killer)" if -returncode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exited with code {returncode}"
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+class Supervisor:
+    """Start children, restart each one that dies after its backoff, stop them in order.
+
+    Not thread-safe: one thread calls ``start``, ``check`` (every few hundred ms) and ``stop``.
+    ``clock`` is injectable for tests; it must be monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ChildSpec],
+        *,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"child names must be unique: {names}")
+        self.backoff = backoff or Backoff()
+        self.clock = clock
+        self.children = [Child(spec) for spec in specs]
+
+    def child(self, name: str) -> Child:
+        """The child called ``name``; KeyError if there is none."""
+        for child in self.children:
+            if child.spec.name == name:
+                return child
+        raise KeyError(name)
+
+    def start(self) -> None:
+        """Start every child, in order."""
+        for child in self.children:
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        child.popen = subprocess.Popen(child.spec.argv, env=child.spec.env, start_new_session=True)
+        child.started_at = self.clock()
+        child.restart_at = None
+        child.pids.append(child.popen.pid)
+
+    def check(self) -> None:
+        """One round: note children that died (and schedule their restart), start those due."""
+        now = self.clock()
+        for child in self.children:
+            if child.popen is not None and child.restart_at is None:
+                code = child.popen.poll()
+                if code is not None:
+                    self._died(child, code, now)
+            if child.restart_at is not None and now >= child.restart_at:
+                self._spawn(child)
+                child.restarts += 1
+                log.warning(
+                    "%s restarted (pid %d, restart %d)",
+                    child.spec.name,
+                    child.popen.pid,  # type: ignore[union-attr]
+                    child.restarts,
+                )
+
+    def _died(self, child: Child, code: int, now: float) -> None:
+        pid = child.popen.pid  # type: ignore[union-attr]
+        # Whatever the child left in its process group (a server's helpers) goes with it.
+        _kill_group(pid, signal.SIGKILL)
+        uptime = now - child.started_at
+        child.streak = 1 if uptime >= self.backoff.reset_after else child.streak + 1
+        delay = self.backoff.delay(child.streak)
+        child.restart_at = now + delay
+        log.error(
+            "%s (pid %d) %s after %.1f s up; restarting in %g s (crash %d in a row)",
+            child.spec.name,
+            pid,
+            describe_exit(code),
+            uptime,
+            delay,
+            child.streak,
+        )
+
+    def stop(self) -> dict[str, int | None]:
+        """Stop the children in the reverse of their start order; returns each one's exit code.
+
+        Each gets SIGTERM to its process group and up to ``stop_timeout`` seconds, then SIGKILL.
+        A child waiting for its restart is not started again.
+        """
+        codes: dict[str, int | None] = {}
+        for child in reversed(self.children):
+            child.restart_at = None
+            popen = child.popen
+            if popen is None:
+                codes[child.spec.name] = None
+                continue
+            if popen.poll() is None:
+                log.info("stopping %s (pid %d)", child.spec.name, popen.pid)
+                _kill_group(popen.pid, signal.SIGTERM)
+                try:
+                    popen.wait(child.spec.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning(
+                        "%s did not stop within %g s; killing it",
+                        child.spec.name,
+                        child.spec.stop_timeout,
+                    )
+            _kill_group(popen.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(5)
+            codes[child.spec.name] = popen.returncode
+        return codes
