@@ -8,10 +8,18 @@ what to change. ``JobSpec.model_json_schema()`` is the reference the README is g
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# A path component longer than this is refused by Linux (NAME_MAX) and by most file systems.
+MAX_PATH_COMPONENT_BYTES = 255
+# Values a generated data set may hold (samples x channels x side^2): 2**28 floats = 1 GiB.
+MAX_GENERATED_VALUES = 2**28
+# Defaults of the generated sets (normcore.data.loader): (channels, image side).
+GENERATED_DEFAULTS = {"synthetic": (3, 16), "brightness": (1, 16), "sr-synthetic": (3, 32)}
+GENERATED_DEFAULT_SAMPLES = 1024
 
 ARCHS = ("convblock", "lenet", "vgg11", "resnet20", "resnet18", "edsr")
 DATASETS = (
@@ -52,7 +60,8 @@ EXAMPLE_SPEC: dict[str, Any] = {
 class _Strict(BaseModel):
     """Base for spec sections: unknown keys are errors, so a typo never passes silently."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: NaN and Infinity (which Python's JSON parser accepts) are refused.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -66,7 +75,9 @@ class ModelSpec(_Strict):
         description='Normalization, any name make_norm accepts: "bn", "gn:8", "ln", "in", '
         '"frozen_bn", "brn", "ghost_bn:16", "sync_bn", "l2", "rms", "frn", "evo_b0", '
         '"evo_s0:8", "split_bn:2", "none", "bn(momentum=0.01)", or a dict such as '
-        '{"type": "batch", "momentum": 0.01}. edsr defaults to "none".',
+        '{"type": "batch", "momentum": 0.01}. edsr defaults to "none". At most 200 '
+        "characters; arguments are bounded (normcore.norm_bounds: split_bn at most 32 splits, "
+        "groups at most 8192, finite numbers; device and dtype are the service's).",
     )
     conv: Literal["standard", "std"] = Field(
         default="standard",
@@ -101,7 +112,9 @@ class ModelSpec(_Strict):
     @classmethod
     def _check_norm(cls, value: NormChoice) -> NormChoice:
         from normcore.factory import validate_norm
+        from normcore.norm_bounds import check_spec_norm
 
+        check_spec_norm(value)  # length, shape and argument bounds before the full check
         validate_norm(value)
         return value
 
@@ -138,7 +151,11 @@ class DataSpec(_Strict):
         default=True, description="Per-channel input normalization from the train split."
     )
     num_samples: int | None = Field(
-        default=None, ge=2, le=1_000_000, description="Samples to generate (synthetic sets)."
+        default=None,
+        ge=2,
+        le=1_000_000,
+        description="Samples to generate (synthetic sets; default 1024). A generated set holds "
+        "at most 2**28 values (num_samples x channels x image_size^2).",
     )
     image_size: int | None = Field(
         default=None, ge=4, le=512, description="Image side (generated sets, image folders)."
@@ -157,11 +174,24 @@ class DataSpec(_Strict):
             return value
         if "\x00" in value:
             raise ValueError("path must not contain NUL bytes")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise ValueError("path must not contain control characters (newlines, tabs, ...)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("path must be valid Unicode (it holds a lone surrogate)") from None
         pure = PurePosixPath(value.replace("\\", "/"))
-        if pure.is_absolute() or ".." in pure.parts:
+        if pure.is_absolute() or PureWindowsPath(value).drive or ".." in pure.parts:
             raise ValueError(
-                f"path {value!r} must be relative to the data root and must not contain '..'"
+                f"path {value[:80]!r} must be relative to the data root and must not contain '..'"
             )
+        for part in pure.parts:
+            size = len(part.encode("utf-8"))
+            if size > MAX_PATH_COMPONENT_BYTES:
+                raise ValueError(
+                    f"path component {part[:40]!r}... is {size} bytes long; the limit is "
+                    f"{MAX_PATH_COMPONENT_BYTES} bytes per folder or file name"
+                )
         return value
 
     @model_validator(mode="after")
@@ -172,6 +202,19 @@ class DataSpec(_Strict):
             )
         if self.dataset not in FILE_DATASETS and self.path:
             raise ValueError(f"dataset {self.dataset!r} is built in and takes no data.path")
+        if self.dataset in GENERATED_DEFAULTS:
+            channels, side = GENERATED_DEFAULTS[self.dataset]
+            samples = self.num_samples or GENERATED_DEFAULT_SAMPLES
+            channels = self.channels or channels
+            side = self.image_size or side
+            values = samples * channels * side * side
+            if values > MAX_GENERATED_VALUES:
+                raise ValueError(
+                    f"data set {self.dataset!r} of num_samples={samples} x channels={channels} "
+                    f"x image_size={side}^2 holds {values:,} values; the limit is "
+                    f"{MAX_GENERATED_VALUES:,} (1 GiB of float32): lower data.num_samples, "
+                    "data.channels or data.image_size"
+                )
         return self
 
 
@@ -189,10 +232,12 @@ class OptimSpec(_Strict):
     )
     schedule: Literal["constant", "step", "cosine"] = "cosine"
     warmup_epochs: float = Field(default=0.0, ge=0.0, le=1000.0, description="Linear warm-up.")
-    step_epochs: int = Field(default=30, ge=1, description="Step schedule: epochs per decay.")
+    step_epochs: int = Field(
+        default=30, ge=1, le=10_000, description="Step schedule: epochs per decay."
+    )
     step_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="Step schedule factor.")
     grad_clip: float | None = Field(
-        default=None, gt=0.0, description="Clip the global gradient norm to this value."
+        default=None, gt=0.0, le=1e6, description="Clip the global gradient norm to this value."
     )
 
     @field_validator("betas")
@@ -232,7 +277,12 @@ class CheckpointSpec(_Strict):
     """When checkpoints are written and how many are kept."""
 
     every_epochs: int = Field(default=1, ge=1, le=10_000)
-    keep_last: int = Field(default=3, ge=1, le=1000)
+    keep_last: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Newest checkpoints kept; a server may set a lower maximum.",
+    )
     precise_bn_batches: int = Field(
         default=0, ge=0, le=10_000, description="Recalibrate BN over this many batches first."
     )

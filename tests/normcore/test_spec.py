@@ -176,3 +176,126 @@ def test_example_spec_is_design_md_verbatim() -> None:
     text = design.read_text(encoding="utf-8").split("A job spec, as a user writes it", 1)[1]
     block = text.split("```json", 1)[1].split("```", 1)[0]
     assert json.loads(block) == EXAMPLE_SPEC
+
+
+# --------------------------------------------------------------------------- bounds (issue 17)
+
+
+def _msg(data: dict[str, Any]) -> str:
+    return " | ".join(f"{loc}: {msg}" for loc, msg in _errors(data))
+
+
+@pytest.mark.parametrize(
+    ("norm", "expected"),
+    [
+        ("split_bn:100000", "num_splits must be an integer in [2, 32], got 100000"),
+        ("split_bn(num_splits=33)", "num_splits must be an integer in [2, 32]"),
+        ({"type": "split_bn", "num_splits": 10**400}, "got a huge integer"),
+        ("ghost_bn:5000", "virtual_batch_size must be an integer in [2, 4096]"),
+        ("gn:9000", "num_groups must be an integer in [1, 8192]"),
+        ("evo_s0:9000", "num_groups must be an integer in [1, 8192]"),
+        ("lrn:2000", "size must be an integer in [1, 1024]"),
+        ("brn(warmup_steps=10000000000)", "warmup_steps must be an integer in [0, 1e+09]"),
+        ("gn:8.5", "num_groups must be an integer"),
+        ("bn(eps=1e999)", "eps must be a finite number, got inf"),
+        ("bn(eps=2.0)", "eps must lie in [0, 1]"),
+        ({"type": "l2", "scale": float("nan")}, "scale must be a finite number"),
+        ("bn(device='cuda')", "'device' is set by the service"),
+        ({"type": "bn", "dtype": "float64"}, "'dtype' is set by the service"),
+        ({"type": "bn", "eps": [[[1e-3]]]}, "model.norm.eps must be a number"),
+        ({"type": "bn", "x y": 1}, "must be an identifier"),
+        ({"type": "bn", **{f"k{i}": 1 for i in range(20)}}, "the limit is 16"),
+        (
+            "bn(momentum=" + "-" * 5000 + "1)",
+            "model.norm is 5014 characters long; the limit is 200",
+        ),
+        ("1+" * 100000, "model.norm is 200000 characters long; the limit is 200"),
+        ("gn:8\u00e9", "printable ASCII"),
+        ("bn(small_batch='" + "x" * 100 + "')", "at most 64 characters"),
+    ],
+)
+def test_norm_arguments_are_bounded(norm: Any, expected: str) -> None:
+    """Each count a norm takes has a limit, refused by name at validation (the issue's
+    split_bn:100000 and the parser-breaking strings among them)."""
+    message = _msg(_with(model={"norm": norm}))
+    assert "model.norm" in message and expected in message, message
+
+
+@pytest.mark.parametrize(
+    "norm", ["split_bn:32", "ghost_bn:4096", "gn:8", "lrn:5", "bn(momentum=0.01, eps=1e-3)"]
+)
+def test_norm_arguments_at_the_limit_pass(norm: str) -> None:
+    JobSpec.model_validate(_with(model={"norm": norm}, data={"batch_size": 64}))
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("a" * 256, "is 256 bytes long; the limit is 255 bytes"),
+        ("ok/" + "\u00e9" * 128 + "/x", "is 256 bytes long"),
+        ("a/" * 600, "at most 1024 characters"),
+        ("a\nb", "control characters"),
+        ("a\x00b", "NUL"),
+        ("C:/data", "must be relative"),
+        ("/etc/passwd", "must be relative"),
+        ("x/../../etc", "must not contain '..'"),
+    ],
+)
+def test_data_path_is_bounded(path: str, expected: str) -> None:
+    """The issue's 256-character component and the rest: refused with a message, not an
+    OSError from the file system later."""
+    data = _with(data={"dataset": "mnist", "path": path})
+    message = _msg(data)
+    assert "data.path" in message and expected in message, message
+
+
+def test_data_path_at_the_component_limit_passes() -> None:
+    JobSpec.model_validate(_with(data={"dataset": "mnist", "path": "d/" + "a" * 255}))
+
+
+def test_generated_data_set_size_is_bounded() -> None:
+    """The issue's 100k x 4 x 32x32 synthetic set (5.2 GB in training) is over 2**28 values."""
+    data = _with(
+        data={"dataset": "synthetic", "num_samples": 100_000, "channels": 4, "image_size": 32}
+    )
+    message = _msg(data)
+    assert "409,600,000 values; the limit is 268,435,456" in message, message
+    ok = _with(
+        data={"dataset": "synthetic", "num_samples": 65_536, "channels": 4, "image_size": 32}
+    )
+    JobSpec.model_validate(ok)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"optim": {"lr": float("nan")}}, "optim.lr"),
+        ({"optim": {"grad_clip": float("inf")}}, "optim.grad_clip"),
+        ({"optim": {"betas": [0.9, float("nan")]}}, "optim.betas"),
+        ({"model": {"dropout": float("nan")}}, "model.dropout"),
+        ({"optim": {"step_epochs": 10**6}}, "optim.step_epochs"),
+        ({"checkpoint": {"keep_last": 101}}, "checkpoint.keep_last"),
+        ({"epochs": 10**30}, "epochs"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_numbers_are_finite_and_bounded(changes: dict[str, Any], field: str) -> None:
+    """NaN/Infinity (accepted by Python's JSON parser) and out-of-range ints name their field."""
+    fields = [loc for loc, _ in _errors(_with(**changes))]
+    assert any(loc.startswith(field) for loc in fields), fields
+
+
+def test_every_int_field_has_an_upper_bound() -> None:
+    """No integer in the schema is unbounded: each count a spec takes has a maximum."""
+    schema = spec_json_schema()
+    unbounded = []
+    for name, section in schema["$defs"].items():
+        for field, prop in section.get("properties", {}).items():
+            options = prop.get("anyOf", [prop])
+            for option in options:
+                if option.get("type") == "integer" and "maximum" not in option:
+                    unbounded.append(f"{name}.{field}")
+    for field, prop in schema["properties"].items():
+        if prop.get("type") == "integer" and "maximum" not in prop:
+            unbounded.append(field)
+    assert not unbounded, unbounded
