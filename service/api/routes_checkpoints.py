@@ -11,6 +11,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 
 from service.api.deps import OwnedJob, SettingsDep, StoreDep
+from service.api.headers import IfRangeHeader, RangeHeader, is_plain_name
 from service.api.routes_jobs import NOT_FOUND, UNAUTHORIZED, _err
 from service.api.schemas import CheckpointOut, StatsOut
 
@@ -26,10 +27,12 @@ _CKPT_NOT_FOUND = {
 
 
 def _checkpoint_or_404(store: Any, job_id: str, name: str) -> Any:
-    record = store.get_checkpoint(job_id, name)
+    # A name the worker never writes (NUL, '/', spaces...) cannot match: no query for it.
+    record = store.get_checkpoint(job_id, name) if is_plain_name(name) else None
     if record is None:
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, detail=f"checkpoint {name!r} of job {job_id!r} not found"
+            status.HTTP_404_NOT_FOUND,
+            detail=f"checkpoint {name[:80]!r} of job {job_id!r} not found",
         )
     return record
 
@@ -117,8 +120,14 @@ def download_checkpoint(
     store: StoreDep,
     settings: SettingsDep,
     if_none_match: Annotated[str | None, Header(max_length=1000)] = None,
+    byte_range: RangeHeader = None,
+    if_range: IfRangeHeader = None,
 ) -> Response:
-    """The model.safetensors of one checkpoint; supports If-None-Match and Range."""
+    """The model.safetensors of one checkpoint; supports If-None-Match, Range and If-Range.
+
+    ``Range`` and ``If-Range`` are declared for the OpenAPI document and bounded in length;
+    Starlette's FileResponse reads and answers them (206, 400 malformed, 416 past the end).
+    """
     record = _checkpoint_or_404(store, job.id, name)
     path = model_file(settings.artifact_dir, job.id, record)
     etag = f'"{record.sha256}"'
