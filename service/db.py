@@ -167,6 +167,14 @@ class Metric(Base):
     epoch: Mapped[float] = mapped_column(sa.Float)
     values: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
     time: Mapped[float] = mapped_column(sa.Float)
+    # The seq of the row this one superseded (same job, split and step), so a follower that
+    # read the old row knows this is its replacement; None for a first write.
+    replaces: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    # Set by a resumed attempt on the rows past its checkpoint: hidden from every read, kept
+    # only so the rewrite can name the seq it replaces (and dropped by that rewrite).
+    discarded: Mapped[bool] = mapped_column(
+        sa.Boolean, default=False, server_default=sa.false(), nullable=False
+    )
 
 
 class Checkpoint(Base):

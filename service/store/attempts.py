@@ -187,8 +187,9 @@ class AttemptStore(Database):
     def add_metrics(self, job_id: str, *, attempt: int, rows: Sequence[Mapping[str, Any]]) -> None:
         """Upsert metric rows (keys step, epoch, split, values, time) per (job, split, step).
 
-        A replaced row is deleted and inserted anew, so it gets a new, larger seq; rows of one call
-        get ascending seqs in step order. Raises ValueError for a malformed row (see
+        A replaced row (live, or discarded by a resume) is deleted and inserted anew, so it gets
+        a new, larger seq and ``replaces`` = the seq it supersedes; rows of one call get
+        ascending seqs in step order. Raises ValueError for a malformed row (see
         :func:`normalize_metric_row`), StaleAttempt/NotFound as every fenced write.
         """
         normalized: dict[tuple[str, int], dict[str, Any]] = {}
@@ -205,34 +206,48 @@ class AttemptStore(Database):
             by_split: dict[str, list[int]] = {}
             for r in ordered:
                 by_split.setdefault(r["split"], []).append(r["step"])
+            old: dict[tuple[str, int], int] = {}
             for split, steps in by_split.items():
                 for chunk in chunks(steps):
-                    conn.execute(
-                        sa.delete(metrics_t).where(
-                            metrics_t.c.job_id == job_id,
-                            metrics_t.c.split == split,
-                            metrics_t.c.step.in_(list(chunk)),
-                        )
+                    where = (
+                        metrics_t.c.job_id == job_id,
+                        metrics_t.c.split == split,
+                        metrics_t.c.step.in_(list(chunk)),
                     )
+                    for step, seq in conn.execute(
+                        sa.select(metrics_t.c.step, metrics_t.c.seq).where(*where)
+                    ):
+                        old[(split, step)] = seq
+                    conn.execute(sa.delete(metrics_t).where(*where))
             # One statement per row keeps seq assignment in this exact order on every backend.
             stmt = sa.insert(metrics_t)
             for r in ordered:
-                conn.execute(stmt, {"job_id": job_id, "attempt": attempt, **r})
+                replaces = old.get((r["split"], r["step"]))
+                conn.execute(
+                    stmt, {"job_id": job_id, "attempt": attempt, "replaces": replaces, **r}
+                )
 
         self._write(tx)
 
     def discard_metrics_after(self, job_id: str, *, attempt: int, step: int) -> int:
-        """Delete the job's metric rows past ``step`` (a resumed attempt starts there).
+        """Discard the job's metric rows past ``step`` (a resumed attempt starts there).
 
         Rows an earlier attempt wrote beyond the checkpoint a resume starts from describe
-        training that no longer counts; the resumed attempt writes those steps anew, and if it
-        stops earlier (cancelled, failed) none of the discarded rows linger. Returns the count.
+        training that no longer counts: they leave every read at once, and if the resumed
+        attempt stops earlier (cancelled, failed) none of them linger. They stay stored, hidden,
+        only so that the row rewriting a step can name the seq it replaces. Returns the count.
         """
 
         def tx(conn: Connection) -> int:
             fence(conn, job_id, attempt)
             res = conn.execute(
-                sa.delete(metrics_t).where(metrics_t.c.job_id == job_id, metrics_t.c.step > step)
+                sa.update(metrics_t)
+                .where(
+                    metrics_t.c.job_id == job_id,
+                    metrics_t.c.step > step,
+                    metrics_t.c.discarded.is_(False),
+                )
+                .values(discarded=True)
             )
             return int(res.rowcount or 0)
 

@@ -1,13 +1,14 @@
 """``Store``: the one object callers hold, composed of the store's parts.
 
-Each part (users, jobs, attempts and leases, recovery, results, workers) is a class over the same
-:class:`~service.store.database.Database`; ``Store`` inherits them all, so
+Each part (users, jobs, attempts and leases, recovery, results, workers, deletion) is a class over
+the same :class:`~service.store.database.Database`; ``Store`` inherits them all, so
 ``store.create_job(...)`` and ``store.claim_job(...)`` read as before the split.
 """
 
 from __future__ import annotations
 
 from service.store.attempts import AttemptStore
+from service.store.deletion import DeletionStore
 from service.store.jobs import JobStore
 from service.store.recovery import RecoveryStore
 from service.store.results import ResultStore
@@ -15,7 +16,9 @@ from service.store.users import UserStore
 from service.store.workers import WorkerStore
 
 
-class Store(UserStore, JobStore, AttemptStore, RecoveryStore, ResultStore, WorkerStore):
+class Store(
+    UserStore, JobStore, AttemptStore, RecoveryStore, ResultStore, WorkerStore, DeletionStore
+):
     """All service state: users and tokens, jobs, attempts, metrics, checkpoints, logs, workers.
 
     Every public method is one transaction (``requeue_expired`` and ``take_unpublished``: one

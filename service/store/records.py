@@ -78,6 +78,7 @@ class MetricRecord:
     split: str
     values: dict[str, Any]
     time: float
+    replaces: int | None = None  # seq of the row of the same (split, step) this one superseded
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,7 @@ def to_metric(row: Any) -> MetricRecord:
         split=m["split"],
         values=m["values"],
         time=m["time"],
+        replaces=m["replaces"],
     )
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from service.db import checkpoints, logs
+from service.db import checkpoints, jobs, logs
 from service.db import metrics as metrics_t
+from service.status import FINISHED_STATUSES
 from service.store.database import Database
 from service.store.records import (
     CheckpointRecord,
@@ -23,25 +25,50 @@ class ResultStore(Database):
     """Reads of metrics, checkpoints and logs."""
 
     def get_metrics(
-        self, job_id: str, *, after: int = 0, limit: int = 1000
+        self, job_id: str, *, after: int = 0, limit: int = 1000, final: bool = False
     ) -> tuple[list[MetricRecord], int]:
-        """Metric rows with seq > after, in seq order; returns (rows, last seq or after)."""
+        """Metric rows with seq > after, in seq order; returns (rows, last seq or after).
+
+        Rows a resume discarded are never returned. With ``final`` only rows no resume can
+        rewrite any more: all of them once the job is finished, else those at or before the
+        step of its newest recorded checkpoint (a resumed attempt starts from the newest valid
+        checkpoint and rewrites only the rows past it), none before the first checkpoint. A
+        job's rows are written in step order, so the final rows are a prefix of its rows in
+        seq order and ``after=next`` polling misses none of them.
+        """
         limit = max(1, min(int(limit), 10_000))
+        live = (
+            metrics_t.c.job_id == job_id,
+            metrics_t.c.seq > after,
+            metrics_t.c.discarded.is_(False),
+        )
         with self._read() as conn:
-            rows = conn.execute(
-                sa.select(metrics_t)
-                .where(metrics_t.c.job_id == job_id, metrics_t.c.seq > after)
-                .order_by(metrics_t.c.seq)
-                .limit(limit)
-            ).all()
+            bound = self._final_step(conn, job_id) if final else None
+            query = sa.select(metrics_t).where(*live)
+            if bound is not None:
+                query = query.where(metrics_t.c.step <= bound)
+            rows = conn.execute(query.order_by(metrics_t.c.seq).limit(limit)).all()
         items = [to_metric(r) for r in rows]
         return items, (items[-1].seq if items else after)
+
+    @staticmethod
+    def _final_step(conn: Connection, job_id: str) -> int | None:
+        """The last step whose rows are final (-1: none yet), or None when all are (the job
+        finished, or is gone). Read before the rows, so a job finishing meanwhile only delays
+        its last rows to the next poll."""
+        status = conn.execute(sa.select(jobs.c.status).where(jobs.c.id == job_id)).scalar()
+        if status is None or status in FINISHED_STATUSES:
+            return None
+        newest = conn.execute(
+            sa.select(sa.func.max(checkpoints.c.step)).where(checkpoints.c.job_id == job_id)
+        ).scalar()
+        return -1 if newest is None else int(newest)
 
     def last_metrics(self, job_id: str) -> dict[str, Any] | None:
         """The latest row of each split: {split: {seq, step, epoch, values, time}}, or None."""
         latest = (
             sa.select(metrics_t.c.split, sa.func.max(metrics_t.c.step).label("step"))
-            .where(metrics_t.c.job_id == job_id)
+            .where(metrics_t.c.job_id == job_id, metrics_t.c.discarded.is_(False))
             .group_by(metrics_t.c.split)
             .subquery()
         )
@@ -52,7 +79,7 @@ class ResultStore(Database):
                     latest,
                     sa.and_(metrics_t.c.split == latest.c.split, metrics_t.c.step == latest.c.step),
                 )
-                .where(metrics_t.c.job_id == job_id)
+                .where(metrics_t.c.job_id == job_id, metrics_t.c.discarded.is_(False))
                 .order_by(metrics_t.c.split)
             ).all()
         if not rows:
