@@ -34,8 +34,16 @@ SMALL_BATCH_POLICIES: tuple[str, ...] = ("error", "running_stats")
 
 
 def _blend_(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
-    """``running = (1 - factor) * running + factor * batch`` in place (torch.nn's update rule)."""
-    running.mul_(1.0 - factor).add_(batch.to(running.dtype) * factor)
+    """``running = (1 - factor) * running + factor * batch`` in place (torch.nn's update rule).
+
+    ``batch`` holds statistics accumulated in float32 (or float64); a half-precision buffer (a
+    model cast with ``.half()``) is blended in the batch's dtype and rounded once, as torch's
+    kernels do: a float16 variance of 9e4 times momentum 0.1 fits, 9e4 itself does not.
+    """
+    if running.dtype == batch.dtype:
+        running.mul_(1.0 - factor).add_(batch * factor)
+    else:
+        running.copy_(running.to(batch.dtype) * (1.0 - factor) + batch * factor)
 
 
 class _NormBase(nn.Module):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
+from .batchnorm import _blend_
 from .fastops import maximum, scale_shift, variance
 
 __all__ = ["EvoNorm2dB0", "EvoNorm2dS0"]
@@ -90,9 +91,7 @@ class EvoNorm2dB0(nn.Module):
                 )
             var_b = variance(x, (0, 2, 3))
             with torch.no_grad():
-                unbiased = var_b.detach() * (m / (m - 1))
-                rv = self.running_var
-                rv.mul_(1.0 - self.momentum).add_(unbiased.to(rv.dtype) * self.momentum)
+                _blend_(self.running_var, var_b.detach() * (m / (m - 1)), self.momentum)
         else:
             var_b = self.running_var.to(x.dtype)
         left = (var_b + self.eps).sqrt().view(_SHAPE)

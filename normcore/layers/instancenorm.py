@@ -98,10 +98,13 @@ class _InstanceNorm(_NormBase):
                     0.0,
                     self.eps,
                 )
+        # an empty batch leaves the running statistics alone, as BatchNorm does (torch.nn's
+        # InstanceNorm averages over zero samples and writes NaN into them)
+        keep = use_input_stats and input.shape[0] == 0
         out = F.instance_norm(
             input,
-            self.running_mean,
-            self.running_var,
+            None if keep else self.running_mean,
+            None if keep else self.running_var,
             self.weight,
             self.bias,
             use_input_stats,

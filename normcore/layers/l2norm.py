@@ -45,10 +45,14 @@ class L2Norm(nn.Module):
                 f"got input of size {tuple(input.shape)}"
             )
         shape = [1, self.num_channels] + [1] * (input.dim() - 2)
+        # half precision: the sum of squares in float32 (in float16, 300^2 overflows and 1e-4^2
+        # underflows, turning the output into zeros or NaN), the output in the input's dtype
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
         # same as F.normalize (norm clamped below at eps, so a zero vector gives 0, not NaN)
         # but about 1.6x faster on CPU: one reduction, then one fused-ish scaling pass
-        inv_norm = torch.rsqrt(input.square().sum(1, keepdim=True).clamp_min(self.eps**2))
-        return input * inv_norm * self.weight.view(shape)
+        inv_norm = torch.rsqrt(x.square().sum(1, keepdim=True).clamp_min(self.eps**2))
+        out = x * inv_norm * self.weight.to(x.dtype).view(shape)
+        return out if out.dtype == input.dtype else out.to(input.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, scale={self.scale}, eps={self.eps}"

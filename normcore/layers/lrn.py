@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -37,6 +38,11 @@ class LocalResponseNorm(nn.Module):
                 f"LocalResponseNorm({self.size}): expected input (N, C, *) with at least 3 "
                 f"dimensions, got {input.dim()}D input of size {tuple(input.shape)}"
             )
+        if input.dtype in (torch.float16, torch.bfloat16):
+            # squares and their window sums in float32: in float16, 300^2 overflows (torch's
+            # own LRN returns zeros there), and torch's CPU pooling has no half kernel at all
+            out = F.local_response_norm(input.float(), self.size, self.alpha, self.beta, self.k)
+            return out.to(input.dtype)
         return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
 
     def extra_repr(self) -> str:

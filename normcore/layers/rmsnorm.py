@@ -14,12 +14,30 @@ from .channelwise import rms_norm, rms_norm_2d
 
 __all__ = ["RMSNorm", "RMSNorm2d"]
 
+# the dtype torch computes a half-precision norm in (its "opmath" type)
+_OPMATH: dict[torch.dtype, torch.dtype] = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+}
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    """The eps ``torch.nn.RMSNorm(eps=None)`` uses for input of ``dtype``.
+
+    The machine epsilon of the op-math dtype: ``finfo(float32).eps`` (1.19e-7) for float16,
+    bfloat16 and float32, ``finfo(float64).eps`` for float64 (torch.nn.RMSNorm's docstring;
+    pytorch#155527), not ``finfo(dtype).eps``, which is 7.8e-3 for bfloat16.
+    """
+    return torch.finfo(_OPMATH.get(dtype, dtype)).eps
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square normalization over the trailing ``normalized_shape`` dims.
 
     ``y = x / sqrt(mean(x^2) + eps) * weight``; twin of ``torch.nn.RMSNorm`` (same constructor,
-    ``weight`` parameter and state dict). ``eps=None`` means ``torch.finfo(x.dtype).eps``.
+    ``weight`` parameter and state dict). ``eps=None`` means, as in torch.nn, the machine
+    epsilon of the op-math dtype: ``torch.finfo(torch.float32).eps`` for float16, bfloat16 and
+    float32 input, ``torch.finfo(torch.float64).eps`` for float64.
     """
 
     normalized_shape: tuple[int, ...]
@@ -62,7 +80,7 @@ class RMSNorm(nn.Module):
                 f"(*, {', '.join(map(str, self.normalized_shape))}), got input of size "
                 f"{tuple(input.shape)}; for a (N, C, H, W) conv map use RMSNorm2d(C)"
             )
-        eps = torch.finfo(input.dtype).eps if self.eps is None else self.eps
+        eps = default_eps(input.dtype) if self.eps is None else self.eps
         return rms_norm(input, self.normalized_shape, self.weight, eps)
 
     def extra_repr(self) -> str:
@@ -77,12 +95,13 @@ class RMSNorm2d(nn.Module):
     ``y[n, :, h, w] = x[n, :, h, w] / sqrt(mean_c(x^2) + eps) * weight`` with a learnable
     per-channel ``weight``; equals ``torch.nn.RMSNorm(C)`` on the NHWC permutation (same
     ``weight``). The output has the input's memory layout (channels_last stays channels_last).
+    ``eps=None`` picks torch.nn.RMSNorm's default (see ``default_eps``).
     """
 
     def __init__(
         self,
         num_channels: int,
-        eps: float = 1e-6,
+        eps: float | None = 1e-6,
         elementwise_affine: bool = True,
         device: Any = None,
         dtype: Any = None,
@@ -109,7 +128,8 @@ class RMSNorm2d(nn.Module):
                 f"RMSNorm2d({self.num_channels}): expected (N, {self.num_channels}, H, W) "
                 f"input, got input of size {tuple(input.shape)}"
             )
-        return rms_norm_2d(input, self.weight, self.eps)
+        eps = default_eps(input.dtype) if self.eps is None else self.eps
+        return rms_norm_2d(input, self.weight, eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

@@ -65,7 +65,9 @@ class SplitBatchNorm2d(BatchNorm2d):
                 f"expected (N, C, H, W) input with N divisible by {self.num_splits}, got input "
                 f"of size {tuple(input.shape)}"
             )
-        parts = input.split(n // self.num_splits)
+        # tensor_split gives exactly num_splits parts, empty ones for an empty batch (split(0)
+        # would give one), so every BN sees its part as torch's BatchNorm2d would
+        parts = input.tensor_split(self.num_splits)
         outs = [super().forward(parts[0])]
         outs += [bn(part) for bn, part in zip(self.aux_bn, parts[1:], strict=True)]
         out = torch.cat(outs)

@@ -89,10 +89,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 # average in: keep the buffers (decided on device, without a host sync)
                 ok = n > 1
                 unbiased = m2 / (n - 1).clamp(min=1)
-                new_mean = running_mean * (1.0 - momentum) + mean.to(running_mean.dtype) * momentum
-                new_var = running_var * (1.0 - momentum) + unbiased.to(running_var.dtype) * momentum
-                running_mean.copy_(torch.where(ok, new_mean, running_mean))
-                running_var.copy_(torch.where(ok, new_var, running_var))
+                # blended in the accumulation dtype and rounded once: a float16 buffer takes
+                # momentum * 9e4 but not 9e4 itself
+                new_mean = running_mean.to(acc) * (1.0 - momentum) + mean * momentum
+                new_var = running_var.to(acc) * (1.0 - momentum) + unbiased * momentum
+                running_mean.copy_(torch.where(ok, new_mean, running_mean.to(acc)))
+                running_var.copy_(torch.where(ok, new_var, running_var.to(acc)))
 
         scale = invstd if weight is None else invstd * weight.to(acc)
         y = (xa - mean.view(shape)) * scale.view(shape)
