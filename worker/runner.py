@@ -25,6 +25,7 @@ import multiprocessing.connection
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -412,7 +413,27 @@ def run_job(
         # but a pgid is never reused while a member of its group lives.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-    return _record(store, sup, proc.exitcode, outcome)
+    result = _record(store, sup, proc.exitcode, outcome)
+    if result == "stale":
+        _remove_if_deleted(store, settings, job_id)
+    return result
+
+
+def _remove_if_deleted(store: Store, settings: Settings, job_id: str) -> None:
+    """Remove the folder of a job deleted while this attempt ran (``DELETE /jobs/{id}``).
+
+    The API removes the folder at once, but the training process may have written a checkpoint
+    there before the deletion stopped it; with the child dead, this last writer removes it again.
+    A store that cannot be read leaves the folder alone.
+    """
+    try:
+        if store.get_job(job_id) is not None:
+            return
+    except Exception as exc:
+        log.warning("job %s: cannot tell whether it was deleted: %r", job_id, exc)
+        return
+    shutil.rmtree(settings.job_dir(job_id), ignore_errors=True)
+    log.info("job %s: deleted while running; its folder is removed", job_id)
 
 
 def _read_outcome(conn: multiprocessing.connection.Connection) -> dict[str, Any] | None:
