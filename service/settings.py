@@ -106,6 +106,17 @@ class Settings(BaseSettings):
         "and the GPU check at submit).",
     )
     max_active_jobs_per_user: int = Field(default=20, ge=1)
+    disk_quota_bytes_per_user: int | None = Field(
+        default=20 * 2**30,
+        ge=0,
+        description="Bytes a user's jobs may hold (their recorded checkpoint sizes plus log text); "
+        "at or over it, submits are refused with 429 until jobs are deleted. None: no quota.",
+    )
+    max_keep_last: int = Field(
+        default=10,
+        ge=1,
+        description="Largest checkpoint.keep_last a spec may ask for (422 above it).",
+    )
     visibility_timeout_seconds: float = Field(
         default=6 * 3600.0,
         gt=0,
