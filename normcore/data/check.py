@@ -39,8 +39,10 @@ if TYPE_CHECKING:
 # what the generated and bundled sets default to (normcore.data.loader's values)
 DEFAULT_SAMPLES = 1024
 DIGITS = (1797, 1, 8, 8, 10)  # samples, channels, height, width, classes
-# a CIFAR-10 python batch row: 3072 pixel bytes plus a label (about 1-3 pickle bytes)
-CIFAR_ROW_BYTES = 3073
+# bytes per image in a CIFAR-10 python batch: 3072 pixels plus its label and file name in the
+# pickle (the real data_batch_1 is 31,035,704 bytes for 10,000 images); sizes are approximate,
+# and overcounted for pickles written by Python 3 at protocol 2 (bytes stored as latin-1 text)
+CIFAR_ROW_BYTES = 3104
 CIFAR_CLASSES = 10
 MNIST_CLASSES = 10
 # label files read to count classes: MNIST's train labels are 60 kB

@@ -165,6 +165,21 @@ def open_regular(path: Path, label: str) -> IO[bytes]:
         raise
 
 
+def read_limited(stream: IO[bytes], limit: int, chunk: int = 1 << 20) -> bytes:
+    """Up to ``limit + 1`` bytes of ``stream``, read in chunks.
+
+    ``stream.read(n)`` sizes its buffer by ``n`` up front, so asking for "at most 4 GiB" in one
+    call reserves 4 GiB: under an address-space limit that alone fails.
+    """
+    parts = bytearray()
+    while len(parts) <= limit:
+        block = stream.read(min(chunk, limit + 1 - len(parts)))
+        if not block:
+            break
+        parts += block
+    return bytes(parts)
+
+
 def read_file(path: Path, label: str, *, max_bytes: int = MAX_DECOMPRESSED) -> bytes:
     """All bytes of a regular file of at most ``max_bytes``, read under the read timeout."""
 
@@ -175,7 +190,10 @@ def read_file(path: Path, label: str, *, max_bytes: int = MAX_DECOMPRESSED) -> b
                 raise ValueError(
                     f"{label}: {size:,} bytes is over the {max_bytes:,}-byte limit of one file"
                 )
-            return f.read(max_bytes + 1)
+            data = read_limited(f, max_bytes)
+            if len(data) > max_bytes:
+                raise ValueError(f"{label}: grew past the {max_bytes:,}-byte limit while read")
+            return data
 
     return call_with_timeout(work, label)
 
@@ -183,18 +201,22 @@ def read_file(path: Path, label: str, *, max_bytes: int = MAX_DECOMPRESSED) -> b
 # --------------------------------------------------------------------------- MNIST IDX
 
 
-def read_maybe_gzip(path: Path, label: str) -> bytes:
-    """The file's bytes, gunzipped when it starts with the gzip magic (whatever its name)."""
+def read_maybe_gzip(path: Path, label: str, limit: int = MAX_DECOMPRESSED) -> bytes:
+    """The file's bytes, gunzipped when it starts with the gzip magic (whatever its name).
+
+    At most ``limit`` bytes come out of the gzip stream: a small "gzip bomb" cannot fill the
+    memory.
+    """
     raw = read_file(path, label)
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-            data = f.read(MAX_DECOMPRESSED + 1)
+            data = read_limited(f, limit)  # type: ignore[arg-type]
     except (OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"{label}: corrupt gzip data ({exc})") from None
-    if len(data) > MAX_DECOMPRESSED:
-        raise ValueError(f"{label}: decompresses to more than {MAX_DECOMPRESSED >> 30} GiB")
+    if len(data) > limit:
+        raise ValueError(f"{label}: decompresses to more than {limit:,} bytes")
     return data
 
 
@@ -287,7 +309,8 @@ def read_idx(path: Path, label: str) -> np.ndarray:
             f"{label}: the header says shape {head.shape} ({head.data_bytes:,} bytes of data), "
             f"more than a {size:,}-byte gzip file can hold"
         )
-    return parse_idx(read_maybe_gzip(path, label), label)
+    # one byte more than the header promises, so trailing bytes are still caught
+    return parse_idx(read_maybe_gzip(path, label, head.header_bytes + head.data_bytes + 1), label)
 
 
 def _find(root: str | Path | None, folder: str, names: list[str]) -> tuple[Path, str] | None:
