@@ -19,10 +19,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.modules.batchnorm import _NormBase as _TorchNormBase
 
 from normcore.convert import is_norm_layer, norm_channels
-from normcore.layers.batchnorm import _NormBase
+from normcore.layers.batchnorm import _BatchNorm, _NormBase
+from normcore.layers.evonorm import EvoNorm2dB0
+from normcore.layers.frozen import FrozenBatchNorm2d
 
 __all__ = [
     "check_norm_buffers",
@@ -37,14 +40,25 @@ __all__ = [
 
 
 def _recalibratable(m: nn.Module) -> bool:
-    """A layer whose training forward updates running stats with ``momentum`` (BN kinds,
-    SyncBN, GhostBN, BatchRenorm, InstanceNorm with tracking). FrozenBatchNorm2d is not."""
+    """A layer ``recalibrate_bn`` recomputes: its training forward writes this batch's statistics
+    into its running buffers when ``momentum=1`` (see ``recalibrate_bn`` for the list)."""
+    if isinstance(m, _TorchNormBase | _NormBase):
+        return bool(m.track_running_stats) and _stat_tensors(m) == (True, True)
+    return isinstance(m, EvoNorm2dB0)
+
+
+def _stat_tensors(m: nn.Module) -> tuple[bool, bool]:
+    """Whether ``m`` holds a ``running_mean`` and a ``running_var`` tensor."""
     return (
-        isinstance(m, _TorchNormBase | _NormBase)
-        and m.track_running_stats
-        and m.running_mean is not None
-        and m.running_var is not None
+        isinstance(getattr(m, "running_mean", None), Tensor),
+        isinstance(getattr(m, "running_var", None), Tensor),
     )
+
+
+def _left_alone(m: nn.Module) -> bool:
+    """A layer with running statistics that ``recalibrate_bn`` cannot recompute (and warns
+    about). FrozenBatchNorm2d is not one: its statistics are fixed on purpose."""
+    return any(_stat_tensors(m)) and not _recalibratable(m) and not isinstance(m, FrozenBatchNorm2d)
 
 
 def _first_input(batch: Any) -> Any:
@@ -63,6 +77,58 @@ def _world_size(group: Any) -> int:
     return dist.get_world_size(group)
 
 
+class _Sums:
+    """One layer's per-batch statistics summed over a recalibration pass, fed by forward hooks.
+
+    With ``momentum=1`` a training forward leaves exactly this batch's statistics in the
+    running buffers; the post-hook adds them up. A call counts when its input is not empty and,
+    for the layers that count batches (``num_batches_tracked``), when that count moved: a batch
+    that fell back on the running statistics (``small_batch="running_stats"``) or an empty one
+    (torch counts it, but it has no statistics) adds nothing. Sums stay on the device (no host
+    sync per call), in float64 where the device has it.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        var = layer.running_var
+        acc = torch.float32 if var.device.type == "mps" else torch.float64
+        mean = getattr(layer, "running_mean", None)
+        self.mean = None if mean is None else torch.zeros(mean.shape, dtype=acc, device=var.device)
+        self.var = torch.zeros(var.shape, dtype=acc, device=var.device)
+        self.count = torch.zeros((), dtype=acc, device=var.device)
+        nbt = getattr(layer, "num_batches_tracked", None)
+        # InstanceNorm has the buffer but its forward never counts; EvoNorm-B0 has none
+        self.counts_batches = isinstance(layer, _TorchBatchNorm | _BatchNorm) and isinstance(
+            nbt, Tensor
+        )
+        self._nonempty = False
+        self._nbt: Tensor | None = None
+
+    def before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        self._nonempty = not isinstance(x, Tensor) or x.numel() > 0
+        if self.counts_batches:
+            self._nbt = module.num_batches_tracked.clone()
+
+    def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not (module.training and self._nonempty):
+            return
+        var = module.running_var.to(self.var.dtype)
+        mean = None if self.mean is None else module.running_mean.to(self.var.dtype)
+        if self.counts_batches:
+            assert self._nbt is not None
+            w = (module.num_batches_tracked - self._nbt).clamp(0, 1).to(self.var.dtype)
+            # where, not w * stats: buffers a call did not write may hold anything
+            var = torch.where(w > 0, var, 0.0)
+            mean = None if mean is None else torch.where(w > 0, mean, 0.0)
+            self.count.add_(w)
+        else:
+            self.count.add_(1.0)
+        self.var.add_(var)
+        if self.mean is not None and mean is not None:
+            self.mean.add_(mean)
+
+
 @torch.no_grad()
 def recalibrate_bn(
     model: nn.Module,
@@ -71,15 +137,41 @@ def recalibrate_bn(
     *,
     process_group: Any = None,
 ) -> nn.Module:
-    """Recompute the running statistics of every BN in ``model`` over ``num_batches`` batches.
+    """Recompute the running statistics of every batch-statistics layer over ``num_batches``.
 
-    Each layer's ``running_mean`` becomes the exact average of the per-batch means and its
-    ``running_var`` the average of the per-batch *unbiased* variances (fvcore's precise BN;
-    with equal batch sizes the mean equals the mean over all the data). Done by resetting the
-    statistics and running with ``momentum=None`` (cumulative average) in train mode under
-    ``no_grad``; momentum and every module's training flag are restored afterwards.
-    ``num_batches_tracked`` ends at its old value plus the number of updates, as if trained.
-    A layer no batch reached keeps its old statistics.
+    Precise BN: for each layer, with ``K`` the batches that reached it,
+    ``running_mean = (1/K) sum_k mu_k`` and ``running_var = (1/K) sum_k s2_k``, where ``mu_k``
+    is the layer's mean over batch k and ``s2_k = m/(m-1) sigma2_k`` its unbiased variance (m
+    values per channel): the inference statistics of Ioffe & Szegedy (2015, arXiv 1502.03167,
+    Algorithm 2: ``E[x] = E_B[mu_B]``, ``Var[x] = m/(m-1) E_B[sigma2_B]``; seed 004, step 4),
+    as fvcore's ``update_bn_stats`` computes them and Wu & Johnson (2021, "Rethinking 'Batch'
+    in BatchNorm", arXiv 2105.07576, section 3) call PreciseBN. With equal batch sizes
+    ``running_mean`` is the mean over all the data. The sums are taken in float64.
+
+    Covered, each with the statistics its own training forward writes with ``momentum=1``:
+
+    - BatchNorm1d/2d/3d, SyncBatchNorm (also synchronized across ranks), BatchRenorm2d,
+      SplitBatchNorm2d (its main BN sees split 0; each ``aux_bn`` is covered in its own
+      right), normcore's and torch.nn's, as above;
+    - GhostBatchNorm2d: ``mu_k`` the batch mean, ``s2_k`` its size-weighted average of the
+      virtual batches' unbiased variances;
+    - InstanceNorm1d/2d/3d with ``track_running_stats=True`` (normcore's and torch.nn's):
+      ``mu_k`` the batch average of the per-instance means, ``s2_k`` that of the per-instance
+      unbiased variances (what ``F.instance_norm`` averages into its buffers);
+    - EvoNorm2dB0: ``running_var`` only, the unbiased batch variance over (N, H, W).
+
+    Any other layer holding running statistics (a norm of your own, torchvision's
+    FrozenBatchNorm2d) is left as it is, with a warning naming it; normcore's
+    FrozenBatchNorm2d is left alone silently (fixed by design: ``unfreeze_norm`` first).
+
+    How: each covered layer's statistics are reset, its ``momentum`` set to 1 (its buffers then
+    hold the last batch's statistics) and forward hooks add them up; the model runs in train
+    mode under ``no_grad``. Momentum and every module's training flag are restored afterwards.
+    A call with an empty input, or one that fell back on the running statistics
+    (``small_batch="running_stats"``), adds nothing. ``num_batches_tracked`` ends at its old
+    value plus ``K`` for the BatchNorm kinds, as if trained (BatchRenorm2d's warm-up counts
+    from 0 during the pass); InstanceNorm's, which training never moves, is kept. A layer no
+    batch reached keeps its old statistics.
 
     Args:
         model: the model; modified in place (also returned).
@@ -87,36 +179,52 @@ def recalibrate_bn(
             the model's device.
         num_batches: how many batches to use (default: all of ``batches``), per rank.
         process_group: a torch.distributed group (``dist.group.WORLD`` for all ranks) whose
-            ranks' statistics are combined: each layer's averages are weighted by its number
-            of updates on each rank (one all-reduce), so every rank ends with the buffers one
-            process gets over the union of all ranks' batches. Every rank of the group must
-            call this, with any number of batches (zero included). None (default): each
-            process keeps its own statistics. SyncBatchNorm layers synchronize in their
-            forward, so with them every rank must run the same number of batches.
+            ranks' statistics are combined: each layer's sums and counts are added over the
+            ranks (one all-reduce), so every rank ends with the buffers one process gets over
+            the union of all ranks' batches. Every rank of the group must call this, with any
+            number of batches (zero included). None (default): each process keeps its own
+            statistics. SyncBatchNorm layers synchronize in their forward, so with them every
+            rank must run the same number of batches.
 
     Raises:
         ValueError: if no batch was seen (on any rank); the statistics are then unchanged.
     """
-    bns = [m for m in model.modules() if _recalibratable(m)]
-    if not bns:
+    skipped = [
+        f"{name or '<model>'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if _left_alone(m)
+    ]
+    if skipped:
+        warnings.warn(
+            "recalibrate_bn: left alone, not a layer it can recompute (see its docstring): "
+            + ", ".join(skipped),
+            stacklevel=2,
+        )
+    layers = [m for m in model.modules() if _recalibratable(m)]
+    if not layers:
         return model
     distributed = process_group is not None and _world_size(process_group) > 1
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     flags = {m: m.training for m in model.modules()}
     saved = [
         (
-            bn.momentum,
-            bn.running_mean.clone(),
-            bn.running_var.clone(),
-            None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone(),
+            m.momentum,
+            [b.clone() for b in _buffers_of(m)],
+            None
+            if getattr(m, "num_batches_tracked", None) is None
+            else m.num_batches_tracked.clone(),
         )
-        for bn in bns
+        for m in layers
     ]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
+    sums = [_Sums(m) for m in layers]
+    hooks = []
+    for m, s in zip(layers, sums, strict=True):
+        hooks.append(m.register_forward_pre_hook(s.before))
+        hooks.append(m.register_forward_hook(s.after))
+        _reset_stats(m)
+        m.momentum = 1.0
     seen = 0
-    ok = False
+    counts: list[int] = [0] * len(layers)
     try:
         model.train()
         it = iter(batches) if num_batches is None else itertools.islice(batches, num_batches)
@@ -126,23 +234,26 @@ def recalibrate_bn(
                 x = x.to(device)
             model(x)
             seen += 1
-        counts = [_updates(bn, seen) for bn in bns]
         total_seen = seen
         if distributed:
-            total_seen, counts = _combine_across_ranks(bns, counts, seen, process_group, device)
+            total_seen = _combine_across_ranks(sums, seen, process_group, device)
         if total_seen == 0:
             raise ValueError("recalibrate_bn got no batches; the running statistics are unchanged")
-        ok = True
+        counts = [round(c) for c in torch.stack([s.count for s in sums]).tolist()]
     finally:
-        for bn, (momentum, mean, var, nbt), n in zip(
-            bns, saved, counts if ok else [0] * len(bns), strict=True
-        ):
-            bn.momentum = momentum
-            if n == 0:  # failed, or no batch reached this layer: keep what it had
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
+        for h in hooks:
+            h.remove()
+        for m, s, (momentum, buffers, nbt), n in zip(layers, sums, saved, counts, strict=True):
+            m.momentum = momentum
+            if n > 0:
+                if s.mean is not None:
+                    m.running_mean.copy_(s.mean / n)
+                m.running_var.copy_(s.var / n)
+            else:  # failed, or no batch reached this layer: keep what it had
+                for b, old in zip(_buffers_of(m), buffers, strict=True):
+                    b.copy_(old)
             if nbt is not None:
-                bn.num_batches_tracked.copy_(nbt + n)
+                m.num_batches_tracked.copy_(nbt + n if s.counts_batches else nbt)
         for m, flag in flags.items():
             m.training = flag
     if num_batches is not None and seen < num_batches:
@@ -153,40 +264,41 @@ def recalibrate_bn(
     return model
 
 
-def _updates(bn: nn.Module, seen: int) -> int:
-    """How many batches updated ``bn``'s statistics in this pass (it may sit in a branch some
-    batches skip): its ``num_batches_tracked`` counted them from 0."""
-    nbt = getattr(bn, "num_batches_tracked", None)
-    return int(nbt) if isinstance(nbt, Tensor) else seen
+def _buffers_of(m: nn.Module) -> list[Tensor]:
+    """The running statistics ``m`` holds: [running_mean, running_var] or [running_var]."""
+    return [t for t in (getattr(m, "running_mean", None), m.running_var) if isinstance(t, Tensor)]
 
 
-def _combine_across_ranks(
-    bns: list[nn.Module], counts: list[int], seen: int, group: Any, device: torch.device
-) -> tuple[int, list[int]]:
-    """Replace each layer's local averages by the update-weighted averages over all ranks.
+def _reset_stats(m: nn.Module) -> None:
+    """Running mean 0, variance 1, count 0, as ``reset_running_stats`` does."""
+    for name, value in (("running_mean", 0.0), ("running_var", 1.0), ("num_batches_tracked", 0)):
+        t = getattr(m, name, None)
+        if isinstance(t, Tensor):
+            t.fill_(value)
 
-    One all-reduce of ``[n * mean, n * var, n]`` per layer (float64) plus the batch count;
-    returns (total batches, total updates per layer).
+
+def _combine_across_ranks(sums: list[_Sums], seen: int, group: Any, device: torch.device) -> int:
+    """Add every layer's sums and counts over the ranks of ``group``, in place.
+
+    One all-reduce of ``[mean sums, var sums, count]`` per layer (float64) plus the batch count;
+    returns the total number of batches.
     """
-    parts = []
-    for bn, n in zip(bns, counts, strict=True):
-        parts += [bn.running_mean.double() * n, bn.running_var.double() * n]
-        parts.append(torch.tensor([float(n)], dtype=torch.float64, device=device))
+    parts: list[Tensor] = []
+    for s in sums:
+        if s.mean is not None:
+            parts.append(s.mean)
+        parts += [s.var, s.count.reshape(1)]
     parts.append(torch.tensor([float(seen)], dtype=torch.float64, device=device))
-    flat = torch.cat([t.to(device).flatten() for t in parts])
+    flat = torch.cat([t.to(device, torch.float64).flatten() for t in parts])
     dist.all_reduce(flat, dist.ReduceOp.SUM, group=group)
-    totals = []
     offset = 0
-    for bn in bns:
-        c = bn.running_mean.numel()
-        mean_sum, var_sum = flat[offset : offset + c], flat[offset + c : offset + 2 * c]
-        n = round(flat[offset + 2 * c].item())
-        offset += 2 * c + 1
-        if n > 0:
-            bn.running_mean.copy_((mean_sum / n).to(bn.running_mean.dtype))
-            bn.running_var.copy_((var_sum / n).to(bn.running_var.dtype))
-        totals.append(n)
-    return round(flat[offset].item()), totals
+    for s in sums:
+        for t in (s.mean, s.var, s.count):
+            if t is None:
+                continue
+            t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+    return round(flat[offset].item())
 
 
 @torch.no_grad()
