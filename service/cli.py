@@ -223,7 +223,7 @@ def serve(
     """
     from service.auth import InsecureConfigError, check_auth_allowed, ensure_admin_token
     from service.store import Store
-    from service.supervisor import ChildSpec, Supervisor
+    from service.supervisor import ChildSpec, Supervisor, listen
 
     os.umask(PRIVATE_UMASK)
     settings = _settings(data_dir, host=host, port=port)
@@ -253,18 +253,25 @@ def serve(
         "NORMCORE_AUTH": "true" if settings.auth else "false",
     }
     env.pop("NORMCORE_TOKEN", None)  # a client setting; the children need no token
+    try:
+        # Held here, not by uvicorn: the port stays bound (and requests queue) across restarts.
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        raise _fail(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from None
+    bound_port = sock.getsockname()[1]  # the one the kernel chose for --port 0
+    env["NORMCORE_PORT"] = str(bound_port)
     api_cmd = [
         sys.executable,
         "-m",
         "uvicorn",
         "service.api.app:create_app",
         "--factory",
-        "--host",
-        settings.host,
-        "--port",
-        str(settings.port),
+        "--fd",
+        str(sock.fileno()),
     ]
-    specs = [ChildSpec("api", api_cmd, env, stop_timeout=15.0)]
+    specs = [ChildSpec("api", api_cmd, env, stop_timeout=15.0, pass_fds=(sock.fileno(),))]
     if worker:
         # The worker stops first and gets the time a running job needs to checkpoint and exit.
         worker_cmd = [sys.executable, "-m", "worker"]
@@ -272,7 +279,7 @@ def serve(
     _supervisor_logging()
     supervisor = Supervisor(specs)
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{shown_host}:{settings.port}"
+    url = f"http://{shown_host}:{bound_port}"
 
     stopping = False
 
@@ -311,6 +318,7 @@ def serve(
     finally:
         console.print("stopping ...")
         supervisor.stop()
+        sock.close()
         for sig, handler in old.items():
             signal.signal(sig, handler)
 

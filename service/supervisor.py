@@ -8,6 +8,10 @@ reverse. A worker's job is not restarted here: its lease expires (``lease_second
 (the API's, or the new worker's) re-queues it as its next attempt, which resumes from its last
 checkpoint.
 
+The API's listening socket belongs to the supervisor (``listen``): uvicorn serves it through
+``--fd``, so the port stays bound while the API restarts, and a request sent in that gap waits in
+the kernel's accept queue and is answered by the next API process instead of being refused.
+
 Backoff (``Backoff``): a crash streak waits 1 s, 2 s, 4 s ... up to 30 s between restarts, so a
 child that cannot start (a broken install, a port taken) does not spin; a child that stayed up
 60 s before it died starts a new streak at 1 s. The same doubling-with-cap-and-reset shape as
@@ -31,6 +35,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -66,13 +71,14 @@ class ChildSpec:
 
     ``argv`` is run with ``env`` (None: this process's environment) in a session of its own, so
     a terminal's Ctrl-C reaches it only through the supervisor; ``stop_timeout`` is the seconds
-    between SIGTERM and SIGKILL at shutdown.
+    between SIGTERM and SIGKILL at shutdown; ``pass_fds`` stay open in the child.
     """
 
     name: str
     argv: list[str]
     env: dict[str, str] | None = None
     stop_timeout: float = 10.0
+    pass_fds: tuple[int, ...] = ()  # inherited file descriptors (a listening socket)
 
 
 @dataclass
@@ -107,6 +113,31 @@ def describe_exit(returncode: int) -> str:
         hint = " (kill -9 or the kernel's OOM killer)" if -returncode == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
     return f"exited with code {returncode}"
+
+
+def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A TCP socket listening on ``host``:``port`` (IPv4 or IPv6, as ``host`` resolves), for a
+    server child to inherit (``uvicorn --fd``). Raises OSError when the address is taken.
+
+    TCP_NODELAY is set here because uvicorn labels an inherited socket AF_UNIX and then skips
+    setting it; Linux copies it from the listening socket to each accepted connection.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -148,7 +179,12 @@ class Supervisor:
             self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
-        child.popen = subprocess.Popen(child.spec.argv, env=child.spec.env, start_new_session=True)
+        child.popen = subprocess.Popen(
+            child.spec.argv,
+            env=child.spec.env,
+            start_new_session=True,
+            pass_fds=child.spec.pass_fds,
+        )
         child.started_at = self.clock()
         child.restart_at = None
         child.pids.append(child.popen.pid)
