@@ -296,11 +296,19 @@ class _BatchNorm(_NormBase):
             return F.batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, True, 0.0, self.eps
             )
-        batch_mean = torch.zeros_like(running_mean)
-        batch_var = torch.ones_like(running_var)
-        out = F.batch_norm(
-            input, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps
-        )
+        weight, bias = self.weight, self.bias
+        if running_mean.dtype in (torch.float16, torch.bfloat16):
+            # half buffers (a model cast with .half()): the scratch ones in float32, or a batch
+            # variance float16 cannot hold (9e4) turns inf before the blend scales it down.
+            # torch's kernel wants float32 affine parameters with float32 buffers
+            running_dtype = torch.float32
+            weight = None if weight is None else weight.float()
+            bias = None if bias is None else bias.float()
+        else:
+            running_dtype = running_mean.dtype
+        batch_mean = torch.zeros_like(running_mean, dtype=running_dtype)
+        batch_var = torch.ones_like(running_var, dtype=running_dtype)
+        out = F.batch_norm(input, batch_mean, batch_var, weight, bias, True, 1.0, self.eps)
         with torch.no_grad():
             _blend_(running_mean, batch_mean, factor)
             _blend_(running_var, batch_var, factor)

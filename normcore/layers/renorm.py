@@ -119,8 +119,10 @@ class BatchRenorm2d(_BatchNorm):
         if isinstance(factor, Tensor):
             # momentum=None: scratch buffers take the batch statistics (momentum 1), then
             # they are blended with the tensor factor (compile-safe, no host sync)
-            batch_mean = torch.zeros_like(self.running_mean)
-            batch_var = torch.ones_like(self.running_var)
+            # float32 scratch for half buffers: a float16 one cannot hold a variance of 9e4
+            acc = torch.promote_types(self.running_mean.dtype, torch.float32)
+            batch_mean = torch.zeros_like(self.running_mean, dtype=acc)
+            batch_var = torch.ones_like(self.running_var, dtype=acc)
             x_hat, mean, invstd = torch.native_batch_norm(
                 input, None, None, batch_mean, batch_var, True, 1.0, self.eps
             )

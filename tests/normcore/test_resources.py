@@ -1,0 +1,117 @@
+"""``estimate_memory`` against what a real run holds: the data tensors the loader builds, the
+parameter, gradient and optimizer-state tensors after a real step, and the tensors autograd
+saves in a real forward."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+import pytest
+import torch
+
+from normcore.data import build_data
+from normcore.engine.optim import build_optimizer
+from normcore.models import build_model
+from normcore.resources import MB, estimate_memory, optimizer_slots, over_budget_message
+from normcore.spec import JobSpec
+
+
+def _spec(arch: str = "lenet", norm: str = "bn", **data: object) -> JobSpec:
+    dataset = "sr-synthetic" if arch == "edsr" else "synthetic"
+    return JobSpec.model_validate(
+        {
+            "model": {"arch": arch, "norm": norm},
+            "data": {"dataset": dataset, "batch_size": 8, "num_samples": 64, **data},
+        }
+    )
+
+
+def test_data_part_is_the_loaders_tensors() -> None:
+    spec = _spec(num_samples=200, channels=4, image_size=20)
+    estimate = estimate_memory(spec)
+    bundle = build_data(spec.data, seed=0)
+    tensors = sum(t.nbytes for t in (bundle.train_x, bundle.val_x))
+    # generated once as a whole, then indexed into the train and val copies
+    assert estimate.data_bytes == 2 * tensors
+
+
+@pytest.mark.parametrize(
+    "optim", [{"name": "sgd", "momentum": 0.9}, {"name": "sgd", "momentum": 0.0}, {"name": "adamw"}]
+)
+def test_model_part_is_params_grads_and_optimizer_state(optim: dict) -> None:
+    spec = _spec("resnet20", "gn:8").model_copy(
+        update={"optim": JobSpec.model_validate({**_spec().model_dump(), "optim": optim}).optim}
+    )
+    model = build_model(spec.model, in_channels=3)
+    optimizer = build_optimizer(model, spec.optim)
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    optimizer.step()
+    held = sum(p.nbytes + p.grad.nbytes for p in model.parameters())
+    for state in optimizer.state.values():
+        held += sum(v.nbytes for v in state.values() if isinstance(v, torch.Tensor) and v.dim())
+    estimate = estimate_memory(spec)
+    assert estimate.model_bytes == held
+    assert optimizer_slots(spec) == {"adamw": 2}.get(
+        optim["name"], int(optim.get("momentum", 0) > 0)
+    )
+
+
+@pytest.mark.parametrize(
+    ("arch", "norm"),
+    [("lenet", "bn"), ("resnet20", "gn:8"), ("vgg11", "bn"), ("convblock", "ln"), ("edsr", "none")],
+)
+def test_activation_part_covers_what_autograd_saves(arch: str, norm: str) -> None:
+    spec = _spec(arch, norm, image_size=16)
+    estimate = estimate_memory(spec)
+    model = build_model(spec.model, in_channels=3)
+    size = 8 if arch == "edsr" else 16  # edsr's input is the low-resolution image
+    x = torch.randn(spec.data.batch_size, 3, size, size)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    ratio = estimate.activation_bytes / sum(saved.values())
+    # an upper-side estimate: every leaf's output counts, some of which autograd frees
+    assert 0.9 <= ratio <= 2.5, ratio
+
+
+def test_a_huge_job_is_estimated_without_allocating_it() -> None:
+    spec = JobSpec.model_validate(
+        {
+            "model": {"arch": "resnet18", "norm": "bn"},
+            "data": {"dataset": "synthetic", "batch_size": 512, "image_size": 224},
+            "optim": {"name": "adamw"},
+        }
+    )
+    estimate_memory(spec)  # warm the imports
+    tracemalloc.start()
+    started = time.perf_counter()
+    estimate = estimate_memory(spec)
+    seconds = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert estimate.total_bytes > 10 * 2**30
+    assert peak < 50 * MB and seconds < 5, (peak, seconds)
+    assert estimate.parameters == 11_181_642  # torchvision's resnet18 with 10 classes
+
+
+def test_processes_multiply_and_message_has_every_part() -> None:
+    spec = JobSpec.model_validate(
+        {**_spec().model_dump(), "resources": {"device": "cpu", "gpus": 2}}
+    )
+    estimate = estimate_memory(spec)
+    assert estimate.processes == 2
+    assert estimate.total_bytes == 2 * estimate.per_process_bytes
+    mb = estimate.as_mb()
+    text = over_budget_message(estimate, 64 * MB)
+    for key in ("data_mb", "model_mb", "activations_mb", "total_mb"):
+        assert f"{mb[key]:.1f} MB" in text
+    assert "budget per job is 64.0 MB" in text and "x 2 processes" in text
