@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -288,6 +288,9 @@ class CheckpointSpec(_Strict):
     )
 
 
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$"
+
+
 class JobSpec(_Strict):
     """A whole training job: model, data, optimizer, epochs, seed, resources and checkpoints."""
 
@@ -297,6 +300,12 @@ class JobSpec(_Strict):
         max_length=200,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]*$",
         description="A label for people; need not be unique.",
+    )
+    tags: list[Annotated[str, Field(min_length=1, max_length=64, pattern=TAG_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Labels to find the job by (`GET /jobs?tag=`): at most 16, 1 to 64 "
+        "characters each, letters, digits and `._:+-`.",
     )
     model: ModelSpec = Field(description="The network: see **model** below.")
     data: DataSpec = Field(description="The data: see **data** below.")

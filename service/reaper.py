@@ -22,6 +22,7 @@ import threading
 
 from service.queue import enqueue
 from service.settings import Settings
+from service.status import JobStatus
 from service.store import Store
 
 log = logging.getLogger("service.reaper")
@@ -44,7 +45,7 @@ def reap_once(store: Store, settings: Settings) -> list[str]:
     broker_down = False
     for job_id in job_ids:
         job = store.get_job(job_id)
-        if job is None or job.status != "queued":
+        if job is None or job.status != JobStatus.QUEUED:
             continue
         if broker_down:  # one failed publish a round is enough; the next round retries them
             store.mark_enqueue_failed(job_id, "broker unreachable")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from normcore.engine import Callback
+from service.status import JobStatus
 from service.store import NotFound, StaleAttempt, Store
 
 log = logging.getLogger("worker.callbacks")
@@ -142,7 +143,7 @@ class StoreCallback(Callback):
 
     def _poll_cancel(self) -> None:
         job = self.store.get_job(self.job_id)
-        if job is None or job.attempt != self.attempt or job.status != "running":
+        if job is None or job.attempt != self.attempt or job.status != JobStatus.RUNNING:
             # Someone else owns the job now (the lease expired and it was re-queued or finished).
             self._stale()
             return

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from service.settings import Settings
+from service.status import JobStatus
 from service.store import NotFound, StaleAttempt, Store
 
 log = logging.getLogger("worker.runner")
@@ -241,7 +242,7 @@ def _run_attempt(cfg: dict[str, Any], stop: threading.Event, report: Any) -> int
         with contextlib.suppress(Exception):
             callback.close()
         # Bounded, so the message fits the pipe's buffer before the parent reads it.
-        report({"status": "failed", "error": error[:MAX_ERROR_CHARS]})
+        report({"status": JobStatus.FAILED, "error": error[:MAX_ERROR_CHARS]})
         return EXIT_FAILED
     finally:
         engine_log.removeHandler(handler)
@@ -456,14 +457,16 @@ def _record(
     if sup.stale or status == "stale":
         log.warning("job %s: attempt %d lost its lease; wrote nothing", job_id, attempt)
         return "stale"
-    if status == "succeeded" and exitcode == EXIT_OK:
-        return _finish(store, job_id, attempt, "succeeded", None)
-    if status == "failed":
-        return _finish(store, job_id, attempt, "failed", str(outcome.get("error") or "failed"))
+    if status == JobStatus.SUCCEEDED and exitcode == EXIT_OK:
+        return _finish(store, job_id, attempt, JobStatus.SUCCEEDED, None)
+    if status == JobStatus.FAILED:
+        return _finish(
+            store, job_id, attempt, JobStatus.FAILED, str(outcome.get("error") or "failed")
+        )
     # The child stopped early (status "cancelled") or died without a word (status None).
     cancel = sup.cancel_seen or bool(outcome.get("cancel_requested"))
     if cancel or _cancel_requested(store, job_id):
-        return _finish(store, job_id, attempt, "cancelled", None)
+        return _finish(store, job_id, attempt, JobStatus.CANCELLED, None)
     if sup.flags.warm.is_set() or sup.flags.cold.is_set():
         _safe_log(
             store,
@@ -474,14 +477,14 @@ def _record(
         )
         log.warning("job %s: worker shutting down; left for the reaper to re-queue", job_id)
         return "shutdown"
-    if status == "cancelled":
+    if status == JobStatus.CANCELLED:
         error = "training process stopped by SIGTERM from outside the worker, without a cancel"
     elif exitcode is not None and exitcode < 0:
         num = -exitcode
         error = f"training process killed by signal {num} ({_signal_name(num)})"
     else:
         error = f"training process exited with code {exitcode} and no result; see the job's logs"
-    return _finish(store, job_id, attempt, "failed", error)
+    return _finish(store, job_id, attempt, JobStatus.FAILED, error)
 
 
 def _cancel_requested(store: Store, job_id: str) -> bool:

@@ -12,12 +12,16 @@ from typing import Any
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import normcore
 from service import auth, queue
 from service.api import routes_checkpoints, routes_health, routes_jobs, routes_workers
+from service.api.deps import NoUnknownQuery
+from service.api.examples import UNKNOWN_PARAMETER
 from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
+from service.errors import Conflict, InvalidInput, LimitExceeded, ServiceError
 from service.reaper import Reaper
 from service.settings import Settings, get_settings
 from service.store import Store
@@ -166,6 +170,31 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
+# The status code of each domain error kind (service.errors); the first match wins.
+DOMAIN_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
+    (InvalidInput, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (LimitExceeded, status.HTTP_429_TOO_MANY_REQUESTS),
+    (Conflict, status.HTTP_409_CONFLICT),
+)
+
+
+async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A domain error as ``{"detail": exc.detail}`` with the status of its kind (DOMAIN_STATUS);
+    an unmapped kind is a 400, never a 500."""
+    assert isinstance(exc, ServiceError)
+    code = next(
+        (c for kind, c in DOMAIN_STATUS if isinstance(exc, kind)), status.HTTP_400_BAD_REQUEST
+    )
+    return JSONResponse({"detail": exc.detail}, status_code=code)
+
+
+def _document_unknown_parameter(app: FastAPI) -> None:
+    # Every route may answer 422 for an unknown query parameter; say so where FastAPI did not.
+    for route in app.routes:
+        if isinstance(route, APIRoute) and not any(str(code) == "422" for code in route.responses):
+            route.responses = {**route.responses, **UNKNOWN_PARAMETER}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API: migrate the store, wire routes, auth, body limit and metrics.
 
@@ -200,6 +229,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=normcore.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # A query parameter no route declares is a 422 naming it, never silently ignored.
+        dependencies=[NoUnknownQuery],
     )
     app.state.settings = settings
     app.state.store = store
@@ -211,10 +242,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
 
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(ServiceError, domain_error_handler)
     app.include_router(routes_health.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_checkpoints.router)
     app.include_router(routes_workers.router)
+    _document_unknown_parameter(app)
 
     # The last added is the outermost: metrics see every answer, 413 and 403 included, and the
     # body limit runs before anything reads the body.

@@ -1,15 +1,19 @@
-"""FastAPI dependencies: settings, the store, the current user and the caller's job."""
+"""FastAPI dependencies: settings, the store, the current user, the caller's job, and the check
+that refuses query parameters a route does not declare."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import auth
 from service.settings import Settings
-from service.store import Store
+from service.store import JobRecord, Store, UserRecord
 
 # auto_error=False: we answer 401 ourselves, with WWW-Authenticate and a useful message.
 bearer_scheme = HTTPBearer(
@@ -46,8 +50,11 @@ def get_current_user(
     store: StoreDep,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> Any:
-    """The user behind the bearer token, or the built-in local admin when auth is off."""
+) -> UserRecord:
+    """The user behind the bearer token, or the built-in local admin when auth is off.
+
+    Raises a 401 (with ``WWW-Authenticate: Bearer``) for a missing, invalid or revoked token.
+    """
     if not settings.auth:
         return request.app.state.local_user
     try:
@@ -56,10 +63,10 @@ def get_current_user(
         raise unauthorized(exc.detail) from None
 
 
-CurrentUser = Annotated[Any, Depends(get_current_user)]
+CurrentUser = Annotated[UserRecord, Depends(get_current_user)]
 
 
-def owner_filter(user: Any) -> Any:
+def owner_filter(user: UserRecord) -> int | None:
     """The owner_id to filter by: None (everyone) for admins, the user's id otherwise."""
     return None if user.admin else user.id
 
@@ -69,7 +76,7 @@ def job_not_found(job_id: str) -> HTTPException:
     return HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"job {job_id!r} not found")
 
 
-def get_owned_job(job_id: str, store: StoreDep, user: CurrentUser) -> Any:
+def get_owned_job(job_id: str, store: StoreDep, user: CurrentUser) -> JobRecord:
     """The job ``job_id`` if the caller may see it; 404 otherwise."""
     job = store.get_job(job_id, owner_id=owner_filter(user))
     if job is None:
@@ -77,4 +84,51 @@ def get_owned_job(job_id: str, store: StoreDep, user: CurrentUser) -> Any:
     return job
 
 
-OwnedJob = Annotated[Any, Depends(get_owned_job)]
+OwnedJob = Annotated[JobRecord, Depends(get_owned_job)]
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def declared_query_params(route: APIRoute) -> frozenset[str]:
+    """The query parameter names (aliases) a route reads, its dependencies' included (cached)."""
+    cached = getattr(route, "_normcore_query_names", None)
+    if cached is None:
+        cached = frozenset(_query_names(route.dependant))
+        route._normcore_query_names = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def reject_unknown_query_params(request: Request) -> None:
+    """Refuse (422) any query parameter the matched route does not declare.
+
+    A misspelt filter (``?stauts=running``) would otherwise be ignored silently and the client
+    would get every job. The error names each unknown parameter and lists the ones the route
+    takes. Installed as an app-wide dependency, so it holds on every route.
+    """
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = declared_query_params(route)
+    unknown = sorted({k for k in request.query_params if k not in known})
+    if not unknown:
+        return
+    takes = ", ".join(sorted(known)) or "none"
+    raise RequestValidationError(
+        [
+            {
+                "loc": ("query", name),
+                "msg": f"unknown query parameter {name!r}; this route takes: {takes}",
+                "type": "unknown_parameter",
+                "input": request.query_params.get(name),
+            }
+            for name in unknown
+        ]
+    )
+
+
+NoUnknownQuery = Depends(reject_unknown_query_params)

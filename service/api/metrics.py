@@ -12,9 +12,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.status import JOB_STATUSES
+
 log = logging.getLogger(__name__)
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATUSES = tuple(str(s) for s in JOB_STATUSES)
 UNMATCHED = "<unmatched>"
 
 

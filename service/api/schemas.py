@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-FINISHED = ("succeeded", "failed", "cancelled")
+from service.status import FINISHED_STATUSES, JobStatus
+
+FINISHED = FINISHED_STATUSES  # the terminal states, for older imports
 
 
 class _Out(BaseModel):
@@ -52,6 +53,11 @@ class JobOut(_Out):
     attempt: int
     error: str | None = None
     status_reason: str | None = None
+    enqueue_error: str | None = Field(
+        default=None,
+        description="The broker's error of the last failed publish of a queued job (a reaper "
+        "publishes it again); null once a message went out.",
+    )
     cancel_requested: bool = False
     created_at: datetime
     updated_at: datetime | None = None
@@ -83,7 +89,7 @@ class MetricOut(_Out):
 
     seq: int
     step: int
-    epoch: int | float | None = None
+    epoch: int | None = Field(default=None, description="The 1-based epoch the row belongs to.")
     split: str
     values: dict[str, Any]
     time: datetime | float | None = None

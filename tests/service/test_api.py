@@ -317,7 +317,7 @@ def test_list_pages_with_cursor_newest_first(api: Api) -> None:
 def test_metrics_polling_with_after(api: Api) -> None:
     job_id, attempt = running_job(api)
     rows = [
-        {"step": s, "epoch": s / 10, "split": "train", "values": {"loss": 1.0 / s}, "time": 1.0}
+        {"step": s, "epoch": 1 + s // 3, "split": "train", "values": {"loss": 1.0 / s}, "time": 1.0}
         for s in range(1, 6)
     ]
     api.store.add_metrics(job_id, attempt=attempt, rows=rows)
@@ -329,6 +329,9 @@ def test_metrics_polling_with_after(api: Api) -> None:
         assert [r["step"] for r in rest["items"]] == [3, 4, 5]
         assert rest["items"][0]["values"] == {"loss": pytest.approx(1 / 3)}
         assert rest["items"][0]["split"] == "train"
+        # epoch counts epochs: an int in JSON (2, never 2.0), as the worker writes it.
+        assert [r["epoch"] for r in first["items"] + rest["items"]] == [1, 1, 2, 2, 2]
+        assert all(type(r["epoch"]) is int for r in rest["items"])
         # Nothing new: same cursor back, no rows.
         empty = c.get(f"/jobs/{job_id}/metrics", params={"after": rest["next"]}).json()
         assert empty == {"items": [], "next": rest["next"]}
@@ -336,7 +339,7 @@ def test_metrics_polling_with_after(api: Api) -> None:
         api.store.add_metrics(
             job_id,
             attempt=attempt,
-            rows=[{"step": 5, "epoch": 0.5, "split": "train", "values": {"loss": 0.1}}],
+            rows=[{"step": 5, "epoch": 2.0, "split": "train", "values": {"loss": 0.1}}],
         )
         again = c.get(f"/jobs/{job_id}/metrics", params={"after": rest["next"]}).json()
         assert [(r["step"], r["values"]["loss"]) for r in again["items"]] == [(5, 0.1)]
@@ -344,6 +347,13 @@ def test_metrics_polling_with_after(api: Api) -> None:
         detail = c.get(f"/jobs/{job_id}").json()
         assert detail["status"] == "running" and detail["attempt"] == 1
         assert detail["last_metrics"]["train"]["values"] == {"loss": 0.1}
+        assert type(detail["last_metrics"]["train"]["epoch"]) is int
+        with pytest.raises(ValueError, match="whole"):  # a fractional epoch is refused
+            api.store.add_metrics(
+                job_id,
+                attempt=attempt,
+                rows=[{"step": 6, "epoch": 0.5, "split": "train", "values": {}}],
+            )
         assert c.get(f"/jobs/{job_id}/metrics", params={"after": -1}).status_code == 422
         assert c.get(f"/jobs/{job_id}/metrics", params={"limit": 0}).status_code == 422
 
@@ -524,7 +534,7 @@ def test_events_stream_metrics_and_status_until_finished(api: Api) -> None:
     api.store.add_metrics(
         job_id,
         attempt=attempt,
-        rows=[{"step": 1, "epoch": 0.5, "split": "train", "values": {"loss": 2.0}}],
+        rows=[{"step": 1, "epoch": 1, "split": "train", "values": {"loss": 2.0}}],
     )
 
     def later() -> None:
@@ -532,7 +542,7 @@ def test_events_stream_metrics_and_status_until_finished(api: Api) -> None:
         api.store.add_metrics(
             job_id,
             attempt=attempt,
-            rows=[{"step": 2, "epoch": 1.0, "split": "val", "values": {"accuracy": 0.5}}],
+            rows=[{"step": 2, "epoch": 1, "split": "val", "values": {"accuracy": 0.5}}],
         )
         time.sleep(0.6)
         api.store.finish_job(job_id, attempt=attempt, status="succeeded")

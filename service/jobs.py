@@ -1,0 +1,190 @@
+"""Submitting a job: validation beyond the spec's schema, quota, idempotency, enqueue.
+
+``submit`` is what ``POST /jobs`` calls; it raises the domain errors of :mod:`service.errors`
+(``app.py`` maps them to 422, 429, 409) and never touches HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from normcore.spec import JobSpec
+from service import queue
+from service.errors import Conflict, InvalidInput, LimitExceeded
+from service.settings import Settings
+from service.status import JobStatus
+from service.store import (
+    IdempotencyConflict,
+    JobRecord,
+    QuotaExceeded,
+    Store,
+    UserRecord,
+    waiting_reason,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What ``submit`` did: the job, and whether it was created now (False: an idempotent replay)."""
+
+    job: JobRecord
+    created: bool
+
+
+def canonical_hash(spec: JobSpec) -> str:
+    """sha256 of the canonical JSON of a validated spec: the Idempotency-Key request hash.
+
+    Empty ``tags`` are left out, so a spec hashes as it did before the field existed.
+    """
+    data = spec.model_dump(mode="json")
+    if not data.get("tags"):
+        data.pop("tags", None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_data_path(spec: JobSpec, data_root: Path) -> None:
+    """Refuse a data.path that escapes the data root (symlinks included) or does not exist.
+
+    Raises InvalidInput at ["data", "path"].
+    """
+    if not spec.data.path:
+        return
+    root = Path(data_root).resolve()
+    target = (root / spec.data.path).resolve()
+    if not target.is_relative_to(root):
+        raise InvalidInput(
+            ["data", "path"],
+            f"data.path {spec.data.path!r} resolves outside the data root (through a symlink); "
+            "give a path that stays under the data root",
+        )
+    if not target.exists():
+        raise InvalidInput(
+            ["data", "path"],
+            f"data.path {spec.data.path!r} does not exist under the data root; "
+            "copy the dataset there first or fix the path",
+        )
+
+
+def check_gpu_capacity(spec: JobSpec, store: Store, settings: Settings) -> str | None:
+    """For a gpu-queue job: refuse (InvalidInput) more GPUs than the largest live gpu worker has.
+
+    Returns the status_reason to store with the job: "waiting for a gpu worker: none is live"
+    when no live worker with a GPU consumes the gpu queue (the job is accepted and waits), else
+    None. CPU jobs are not checked: there ``resources.gpus`` counts gloo processes.
+    """
+    queue_name = queue.queue_for(spec)
+    if queue_name == "cpu":
+        return None
+    largest = store.max_live_gpus("gpu", live_within_seconds=settings.worker_live_seconds)
+    if not largest:
+        return waiting_reason(queue_name)
+    wanted = spec.resources.gpus
+    if wanted > largest:
+        raise InvalidInput(
+            ["resources", "gpus"],
+            f"resources.gpus={wanted} but the largest live gpu worker has {largest} "
+            f"GPU{'s' if largest != 1 else ''}: ask for at most {largest}, or start a worker "
+            f"with {wanted} GPUs",
+        )
+    return None
+
+
+def count_parameters(spec: JobSpec) -> int:
+    """Parameters of the model a spec builds, counted on the meta device (no memory, ~10 ms)."""
+    import torch
+
+    from normcore.models import build_model
+
+    in_channels = spec.model.in_channels or spec.data.channels or 3
+    with torch.device("meta"):
+        model = build_model(spec.model, in_channels=in_channels)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model_size(spec: JobSpec, settings: Settings) -> None:
+    """Refuse (InvalidInput at ["model"]) a model over ``settings.max_model_parameters``."""
+    try:
+        params = count_parameters(spec)
+    except ValueError as exc:  # a spec the builder refuses: say why, as for any bad field
+        raise InvalidInput(["model"], str(exc)) from None
+    limit = settings.max_model_parameters
+    if params > limit:
+        raise InvalidInput(
+            ["model"],
+            f"the model has {params:,} parameters and this server's limit is {limit:,}: "
+            "lower model.width or model.depth",
+        )
+
+
+def enqueue(store: Store, settings: Settings, job: JobRecord) -> None:
+    """Publish the job; if the broker refuses, record that on the job and leave it to the reapers.
+
+    The job is stored either way (the store is the source of truth), so the caller still gets
+    it: a reaper publishes it on its next round once the broker answers again.
+    """
+    try:
+        queue.enqueue(job.id, job.queue, settings)
+    except Exception as exc:
+        log.warning("enqueue of job %s failed, a reaper will retry: %r", job.id, exc)
+        store.mark_enqueue_failed(
+            job.id, f"{exc or type(exc).__name__}; published when the broker is back"
+        )
+        return
+    if job.enqueue_error is not None:
+        store.clear_enqueue_failed(job.id)
+
+
+def submit(
+    store: Store,
+    settings: Settings,
+    user: UserRecord,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+) -> Submission:
+    """Check, store and publish a job for ``user``; returns the job and whether it is new.
+
+    Checks, in order: data.path under the data root; the model's parameter count; GPU capacity
+    of the live workers. Then one store transaction does idempotency and the active-job quota
+    (``settings.max_active_jobs_per_user``) atomically with the insert. A replay (same key, same
+    spec) returns the existing job, published again if its last publish failed.
+
+    Raises InvalidInput (a bad field), LimitExceeded (the quota; numbers active and limit),
+    Conflict (the key was used for another spec).
+    """
+    check_data_path(spec, settings.data_root)
+    check_model_size(spec, settings)
+    waiting = check_gpu_capacity(spec, store, settings)
+    try:
+        job, created = store.create_job(
+            owner_id=user.id,
+            spec=spec.model_dump(mode="json"),
+            name=spec.name,
+            queue=queue.queue_for(spec),
+            idempotency_key=idempotency_key,
+            request_hash=canonical_hash(spec) if idempotency_key else None,
+            tags=spec.tags,
+            max_active=settings.max_active_jobs_per_user,
+            status_reason=waiting,
+        )
+    except QuotaExceeded as exc:
+        raise LimitExceeded(
+            f"you have {exc.active} queued or running jobs and the limit is {exc.limit}; "
+            "wait for some to finish or cancel them",
+            active=exc.active,
+            limit=exc.limit,
+        ) from None
+    except IdempotencyConflict:
+        raise Conflict(
+            f"Idempotency-Key {idempotency_key!r} was already used for a different job "
+            "spec; use a new key for a new job"
+        ) from None
+    if created or (job.status is JobStatus.QUEUED and job.enqueue_error is not None):
+        enqueue(store, settings, job)
+    return Submission(store.get_job(job.id) or job, created)
