@@ -311,6 +311,66 @@ def test_list_pages_with_cursor_newest_first(api: Api) -> None:
         assert c.get("/jobs", params={"cursor": "not-a-cursor"}).status_code == 400
 
 
+def test_list_filters_by_name_and_tag(api: Api) -> None:
+    with api.client("tagger") as c:
+        a = submit(c, {**SPEC, "name": "sweep-a", "tags": ["sweep", "bn"]})["id"]
+        b = submit(c, {**SPEC, "name": "sweep-b", "tags": ["sweep"]})["id"]
+        other = submit(c, {**SPEC, "name": "sweep-a"})["id"]
+        assert c.get(f"/jobs/{a}").json()["spec"]["tags"] == ["sweep", "bn"]
+
+        def ids(**params: Any) -> list[str]:
+            r = c.get("/jobs", params=params)
+            assert r.status_code == 200, r.text
+            return [j["id"] for j in r.json()["items"]]
+
+        assert ids(name="sweep-a") == [other, a]
+        assert ids(tag="sweep") == [b, a]
+        assert ids(tag="bn") == [a]
+        assert ids(tag="sweep", name="sweep-b") == [b]
+        assert ids(tag="sweep", status="cancelled") == []
+        assert ids(tag="nothing") == [] and ids(name="nobody") == []
+        # Paging within a filter.
+        page = c.get("/jobs", params={"tag": "sweep", "limit": 1}).json()
+        assert [j["id"] for j in page["items"]] == [b]
+        assert ids(tag="sweep", limit=1, cursor=page["next"]) == [a]
+    with api.client("someone-else") as c:
+        assert c.get("/jobs", params={"tag": "sweep"}).json()["items"] == []
+    with api.client("tagger") as c:
+        bad = c.post("/jobs", json={**SPEC, "tags": ["has space"]})
+        assert bad.status_code == 422 and errors_of(bad)[0]["loc"][:2] == ["tags", 0]
+        assert c.post("/jobs", json={**SPEC, "tags": ["t"] * 17}).status_code == 422
+        assert c.get("/jobs", params={"tag": ""}).status_code == 422
+
+
+def test_unknown_query_parameters_are_422_naming_them(api: Api) -> None:
+    with api.client() as c:
+        job_id = submit(c)["id"]
+        for path, params in [
+            ("/jobs", {"stauts": "running"}),
+            ("/jobs", {"owner": "bob", "limit": 5}),
+            (f"/jobs/{job_id}", {"verbose": "1"}),
+            (f"/jobs/{job_id}/metrics", {"since": "3"}),
+            (f"/jobs/{job_id}/logs", {"after": 0, "level": "error"}),
+            (f"/jobs/{job_id}/checkpoints", {"x": "1"}),
+            ("/workers", {"live": "true"}),
+            ("/healthz", {"probe": "1"}),
+        ]:
+            r = c.get(path, params=params)
+            assert r.status_code == 422, (path, r.status_code, r.text)
+            unknown = [k for k in params if k not in ("limit", "after")]
+            errors = errors_of(r)
+            assert [e["loc"] for e in errors] == [["query", k] for k in sorted(unknown)]
+            assert all(e["type"] == "unknown_parameter" for e in errors)
+            assert f"unknown query parameter {unknown[0]!r}" in errors[0]["msg"]
+        r = c.post(f"/jobs/{job_id}/cancel", params={"force": "1"})
+        assert r.status_code == 422 and "takes: none" in errors_of(r)[0]["msg"]
+        r = c.post("/jobs", json=SPEC, params={"dry_run": "1"})
+        assert r.status_code == 422 and errors_of(r)[0]["loc"] == ["query", "dry_run"]
+        # Declared parameters still work, and a 422 comes before authentication is needed.
+        assert c.get("/jobs", params={"limit": 1}).status_code == 200
+    assert httpx.get(f"{api.url}/jobs", params={"nope": "1"}).status_code == 422
+
+
 # -------------------------------------------------------------------------- metrics, logs
 
 

@@ -20,8 +20,8 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import service.store.jobs as store_jobs_mod
+from service.db import UTCDateTime, metadata
 from service.db import jobs as jobs_t
-from service.db import metadata
 from service.store import (
     MIGRATIONS_DIR,
     IdempotencyConflict,
@@ -193,6 +193,77 @@ def test_migrated_schema_matches_models(fresh_url: str) -> None:
         assert ("status",) in indexed["jobs"]
         assert ("job_id", "id") in indexed["logs"]
         assert ("token_hash",) in indexed["tokens"]
+    finally:
+        s.dispose()
+
+
+def _migrate_to(store: Store, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with store.engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+        conn.commit()
+
+
+def test_0004_moves_enqueue_failed_reasons_into_columns(fresh_url: str) -> None:
+    s = Store(fresh_url)
+    try:
+        _migrate_to(s, "0003")
+        now = datetime.now(UTC)
+        row = {
+            "owner_id": 1,
+            "name": "j",
+            "spec": {},
+            "queue": "cpu",
+            "attempt": 0,
+            "attempts": [],
+            "cancel_requested": False,
+            "created_at": now,
+            "updated_at": now,
+        }
+        with s.engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO users (id, name, admin, created_at) VALUES (1, 'a', :f, :t)"),
+                {"f": False, "t": now.replace(tzinfo=None)},
+            )
+        # Insert through the 0003 schema (no enqueue columns yet) with plain SQL.
+        old = sa.table(
+            "jobs",
+            *(sa.column(c) for c in ("id", "status", "status_reason", "owner_id", "name", "queue")),
+            *(sa.column(c) for c in ("attempt", "cancel_requested")),
+            sa.column("spec", sa.JSON()),
+            sa.column("attempts", sa.JSON()),
+            sa.column("created_at", UTCDateTime()),
+            sa.column("updated_at", UTCDateTime()),
+        )
+        with s.engine.begin() as conn:
+            for job_id, status, reason in [
+                ("a" * 32, "queued", "enqueue failed: Error 111 connecting to redis"),
+                ("b" * 32, "queued", "waiting for a gpu worker: none is live"),
+                ("c" * 32, "failed", "enqueue failed: but it is finished"),
+            ]:
+                conn.execute(
+                    sa.insert(old).values(id=job_id, status=status, status_reason=reason, **row)
+                )
+        s.upgrade()
+        failed = s.get_job("a" * 32)
+        assert failed is not None and failed.enqueue_error == "Error 111 connecting to redis"
+        assert failed.enqueue_failed_at is not None
+        assert failed.status_reason == "enqueue failed: Error 111 connecting to redis"
+        with s.engine.connect() as conn:
+            stored = conn.execute(sa.select(jobs_t.c.status_reason).where(jobs_t.c.id == "a" * 32))
+            assert stored.scalar_one() is None  # the state moved to the column
+        waiting = s.get_job("b" * 32)
+        assert waiting is not None and waiting.enqueue_error is None
+        assert waiting.status_reason == "waiting for a gpu worker: none is live"
+        finished = s.get_job("c" * 32)
+        assert finished is not None and finished.enqueue_error is None
+        s.clear_enqueue_failed("a" * 32)
+        assert s.get_job("a" * 32).status_reason is None  # type: ignore[union-attr]
     finally:
         s.dispose()
 
