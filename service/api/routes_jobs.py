@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Body, HTTPException, Query, Request, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
@@ -30,6 +30,7 @@ from service.api.examples import (
     UNAUTHORIZED,
     error_response,
 )
+from service.api.headers import IdempotencyKey, LastEventId, last_event_seq
 from service.api.schemas import (
     CheckpointOut,
     JobDetail,
@@ -76,14 +77,7 @@ def submit_job(
     store: StoreDep,
     settings: SettingsDep,
     user: CurrentUser,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            min_length=1,
-            max_length=200,
-            description="Retry-safe submission: the same key and body return the same job.",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Any:
     """Validate a job spec, store the job, enqueue it; 201 with the job.
 
@@ -284,15 +278,15 @@ async def stream_events(
     job: OwnedJob,
     store: StoreDep,
     after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
-    last_event_id: Annotated[str | None, Header(max_length=40)] = None,
+    last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     """``status`` events on each change and a ``metric`` event per new row (id = seq).
 
     A reconnecting client's ``Last-Event-ID`` resumes after that seq.
     """
-    if last_event_id and last_event_id.strip().isdigit():
-        # Clamped: a forged id beyond 64-bit range must not reach the database.
-        after = max(after, min(int(last_event_id.strip()), MAX_SEQ))
+    resume = last_event_seq(last_event_id, max_seq=MAX_SEQ)  # clamped; a forged id is ignored
+    if resume is not None:
+        after = max(after, resume)
     return EventSourceResponse(job_events(request, store, job.id, after), ping=15)
 
 
