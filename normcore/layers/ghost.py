@@ -72,7 +72,7 @@ class GhostBatchNorm2d(_BatchNorm):
                 return small
         n = input.shape[0]
         vbs = self.virtual_batch_size
-        if not batch_stats or n <= vbs:
+        if not batch_stats or n <= vbs or input.numel() == 0:
             return self._batch_norm(input, batch_stats)
 
         spatial = math.prod(input.shape[2:])

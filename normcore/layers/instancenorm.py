@@ -82,6 +82,11 @@ class _InstanceNorm(_NormBase):
                 f"got input of size {tuple(input.shape)}; instance statistics need at least 2 "
                 "positions per channel (use BatchNorm, or LayerNorm over the channels)"
             )
+        if input.numel() == 0:
+            # an empty batch: an empty output, zero weight and bias gradients, the running
+            # statistics left alone, as BatchNorm does (torch.nn's InstanceNorm raises an
+            # IndexError with affine=True and writes NaN into tracked statistics)
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         if input.dim() == 4:
             if not self.track_running_stats:
                 # own statistics, nothing to update: the fastest route for this layout
@@ -98,13 +103,10 @@ class _InstanceNorm(_NormBase):
                     0.0,
                     self.eps,
                 )
-        # an empty batch leaves the running statistics alone, as BatchNorm does (torch.nn's
-        # InstanceNorm averages over zero samples and writes NaN into them)
-        keep = use_input_stats and input.shape[0] == 0
         out = F.instance_norm(
             input,
-            None if keep else self.running_mean,
-            None if keep else self.running_var,
+            self.running_mean,
+            self.running_var,
             self.weight,
             self.bias,
             use_input_stats,

@@ -106,7 +106,7 @@ class BatchRenorm2d(_BatchNorm):
             small = self._small_batch_forward(input)
             if small is not None:
                 return small
-        if not self.training or input.shape[0] == 0:
+        if not self.training or input.numel() == 0:
             return self._batch_norm(input, self.training)
         assert self.running_mean is not None and self.running_var is not None
         r_max, d_max = self.limits()

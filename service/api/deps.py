@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import auth
+from service.api.headers import is_plain_name
 from service.settings import Settings
 from service.store import JobRecord, Store, UserRecord
 
@@ -78,6 +79,8 @@ def job_not_found(job_id: str) -> HTTPException:
 
 def get_owned_job(job_id: str, store: StoreDep, user: CurrentUser) -> JobRecord:
     """The job ``job_id`` if the caller may see it; 404 otherwise."""
+    if not is_plain_name(job_id):  # NUL, '/', non-ASCII: no such id, and PostgreSQL refuses NUL
+        raise job_not_found(job_id[:80])
     job = store.get_job(job_id, owner_id=owner_filter(user))
     if job is None:
         raise job_not_found(job_id)
