@@ -35,6 +35,8 @@ DATASETS = (
 FILE_DATASETS = ("mnist", "cifar10", "imagefolder", "npz")
 SR_ARCHS = ("edsr",)
 SR_DATASETS = ("sr-synthetic",)
+# a year: max_runtime's schema bound; a server's own cap is usually far lower
+MAX_RUNTIME_MINUTES = 525_600.0
 
 NormChoice = str | dict[str, Any]
 
@@ -311,6 +313,15 @@ class JobSpec(_Strict):
     data: DataSpec = Field(description="The data: see **data** below.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="See **optim** below.")
     epochs: int = Field(default=10, ge=1, le=10_000, description="Passes over the train split.")
+    max_runtime: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=MAX_RUNTIME_MINUTES,
+        description="Minutes of training (all attempts together) after which the job writes a "
+        "checkpoint and ends as timed_out; fractions allowed (0.5 = 30 s). Default: the "
+        "server's cap (NORMCORE_MAX_RUNTIME_MINUTES), which also bounds it; no limit when "
+        "training with normcore.train alone.",
+    )
     seed: int = Field(
         default=0, ge=0, le=2**31 - 1, description="Seeds weights, data order and augmentation."
     )

@@ -44,7 +44,7 @@ class MetricRow:
 class TrainResult:
     """The outcome of ``train``: status, progress, final metrics and the checkpoints it wrote."""
 
-    status: Literal["succeeded", "cancelled"]
+    status: Literal["succeeded", "cancelled", "timed_out"]
     epochs_completed: int
     global_step: int
     metrics: dict[str, float]

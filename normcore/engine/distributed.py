@@ -529,7 +529,7 @@ def run_distributed(
     kept = set(res["checkpoints"])
     metrics = {k: float(v) for k, v in res["metrics"].items()}
     return TrainResult(
-        status="cancelled" if res["status"] == "cancelled" else "succeeded",
+        status=res["status"] if res["status"] in ("cancelled", "timed_out") else "succeeded",
         epochs_completed=int(res["epochs_completed"]),
         global_step=int(res["global_step"]),
         metrics=metrics,

@@ -69,6 +69,7 @@ def train(
     *,
     data_root: str | Path | None = None,
     device: str | torch.device | None = None,
+    time_limit_s: float | None = None,
 ) -> TrainResult:
     """Train the model ``spec`` describes; checkpoints go to ``workdir/checkpoints/epoch-NNNN``.
 
@@ -81,13 +82,18 @@ def train(
             if there is none).
         data_root: where file datasets (mnist, cifar10, imagefolder, npz) are read from.
         device: overrides ``spec.resources.device`` ("auto", "cpu", "cuda", "cuda:1").
+        time_limit_s: seconds this run may train (counted from this call); default
+            ``spec.max_runtime`` minutes, or no limit. At the limit the run stops after the
+            current step, writes a checkpoint of that step and returns status "timed_out"
+            (a data-parallel run takes its limit from ``spec.max_runtime``).
 
     With ``spec.resources.gpus = k > 1`` the run is data-parallel over ``k`` spawned processes
     (NCCL on ``k`` GPUs, gloo on CPU), each with ``batch_size`` samples of a global batch of
     ``k * batch_size``; the callbacks stay in this process (see ``normcore.engine.distributed``).
 
     Returns:
-        a TrainResult with status "succeeded" or "cancelled" (a callback's ``should_stop``).
+        a TrainResult with status "succeeded", "cancelled" (a callback's ``should_stop``) or
+        "timed_out" (the time limit).
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
@@ -108,7 +114,17 @@ def train(
 
                 result = run_distributed(spec, workdir, cbs, resume, data_root, dev, started)
             else:
-                result = _run(spec, workdir, cbs, resume, data_root, dev, deterministic, started)
+                result = _run(
+                    spec,
+                    workdir,
+                    cbs,
+                    resume,
+                    data_root,
+                    dev,
+                    deterministic,
+                    started,
+                    time_limit_s=time_limit_s,
+                )
         except TrainingDiverged as exc:
             cbs.log(str(exc), logging.ERROR)
             raise
@@ -126,10 +142,14 @@ def _run(
     deterministic: bool,
     started: float,
     ddp: DistContext | None = None,
+    time_limit_s: float | None = None,
 ) -> TrainResult:
     # ddp: this process is one rank of a data-parallel run; its cbs relay to the caller (rank 0)
     # or are empty (other ranks), and only rank 0 writes checkpoints.
     rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
+    if time_limit_s is None and spec.max_runtime is not None:
+        time_limit_s = spec.max_runtime * 60.0
+    deadline = None if time_limit_s is None else started + time_limit_s
     seed_everything(spec.seed)
     bundle = build_data(
         spec.data, seed=spec.seed, data_root=data_root, task=spec.task, scale=spec.model.scale
@@ -153,9 +173,20 @@ def _run(
         loaded = _resume(resume, workdir, spec, model, optimizer, prec, steps_per_epoch, cbs)
         if loaded is not None:
             resumed_from, completed, step, metrics = loaded
+    # a checkpoint written at a time limit holds a step inside epoch completed + 1
+    start_step = (
+        step - completed * steps_per_epoch
+        if 0 < step - completed * steps_per_epoch < steps_per_epoch
+        else 0
+    )
     # the step runs the DDP wrapper; eval, precise BN and checkpoints use the model itself
     net = ddp.wrap(model) if ddp is not None else model
     _log_setup(spec, bundle, model, prec, deterministic, steps_per_epoch, cbs, world)
+    if deadline is not None:
+        cbs.log(
+            f"time limit {time_limit_s / 60:.2f} min: at it the run writes a checkpoint and "
+            "ends as timed_out"
+        )
     cbs.train_start(
         {
             "spec": spec.model_dump(mode="json"),
@@ -183,14 +214,20 @@ def _run(
     every = 1 if dev.type == "cpu" else CUDA_SYNC_EVERY
     rows = _TrainRows(cbs, batch_size * world, every, ddp)
     written: list[CheckpointInfo] = []
-    status: Literal["succeeded", "cancelled"] = "succeeded"
-    for epoch in range(completed + 1, spec.epochs + 1):
+    status: Literal["succeeded", "cancelled", "timed_out"] = "succeeded"
+    first_epoch = completed + 1
+    for epoch in range(first_epoch, spec.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
         meter = _Meter(spec.task, dev)
         rows.restart_timer()
         for x, y in bundle.train_batches(
-            epoch - 1, batch_size, rank=rank, world_size=world, device=dev
+            epoch - 1,
+            batch_size,
+            rank=rank,
+            world_size=world,
+            device=dev,
+            start_step=start_step if epoch == first_epoch else 0,
         ):
             lr = lr_at(step, spec.optim, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:
@@ -209,15 +246,39 @@ def _run(
 
             meter.add(loss, out, y)
             rows.add(step, epoch, loss, lr)
-            stop = cbs.should_stop()
+            timed_out = deadline is not None and time.perf_counter() >= deadline
+            stop = cbs.should_stop() or timed_out
             if ddp is not None:  # rank 0 decides, so every rank stops after the same step
                 stop = ddp.agree_stop(stop)
             if stop:
-                status = "cancelled"
+                status = "timed_out" if timed_out else "cancelled"
                 break
         rows.flush()
         if status == "cancelled":
             cbs.log(f"cancelled at step {step} (epoch {epoch}); no checkpoint written for it")
+            break
+        if status == "timed_out":
+            cbs.log(
+                f"time limit of {time_limit_s / 60:.2f} min reached at step {step} (epoch "
+                f"{epoch}): writing a checkpoint of this step and ending as timed_out"
+            )
+            if ddp is None or ddp.is_main:
+                info = _save(
+                    workdir,
+                    spec,
+                    model,
+                    optimizer,
+                    prec,
+                    completed,
+                    step,
+                    metrics,
+                    in_channels,
+                    bundle,
+                    partial_epoch=step != completed * steps_per_epoch,
+                )
+                written.append(info)
+                cbs.checkpoint(info)
+                cbs.log(f"checkpoint {info.path}")
             break
 
         _precise_bn(spec, bundle, model, prec, epoch, cbs, ddp)
@@ -299,6 +360,8 @@ def _log_setup(
         f"{spec.data.dataset}: {bundle.num_train} train / {bundle.num_val} val samples, "
         f"{steps_per_epoch} steps per epoch, {spec.epochs} epochs"
     )
+    for note in [*getattr(bundle, "notes", []), *_model_notes(spec, model)]:
+        cbs.log(f"note: {note}")
     if world > 1:
         from normcore.engine.distributed import wants_sync_bn
 
@@ -310,6 +373,25 @@ def _log_setup(
         )
     elif spec.resources.sync_bn:
         cbs.log("warning: resources.sync_bn has no effect with one process (resources.gpus=1)")
+
+
+def _model_notes(spec: JobSpec, model: nn.Module) -> list[str]:
+    """Layers the model left without the norm the spec asked for (a line each in the log)."""
+    from normcore.models.blocks import FeatureNorm
+
+    if spec.model.norm in ("none", {"type": "none"}):
+        return []
+    plain = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, FeatureNorm) and isinstance(m.norm, nn.Identity)
+    ]
+    if not plain:
+        return []
+    return [
+        f"norm {spec.model.norm!r} has one value per channel and sample after a fully connected "
+        f"layer, where it would output a constant: {', '.join(plain)} are identity (no norm)"
+    ]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -487,7 +569,10 @@ def _save(
     metrics: dict[str, float],
     in_channels: int,
     bundle: Any,
+    *,
+    partial_epoch: bool = False,
 ) -> CheckpointInfo:
+    # partial_epoch: written at a time limit, ``step`` lies inside epoch ``epoch + 1``
     rng_tensors, rng_states = capture_rng()
     return save_checkpoint(
         workdir / "checkpoints",
@@ -504,6 +589,7 @@ def _save(
             "num_classes": spec.model.num_classes if spec.task == "classification" else None,
             "task": spec.task,
             "torch_threads": torch.get_num_threads(),
+            "partial_epoch": partial_epoch,
             "data": {
                 "image_size": bundle.image_size,
                 "mean": _floats(bundle.mean),
@@ -565,7 +651,12 @@ def _resume(
             f"{torch.get_num_threads()}: the run stays correct but is not bit-identical to "
             "an uninterrupted one"
         )
-    if ckpt.step != ckpt.epoch * steps_per_epoch:
+    into = ckpt.step - ckpt.epoch * steps_per_epoch
+    if ckpt.meta.get("partial_epoch") and 0 < into < steps_per_epoch:
+        cbs.log(
+            f"the checkpoint was written at a time limit, {into} steps into epoch {ckpt.epoch + 1}"
+        )
+    elif ckpt.step != ckpt.epoch * steps_per_epoch:
         cbs.log(
             f"warning: checkpoint step {ckpt.step} is not {ckpt.epoch} epochs of "
             f"{steps_per_epoch} steps: the data or batch size changed since it was written"
