@@ -189,17 +189,15 @@ def recalibrate_bn(
     Raises:
         ValueError: if no batch was seen (on any rank); the statistics are then unchanged.
     """
-    skipped = [
-        f"{name or '<model>'} ({type(m).__name__})"
-        for name, m in model.named_modules()
-        if _left_alone(m)
-    ]
-    if skipped:
+    alone = [(name, m) for name, m in model.named_modules() if _left_alone(m)]
+    if alone:
         warnings.warn(
             "recalibrate_bn: left alone, not a layer it can recompute (see its docstring): "
-            + ", ".join(skipped),
+            + ", ".join(f"{name or '<model>'} ({type(m).__name__})" for name, m in alone),
             stacklevel=2,
         )
+    # their own training forwards run during the pass: their buffers are put back afterwards
+    kept = [(b, b.clone()) for _, m in alone for b in m.buffers(recurse=False)]
     layers = [m for m in model.modules() if _recalibratable(m)]
     if not layers:
         return model
@@ -254,6 +252,8 @@ def recalibrate_bn(
                     b.copy_(old)
             if nbt is not None:
                 m.num_batches_tracked.copy_(nbt + n if s.counts_batches else nbt)
+        for b, old in kept:
+            b.copy_(old)
         for m, flag in flags.items():
             m.training = flag
     if num_batches is not None and seen < num_batches:
