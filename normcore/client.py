@@ -3,7 +3,7 @@
     from normcore.client import Client
     client = Client("http://127.0.0.1:8000", token="...")
     job = client.submit("spec.json")
-    for row in client.iter_metrics(job["id"]):
+    for row in client.iter_metrics(job["id"]):  # each (split, step) once, final values
         print(row["epoch"], row["split"], row["values"])
     path = client.download(job["id"])
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_URL", "ApiError", "Client", "JobFailed"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-FINISHED = ("succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled", "timed_out")
 
 
 class ApiError(Exception):
@@ -132,23 +132,51 @@ class Client:
             if not cursor:
                 return
 
-    def metrics(self, job_id: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
-        """Metric rows with ``seq > after``: ``{"items": [...], "next": seq}``."""
-        return self._request(
-            "GET", f"/jobs/{job_id}/metrics", params={"after": after, "limit": limit}
-        )
+    def metrics(
+        self, job_id: str, after: int = 0, limit: int = 1000, final: bool = False
+    ) -> dict[str, Any]:
+        """Metric rows with ``seq > after``: ``{"items": [...], "next": seq}``.
+
+        Each row carries its ``attempt`` and ``replaces`` (the seq of the row it supersedes, or
+        None). ``final=True`` asks only for rows no resume can rewrite any more (see
+        ``iter_metrics``).
+        """
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        if final:
+            params["final"] = "true"
+        return self._request("GET", f"/jobs/{job_id}/metrics", params=params)
 
     def iter_metrics(
-        self, job_id: str, poll: float = 1.0, until_done: bool = True, after: int = 0
+        self,
+        job_id: str,
+        poll: float = 1.0,
+        until_done: bool = True,
+        after: int = 0,
+        final: bool = True,
     ) -> Iterator[dict[str, Any]]:
-        """Each metric row exactly once, in seq order; with ``until_done`` keep polling until
-        the job finishes, else stop when no more rows are there now."""
+        """Follow a job's metric rows in seq order; with ``until_done`` keep polling until the
+        job finishes, else stop when no more rows are there now.
+
+        ``final=True`` (the default) yields each (split, step) once, with its final value: the
+        server hands out a row only once a checkpoint at or past its step is recorded, or the
+        job has finished, because a resumed attempt rewrites exactly the rows past the
+        checkpoint it resumes from. The rows followed are then the job's history (what
+        ``GET /jobs/{id}/metrics`` lists afterwards), so a plot or a sum over them is right; they
+        lag the training by up to one checkpoint interval. One exception: if a resume finds the
+        newest checkpoint corrupt and falls back to an older one, the rows it rewrites come
+        again, each with ``replaces`` set to the seq of the row it supersedes.
+
+        ``final=False`` yields every row as soon as it is written. A row rewritten by a resumed
+        attempt then comes again, with a larger ``attempt`` and ``replaces`` set to the seq of
+        the row it supersedes (same split and step): key the rows by (split, step) and let a
+        later row overwrite an earlier one.
+        """
         page_size = 1000
         while True:
             # Read the status first: rows written before the job finished are then in the drain.
             finished = until_done and self.get(job_id)["status"] in FINISHED
             while True:
-                page = self.metrics(job_id, after=after, limit=page_size)
+                page = self.metrics(job_id, after=after, limit=page_size, final=final)
                 yield from page["items"]
                 after = page["next"]
                 if len(page["items"]) < page_size:
@@ -173,6 +201,10 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask the job to stop (cancelled at once if still queued); returns the job."""
         return self._request("POST", f"/jobs/{job_id}/cancel")
+
+    def delete(self, job_id: str) -> None:
+        """Delete a job with its rows and files (a running job is stopped first); 404 raises."""
+        self._check(self._http.request("DELETE", f"/jobs/{job_id}"))
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         """The job's checkpoints: name, epoch, step, bytes, sha256, metrics."""

@@ -624,6 +624,19 @@ def train(ctx: typer.Context) -> None:
     normcore_app(args=["train", *ctx.args], prog_name="normcore")
 
 
+@app.command()
+def delete(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Delete a job with its metrics, logs, checkpoints and files (a running job is stopped)."""
+    client, creds = _client(url, token)
+    with _api_errors(creds):
+        client.delete(job_id)
+    console.print(f"job {job_id}: deleted")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -74,6 +74,8 @@ EXAMPLE_METRIC_PAGE: dict[str, Any] = {
             "split": "val",
             "values": {"loss": 0.35, "accuracy": 0.9},
             "time": 1767268805.2,
+            "attempt": 2,
+            "replaces": 17,
         }
     ],
     "next": 42,
@@ -93,7 +95,8 @@ EXAMPLE_LOG_PAGE: dict[str, Any] = {
 EXAMPLE_EVENTS = (
     'event: status\ndata: {"id": "3f2c...", "status": "running", '
     '"attempt": 1}\n\nevent: metric\nid: 42\ndata: {"seq": 42, "step": 45, '
-    '"epoch": 1, "split": "val", "values": {"accuracy": 0.9}, "time": 1.0}\n\n'
+    '"epoch": 1, "split": "val", "values": {"accuracy": 0.9}, "time": 1.0, "attempt": 1, '
+    '"replaces": null}\n\n'
 )
 
 

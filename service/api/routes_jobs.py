@@ -16,6 +16,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from normcore.spec import JobSpec, spec_json_schema
+from service import disk
 from service import jobs as job_service
 from service.api.deps import CurrentUser, OwnedJob, SettingsDep, StoreDep, owner_filter
 from service.api.examples import (
@@ -177,6 +178,22 @@ def cancel_job(job: OwnedJob, store: StoreDep) -> Any:
     return job_detail(store, store.request_cancel(job.id))
 
 
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a job with its rows and files",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+def delete_job(job: OwnedJob, store: StoreDep, settings: SettingsDep) -> Response:
+    """Delete the job, its metric rows, logs, checkpoints and files (owner or admin).
+
+    A running job is stopped: its worker's next heartbeat or write finds the job gone, kills
+    the training process and removes what it wrote since. 404 for another user's job.
+    """
+    disk.delete(store, settings, job.id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get(
     "/jobs/{job_id}/metrics",
     response_model=MetricPage,
@@ -192,9 +209,21 @@ def get_metrics(
     store: StoreDep,
     after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    final: Annotated[
+        bool,
+        Query(
+            description="Only rows no resume can rewrite: each (split, step) once, with its "
+            "final value (held until a checkpoint at or past its step, or the job's end)."
+        ),
+    ] = False,
 ) -> Any:
-    """Rows with ``seq > after``, oldest first; poll again with ``after=next``."""
-    rows, nxt = store.get_metrics(job.id, after=after, limit=limit)
+    """Rows with ``seq > after``, oldest first; poll again with ``after=next``.
+
+    A row a resumed attempt rewrote comes again under a new seq, with ``replaces`` = the seq
+    it supersedes; with ``final=true`` each (split, step) comes once (docs/service-contract.md,
+    "Followers").
+    """
+    rows, nxt = store.get_metrics(job.id, after=after, limit=limit, final=final)
     return MetricPage(items=[MetricOut.model_validate(r) for r in rows], next=nxt)
 
 
@@ -233,9 +262,10 @@ def _status_payload(job: JobRecord) -> str:
 
 
 async def job_events(
-    request: Request, store: Store, job_id: str, after: int
+    request: Request, store: Store, job_id: str, after: int, final: bool = False
 ) -> AsyncIterator[ServerSentEvent]:
-    """Poll the store and yield ``status`` and ``metric`` events until the job finishes."""
+    """Poll the store and yield ``status`` and ``metric`` events until the job finishes
+    (``final``: only final rows, as ``GET /jobs/{id}/metrics?final=true``)."""
     last_state: tuple[Any, ...] | None = None
     while True:
         job = await run_in_threadpool(store.get_job, job_id)
@@ -246,7 +276,9 @@ async def job_events(
             last_state = state
             yield ServerSentEvent(data=_status_payload(job), event="status")
         while True:
-            rows, nxt = await run_in_threadpool(store.get_metrics, job_id, after=after, limit=500)
+            rows, nxt = await run_in_threadpool(
+                store.get_metrics, job_id, after=after, limit=500, final=final
+            )
             for row in rows:
                 payload = MetricOut.model_validate(row).model_dump(mode="json")
                 yield ServerSentEvent(data=json.dumps(payload), event="metric", id=str(row.seq))
@@ -279,15 +311,24 @@ async def stream_events(
     store: StoreDep,
     after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     last_event_id: LastEventId = None,
+    final: Annotated[
+        bool,
+        Query(
+            description="Only rows no resume can rewrite: each (split, step) once, with its "
+            "final value (held until a checkpoint at or past its step, or the job's end)."
+        ),
+    ] = False,
 ) -> EventSourceResponse:
     """``status`` events on each change and a ``metric`` event per new row (id = seq).
 
-    A reconnecting client's ``Last-Event-ID`` resumes after that seq.
+    A reconnecting client's ``Last-Event-ID`` resumes after that seq. Rows are as in
+    ``GET /jobs/{id}/metrics``: a rewritten row carries ``replaces``; ``final=true`` gives each
+    (split, step) once.
     """
     resume = last_event_seq(last_event_id, max_seq=MAX_SEQ)  # clamped; a forged id is ignored
     if resume is not None:
         after = max(after, resume)
-    return EventSourceResponse(job_events(request, store, job.id, after), ping=15)
+    return EventSourceResponse(job_events(request, store, job.id, after, final), ping=15)
 
 
 @router.get(

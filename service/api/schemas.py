@@ -93,6 +93,12 @@ class MetricOut(_Out):
     split: str
     values: dict[str, Any]
     time: datetime | float | None = None
+    attempt: int | None = Field(default=None, description="The attempt that wrote the row.")
+    replaces: int | None = Field(
+        default=None,
+        description="The seq of the row of the same (split, step) this one supersedes (a "
+        "resumed attempt rewrote it); null for a first write.",
+    )
 
 
 class MetricPage(BaseModel):

@@ -160,8 +160,8 @@ def test_fuzz_the_routes_of_a_real_job(server: Server) -> None:
     tested = 0
     for result in loaded.get_all_operations():
         operation = result.ok()
-        if "{job_id}" not in operation.path:
-            continue
+        if "{job_id}" not in operation.path or operation.method.upper() == "DELETE":
+            continue  # a DELETE would take the job away from the operations after it
         strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
 
         @given(case=strategy)
@@ -198,6 +198,8 @@ def _operations(openapi: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, A
 def test_every_route_has_a_worked_example(openapi: dict[str, Any]) -> None:
     for method, path, op in _operations(openapi):
         ok = next(str(code) for code in op["responses"] if str(code).startswith("2"))
+        if ok == "204":
+            continue  # no content to give an example of
         content = op["responses"][ok].get("content", {})
         examples = [c for c in content.values() if "example" in c or "examples" in c] or [
             c for c in content.values() if c.get("schema", {}).get("format") == "binary"
