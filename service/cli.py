@@ -221,6 +221,7 @@ def serve(
     Both run under a supervisor (service/supervisor.py): a child that dies is restarted with
     backoff, the other keeps running. Ctrl-C or SIGTERM stops the worker, then the API; exit 0.
     """
+    from service import api_server
     from service.auth import InsecureConfigError, check_auth_allowed, ensure_admin_token
     from service.store import Store
     from service.supervisor import ChildSpec, Supervisor, listen
@@ -241,18 +242,6 @@ def serve(
     finally:
         store.dispose()
 
-    env = {
-        **os.environ,
-        "NORMCORE_DATA_DIR": str(settings.data_dir),
-        "NORMCORE_DATABASE_URL": settings.database_url,
-        "NORMCORE_BROKER_URL": settings.broker_url,
-        "NORMCORE_ARTIFACT_DIR": str(settings.artifact_dir),
-        "NORMCORE_DATA_ROOT": str(settings.data_root),
-        "NORMCORE_HOST": settings.host,
-        "NORMCORE_PORT": str(settings.port),
-        "NORMCORE_AUTH": "true" if settings.auth else "false",
-    }
-    env.pop("NORMCORE_TOKEN", None)  # a client setting; the children need no token
     try:
         # Held here, not by uvicorn: the port stays bound (and requests queue) across restarts.
         sock = listen(settings.host, settings.port)
@@ -261,23 +250,30 @@ def serve(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
         ) from None
     bound_port = sock.getsockname()[1]  # the one the kernel chose for --port 0
-    env["NORMCORE_PORT"] = str(bound_port)
-    api_cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "service.api.app:create_app",
-        "--factory",
-        "--fd",
-        str(sock.fileno()),
-    ]
-    specs = [ChildSpec("api", api_cmd, env, stop_timeout=15.0, pass_fds=(sock.fileno(),))]
+    # The children's settings: in this process's environment, which the worker inherits and the
+    # fork server of the API processes copies when it starts.
+    os.environ.update(
+        {
+            "NORMCORE_DATA_DIR": str(settings.data_dir),
+            "NORMCORE_DATABASE_URL": settings.database_url,
+            "NORMCORE_BROKER_URL": settings.broker_url,
+            "NORMCORE_ARTIFACT_DIR": str(settings.artifact_dir),
+            "NORMCORE_DATA_ROOT": str(settings.data_root),
+            "NORMCORE_HOST": settings.host,
+            "NORMCORE_PORT": str(bound_port),
+            "NORMCORE_AUTH": "true" if settings.auth else "false",
+        }
+    )
+    os.environ.pop("NORMCORE_TOKEN", None)  # a client setting; the children need no token
+    specs = [ChildSpec("api", target=api_server.run, args=(sock,), stop_timeout=15.0)]
     if worker:
         # The worker stops first and gets the time a running job needs to checkpoint and exit.
         worker_cmd = [sys.executable, "-m", "worker"]
-        specs.append(ChildSpec("worker", worker_cmd, env, settings.cancel_grace_seconds + 5))
+        specs.append(
+            ChildSpec("worker", worker_cmd, stop_timeout=settings.cancel_grace_seconds + 5)
+        )
     _supervisor_logging()
-    supervisor = Supervisor(specs)
+    supervisor = Supervisor(specs, preload=api_server.PRELOAD)
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{shown_host}:{bound_port}"
 

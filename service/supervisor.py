@@ -8,9 +8,11 @@ reverse. A worker's job is not restarted here: its lease expires (``lease_second
 (the API's, or the new worker's) re-queues it as its next attempt, which resumes from its last
 checkpoint.
 
-The API's listening socket belongs to the supervisor (``listen``): uvicorn serves it through
-``--fd``, so the port stays bound while the API restarts, and a request sent in that gap waits in
-the kernel's accept queue and is answered by the next API process instead of being refused.
+The API's listening socket belongs to the supervisor (``listen``) and is handed to each API
+process, so the port stays bound while the API restarts: a request sent in that gap waits in the
+kernel's accept queue and is answered by the next API process instead of being refused. A child
+given as a Python ``target`` (the API) is forked from a ``multiprocessing`` fork server that has
+imported ``preload`` once, so its restart skips seconds of imports (torch's).
 
 Backoff (``Backoff``): a crash streak waits 1 s, 2 s, 4 s ... up to 30 s between restarts, so a
 child that cannot start (a broken install, a port taken) does not spin; a child that stayed up
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -70,15 +73,23 @@ class ChildSpec:
     """How to start one supervised process.
 
     ``argv`` is run with ``env`` (None: this process's environment) in a session of its own, so
-    a terminal's Ctrl-C reaches it only through the supervisor; ``stop_timeout`` is the seconds
-    between SIGTERM and SIGKILL at shutdown; ``pass_fds`` stay open in the child.
+    a terminal's Ctrl-C reaches it only through the supervisor; ``pass_fds`` stay open in it.
+    ``target(*args)`` instead runs in a process forked from the supervisor's fork server (with
+    the fork server's environment; ``args`` are pickled, sockets included); the target should
+    call ``os.setsid()`` first. ``stop_timeout`` is the seconds between SIGTERM and SIGKILL.
     """
 
     name: str
-    argv: list[str]
+    argv: list[str] | None = None
     env: dict[str, str] | None = None
     stop_timeout: float = 10.0
     pass_fds: tuple[int, ...] = ()  # inherited file descriptors (a listening socket)
+    target: Callable[..., object] | None = None  # instead of argv: run in a forked process
+    args: tuple[object, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.argv is None) == (self.target is None):
+            raise ValueError(f"child {self.name!r}: give exactly one of argv and target")
 
 
 @dataclass
@@ -86,7 +97,7 @@ class Child:
     """The state of one supervised process."""
 
     spec: ChildSpec
-    popen: subprocess.Popen[bytes] | None = None
+    popen: subprocess.Popen[bytes] | Forked | None = None
     started_at: float = 0.0
     streak: int = 0  # crashes in a row, each within reset_after of its start
     restarts: int = 0
@@ -115,13 +126,38 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
+class Forked:
+    """Popen's ``pid``/``poll``/``wait``/``returncode`` over a ``multiprocessing.Process``."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        assert self.process.pid is not None  # started
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code, -N for signal N, None while it runs."""
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        """The exit code if the process ended, else None."""
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the end; subprocess.TimeoutExpired after ``timeout`` seconds."""
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(str(self.process.name), timeout or 0.0)
+        return self.process.exitcode
+
+
 def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A TCP socket listening on ``host``:``port`` (IPv4 or IPv6, as ``host`` resolves), for a
-    server child to inherit (``uvicorn --fd``). Raises OSError when the address is taken.
-
-    TCP_NODELAY is set here because uvicorn labels an inherited socket AF_UNIX and then skips
-    setting it; Linux copies it from the listening socket to each accepted connection.
-    """
+    server child to inherit. Raises OSError when the address is taken."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
@@ -130,7 +166,6 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(address)
         sock.listen(backlog)
     except BaseException:
@@ -141,15 +176,22 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
 
 
 def _kill_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    """Signal ``pid``'s process group, or ``pid`` alone before it has made its group (a forked
+    child between fork and ``setsid``)."""
+    try:
         os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
 
 
 class Supervisor:
     """Start children, restart each one that dies after its backoff, stop them in order.
 
     Not thread-safe: one thread calls ``start``, ``check`` (every few hundred ms) and ``stop``.
-    ``clock`` is injectable for tests; it must be monotonic seconds.
+    ``preload`` names modules the fork server imports once for the ``target`` children (it is
+    process-wide: multiprocessing has one fork server per process). ``clock`` is injectable for
+    tests; it must be monotonic seconds.
     """
 
     def __init__(
@@ -157,6 +199,7 @@ class Supervisor:
         specs: Sequence[ChildSpec],
         *,
         backoff: Backoff | None = None,
+        preload: Sequence[str] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         names = [s.name for s in specs]
@@ -165,6 +208,9 @@ class Supervisor:
         self.backoff = backoff or Backoff()
         self.clock = clock
         self.children = [Child(spec) for spec in specs]
+        self._forkserver = multiprocessing.get_context("forkserver")
+        if preload:
+            self._forkserver.set_forkserver_preload(list(preload))
 
     def child(self, name: str) -> Child:
         """The child called ``name``; KeyError if there is none."""
@@ -179,12 +225,19 @@ class Supervisor:
             self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
-        child.popen = subprocess.Popen(
-            child.spec.argv,
-            env=child.spec.env,
-            start_new_session=True,
-            pass_fds=child.spec.pass_fds,
-        )
+        spec = child.spec
+        if spec.target is not None:
+            # daemon: if this process dies of an exception, multiprocessing's exit hook ends it
+            process = self._forkserver.Process(
+                target=spec.target, args=spec.args, name=spec.name, daemon=True
+            )
+            process.start()
+            child.popen = Forked(process)
+        else:
+            assert spec.argv is not None
+            child.popen = subprocess.Popen(
+                spec.argv, env=spec.env, start_new_session=True, pass_fds=spec.pass_fds
+            )
         child.started_at = self.clock()
         child.restart_at = None
         child.pids.append(child.popen.pid)

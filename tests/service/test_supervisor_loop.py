@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -147,3 +149,35 @@ def test_listen_holds_the_port_for_a_child_and_refuses_a_taken_one() -> None:
             listen("127.0.0.1", port)
     finally:
         sock.close()
+
+
+def test_forked_children_restart_and_stop(caplog: pytest.LogCaptureFixture) -> None:
+    """Children given as a Python target (forked from the fork server, as the API is)."""
+    caplog.set_level(logging.INFO, logger="normcore.supervisor")
+    sup = Supervisor(
+        [
+            ChildSpec("sleeper", target=time.sleep, args=(60,)),
+            ChildSpec("exits", target=os._exit, args=(3,)),
+        ],
+        backoff=Backoff(initial=0.05, maximum=0.1, reset_after=30.0),
+    )
+    sup.start()
+    try:
+        run_until(sup, lambda: sup.child("exits").restarts >= 2)
+        sleeper = sup.child("sleeper").pid
+        assert sleeper is not None and sup.child("sleeper").restarts == 0
+    finally:
+        codes = sup.stop()
+    deaths = [m for m in caplog.messages if m.startswith("exits (pid")]
+    assert len(deaths) >= 2 and all("exited with code 3" in m for m in deaths)
+    # SIGTERM reaches a forked child that made no process group of its own, too.
+    assert codes["sleeper"] == -signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(sleeper, 0)
+
+
+def test_a_child_needs_argv_or_target() -> None:
+    with pytest.raises(ValueError):
+        ChildSpec("none")
+    with pytest.raises(ValueError):
+        ChildSpec("both", argv=["true"], target=print)
