@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv and start the embedded service: API + one worker, SQLite store and broker.
+# Set up .venv and start the embedded service: API + one worker, SQLite store and broker, both
+# supervised (restarted with backoff if they die); the admin token is in normcore-data/admin.token.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
