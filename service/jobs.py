@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from normcore.spec import JobSpec
 from service import queue
@@ -131,6 +132,54 @@ def check_model_size(spec: JobSpec, settings: Settings) -> None:
         )
 
 
+class OverMemoryBudget(InvalidInput):
+    """The job's memory estimate is over the server's budget; the 422 carries every part in MB."""
+
+    def __init__(self, msg: str, numbers: dict[str, float]) -> None:
+        super().__init__(["data"], msg, "memory_budget")
+        self.numbers = numbers
+
+    @property
+    def detail(self) -> list[dict[str, Any]]:
+        """The one-item 422 list, with the numbers under ``ctx`` (pydantic's place for them)."""
+        return [{**super().detail[0], "ctx": self.numbers}]
+
+
+def check_runtime(spec: JobSpec, settings: Settings) -> None:
+    """Refuse (InvalidInput at ["max_runtime"]) a max_runtime over the server's cap."""
+    cap = settings.max_runtime_minutes
+    if spec.max_runtime is not None and spec.max_runtime > cap:
+        raise InvalidInput(
+            ["max_runtime"],
+            f"max_runtime is {spec.max_runtime:g} minutes and this server's cap is {cap:g}: "
+            f"use a max_runtime of at most {cap:g} (or leave it out to get the cap)",
+        )
+
+
+def check_data_and_memory(spec: JobSpec, settings: Settings) -> None:
+    """Check the spec against its data set and its memory estimate against the budget.
+
+    ``normcore.data.check.check_data`` reads only headers and listings (batch larger than the
+    train split, classes, channels, a reader pointed at another format, files that lie about
+    their size); ``normcore.resources.estimate_memory`` counts data + model + activations on
+    the meta device. Raises InvalidInput naming the field, or OverMemoryBudget with the parts.
+    """
+    from normcore.data.check import DataCheckError, check_data
+    from normcore.resources import MB, estimate_memory, over_budget_message
+
+    try:
+        info = check_data(spec, settings.data_root)
+        estimate = estimate_memory(spec, info=info)
+    except DataCheckError as exc:
+        raise InvalidInput(list(exc.loc), str(exc)) from None
+    budget = settings.job_memory_budget()
+    if budget is not None and estimate.total_bytes > budget:
+        raise OverMemoryBudget(
+            over_budget_message(estimate, budget),
+            {**estimate.as_mb(), "budget_mb": round(budget / MB, 1)},
+        )
+
+
 def enqueue(store: Store, settings: Settings, job: JobRecord) -> None:
     """Publish the job; if the broker refuses, record that on the job and leave it to the reapers.
 
@@ -158,8 +207,9 @@ def submit(
 ) -> Submission:
     """Check, store and publish a job for ``user``; returns the job and whether it is new.
 
-    Checks, in order: data.path under the data root; the model's parameter count; GPU capacity
-    of the live workers. Then one store transaction does idempotency and the active-job quota
+    Checks, in order: data.path under the data root; the model's parameter count; max_runtime
+    under the server's cap; the spec against its data set and its memory estimate against the
+    budget; GPU capacity of the live workers. Then one store transaction does idempotency and the active-job quota
     (``settings.max_active_jobs_per_user``) atomically with the insert. A replay (same key, same
     spec) returns the existing job, published again if its last publish failed.
 
@@ -168,6 +218,8 @@ def submit(
     """
     check_data_path(spec, settings.data_root)
     check_model_size(spec, settings)
+    check_runtime(spec, settings)
+    check_data_and_memory(spec, settings)
     waiting = check_gpu_capacity(spec, store, settings)
     try:
         job, created = store.create_job(

@@ -7,6 +7,7 @@ the worker and its training child (which may run in another working directory) a
 from __future__ import annotations
 
 import ipaddress
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,31 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = "./normcore-data"
+MIN_TRAIN_MEMORY = 256 * 2**20
+# what Python, torch and the engine take before any data or model (about 0.65 GB of address
+# space after `import torch, normcore` on x86-64 Linux)
+RUNTIME_ALLOWANCE = 2**30
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory of this machine, or the container's cgroup memory limit if lower.
+
+    None where the OS says neither (``os.sysconf`` names missing).
+    """
+    total: int | None = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    for name in _CGROUP_LIMITS:
+        try:
+            text = Path(name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and (total is None or int(text) < total):
+            total = int(text)
+    return total
 
 
 def _is_loopback(host: str) -> bool:
@@ -85,10 +111,47 @@ class Settings(BaseSettings):
     )
     train_memory_limit_bytes: int | None = Field(
         default=None,
-        ge=256 * 2**20,
+        ge=0,
         description="Address-space limit (RLIMIT_AS) of the training process, so a job that asks "
         "for too much memory fails with an out-of-memory error instead of waking the OOM killer. "
-        "CPU only: CUDA reserves far more address space than it uses.",
+        "CPU only: CUDA reserves far more address space than it uses. None (the default): "
+        "sized from the machine, train_memory_fraction of its memory (or of the container's "
+        "cgroup limit) divided by worker_concurrency; 0: no limit; else at least 256 MiB.",
+    )
+    train_memory_fraction: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=1.0,
+        description="Share of the machine's memory the training processes of one worker may "
+        "use together, when train_memory_limit_bytes is not set.",
+    )
+    worker_concurrency: int = Field(
+        default=1,
+        ge=1,
+        description="Jobs one worker runs at once (`python -m worker --concurrency` sets it); "
+        "divides the default training memory limit.",
+    )
+    job_memory_budget_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Largest memory estimate (data + model + activations, all of a job's "
+        "processes; normcore.resources.estimate_memory) a job may have at submit, 422 above it. "
+        "None: the training memory limit less 1 GiB for the Python and torch runtime; 0: no "
+        "check. Set it where the API runs on another machine than the workers.",
+    )
+    max_runtime_minutes: float = Field(
+        default=24 * 60.0,
+        gt=0.0,
+        le=525_600.0,
+        description="Server-wide cap on a job's training time, all attempts together: a spec's "
+        "max_runtime may not exceed it (422) and a job without one gets it. At the limit the "
+        "job writes a checkpoint and ends timed_out.",
+    )
+    data_read_timeout_seconds: float = Field(
+        default=120.0,
+        ge=0.0,
+        description="Seconds one read of a data file may take before the job fails naming the "
+        "file (a stalled network mount); 0: no timeout.",
     )
     max_model_parameters: int = Field(
         default=50_000_000,
@@ -155,7 +218,35 @@ class Settings(BaseSettings):
             )
         if not self.queues:
             raise ValueError("worker_queues must name at least one queue, e.g. 'cpu,gpu'")
+        limit = self.train_memory_limit_bytes
+        if limit is not None and 0 < limit < MIN_TRAIN_MEMORY:
+            raise ValueError(
+                f"train_memory_limit_bytes must be 0 (no limit) or at least {MIN_TRAIN_MEMORY} "
+                f"(256 MiB), not {limit}"
+            )
         return self
+
+    def train_memory_limit(self) -> int | None:
+        """The training process's address-space limit in bytes, or None for no limit.
+
+        ``train_memory_limit_bytes`` when set (0: None); else ``train_memory_fraction`` of the
+        machine's memory (the cgroup limit if lower) over ``worker_concurrency``, at least
+        256 MiB; None where the OS does not say how much memory there is.
+        """
+        if self.train_memory_limit_bytes is not None:
+            return self.train_memory_limit_bytes or None
+        total = machine_memory_bytes()
+        if total is None:
+            return None
+        share = int(total * self.train_memory_fraction / self.worker_concurrency)
+        return max(MIN_TRAIN_MEMORY, share)
+
+    def job_memory_budget(self) -> int | None:
+        """Bytes a job's memory estimate may reach at submit, or None for no check."""
+        if self.job_memory_budget_bytes is not None:
+            return self.job_memory_budget_bytes or None
+        limit = self.train_memory_limit()
+        return None if limit is None else max(MIN_TRAIN_MEMORY, limit - RUNTIME_ALLOWANCE)
 
     @property
     def queues(self) -> list[str]:

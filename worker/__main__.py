@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the worker until it is told to stop."""
     args = parse_args(argv)
     settings = get_settings()
+    settings.worker_concurrency = args.concurrency  # sizes the default training memory limit
 
     from service.store import Store
 

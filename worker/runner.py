@@ -80,6 +80,10 @@ def describe_error(exc: BaseException, *, data_root: str | Path, step: int) -> s
 
     if isinstance(exc, TrainingDiverged):
         return str(exc)
+    from normcore.data.loader import DataMemoryError
+
+    if isinstance(exc, DataMemoryError):  # the data set, not the batch or the model
+        return str(exc)
     if _is_oom(exc):
         wanted = _allocation(str(exc))
         return (
@@ -149,6 +153,10 @@ def _child_main(config_json: str, conn: multiprocessing.connection.Connection) -
     """Entry point of the training process: train one attempt and send back a JSON outcome."""
     os.setpgrp()  # our own group: the supervisor can SIGKILL us and everything we start at once
     cfg = json.loads(config_json)
+    if cfg.get("read_timeout_s") is not None:
+        from normcore.data.readers import READ_TIMEOUT_ENV
+
+        os.environ[READ_TIMEOUT_ENV] = str(cfg["read_timeout_s"])
     threads = int(cfg.get("train_threads") or 0)
     if threads:
         # Before torch is imported, so its thread pools (and data-parallel ranks spawned from
@@ -214,12 +222,19 @@ def _run_attempt(cfg: dict[str, Any], stop: threading.Event, report: Any) -> int
         workdir.mkdir(parents=True, exist_ok=True)
         resume = _find_resume(workdir, attempt, callback) if attempt > 1 else None
         train = _resolve(cfg["train_target"])
+        limit = cfg.get("time_limit_s")
+        if limit is not None:
+            callback.log(
+                f"time limit: {limit / 60:.2f} min left of this job's "
+                f"{cfg['max_runtime_min']:g} min (max_runtime, all attempts together)"
+            )
         result = train(
             spec,
             workdir,
             callbacks=[callback],
             resume=resume,
             data_root=Path(cfg["data_root"]),
+            time_limit_s=limit,
         )
         callback.close()
         report(
@@ -299,6 +314,10 @@ class _Supervisor:
         self.cancel_seen = False
         self.stale = False
         self.term_sent_at: float | None = None
+        # monotonic time after which the child is stopped as timed out, should its engine not
+        # stop itself at the time limit (a step or a data load that outlasts it)
+        self.deadline: float | None = None
+        self.timed_out = False
 
     def heartbeat(self) -> None:
         """Renew the lease; note a cancel request or a lost lease."""
@@ -329,7 +348,11 @@ class _Supervisor:
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.join()
                 return
-            if (self.cancel_seen or self.flags.warm.is_set()) and self.term_sent_at is None:
+            if self.deadline is not None and now >= self.deadline and self.term_sent_at is None:
+                log.warning("job %s: past its time limit, stopping it", self.job_id)
+                self.timed_out = True
+            stopping = self.cancel_seen or self.flags.warm.is_set() or self.timed_out
+            if stopping and self.term_sent_at is None:
                 # SIGTERM goes to the child only, not its group: the engine's data-parallel ranks
                 # (and data loader workers) would die of it and turn a cancel into a failure.
                 # The child stops them itself; the whole group gets SIGKILL after the grace.
@@ -373,7 +396,11 @@ def run_job(
     assert job is not None  # we hold its lease
     log.info("job %s: attempt %d claimed by %s", job_id, attempt, me)
 
+    time_limit_s, max_runtime_min = _time_limit(job, settings)
     config = {
+        "time_limit_s": time_limit_s,
+        "max_runtime_min": max_runtime_min,
+        "read_timeout_s": settings.data_read_timeout_seconds,
         "job_id": job_id,
         "attempt": attempt,
         "worker_id": me,
@@ -384,7 +411,7 @@ def run_job(
         "workdir": str(settings.job_dir(job_id)),
         "train_target": train_target,
         "train_threads": settings.train_threads,
-        "memory_limit_bytes": settings.train_memory_limit_bytes,
+        "memory_limit_bytes": settings.train_memory_limit(),
     }
     ctx = multiprocessing.get_context("spawn")
     recv_end, send_end = ctx.Pipe(duplex=False)
@@ -395,6 +422,7 @@ def run_job(
         daemon=False,
     )
     sup = _Supervisor(store, settings, job_id, attempt, flags)
+    sup.deadline = time.monotonic() + time_limit_s + max(30.0, settings.cancel_grace_seconds)
     try:
         proc.start()
         send_end.close()  # so a dead child reads as EOF, not a hang
@@ -437,6 +465,28 @@ def _remove_if_deleted(store: Store, settings: Settings, job_id: str) -> None:
     log.info("job %s: deleted while running; its folder is removed", job_id)
 
 
+def _time_limit(job: Any, settings: Settings) -> tuple[float, float]:
+    """(seconds this attempt may train, the job's limit in minutes).
+
+    The limit is the spec's ``max_runtime`` bounded by the server's ``max_runtime_minutes`` (the
+    default too); earlier attempts' running time counts against it. At least a second is left,
+    so an attempt that starts past the limit trains one step, checkpoints and ends timed_out.
+    """
+    from datetime import datetime
+
+    own = (job.spec or {}).get("max_runtime")
+    minutes = min(float(own), settings.max_runtime_minutes) if own else settings.max_runtime_minutes
+    used = 0.0
+    for entry in job.attempts or []:
+        try:
+            started = datetime.fromisoformat(str(entry["started_at"]))
+            ended = datetime.fromisoformat(str(entry["ended_at"]))
+        except (KeyError, TypeError, ValueError):
+            continue  # this attempt (no end yet) or a malformed entry
+        used += max(0.0, (ended - started).total_seconds())
+    return max(1.0, minutes * 60.0 - used), minutes
+
+
 def _read_outcome(conn: multiprocessing.connection.Connection) -> dict[str, Any] | None:
     try:
         if conn.poll(0):
@@ -459,6 +509,16 @@ def _record(
         return "stale"
     if status == JobStatus.SUCCEEDED and exitcode == EXIT_OK:
         return _finish(store, job_id, attempt, JobStatus.SUCCEEDED, None)
+    if status == JobStatus.TIMED_OUT or (sup.timed_out and not sup.cancel_seen):
+        step = outcome.get("global_step")
+        where = f" at step {step}" if step is not None else ""
+        saved = (
+            "; the checkpoint written then holds that step"
+            if status == JobStatus.TIMED_OUT
+            else "; it did not stop by itself, so the newest checkpoint is from before"
+        )
+        error = f"stopped at its time limit (max_runtime){where}{saved}"
+        return _finish(store, job_id, attempt, JobStatus.TIMED_OUT, error)
     if status == JobStatus.FAILED:
         return _finish(
             store, job_id, attempt, JobStatus.FAILED, str(outcome.get("error") or "failed")

@@ -232,7 +232,12 @@ def _cifar(spec: JobSpec, root: str | Path | None) -> DataInfo:
         path = resolve_under(root, rel)
         if path.exists():
             with open_regular(path, rel) as f:
-                n += os.fstat(f.fileno()).st_size // CIFAR_ROW_BYTES
+                size = os.fstat(f.fileno()).st_size
+            if size < CIFAR_ROW_BYTES:
+                raise DataPathError(
+                    f"{rel}: {size} bytes cannot hold one 3072-byte image: not a CIFAR-10 batch"
+                )
+            n += size // CIFAR_ROW_BYTES
     if n == 0:
         raise DataPathError(f"data folder '{folder}' has no data_batch_1 .. data_batch_5")
     test_rel = f"{folder}/test_batch"
@@ -378,12 +383,20 @@ def describe_data(spec: JobSpec, data_root: str | Path | None = None) -> DataInf
         ) from None
 
 
+def _extra_classes_note(outputs: int, classes: int, dataset: str) -> str:
+    return (
+        f"model.num_classes is {outputs} but dataset {dataset!r} has {classes} classes: "
+        f"{outputs - classes} outputs never see a label (set model.num_classes to {classes})"
+    )
+
+
 def check_data(spec: JobSpec, data_root: str | Path | None = None) -> DataInfo:
     """``describe_data`` plus the checks a spec must pass against its data set.
 
     Refused: a batch larger than the train split (per process under data parallel), a
-    ``model.num_classes`` different from a built-in set's or smaller than a file set's,
-    ``model.in_channels`` different from the data's channels.
+    ``model.num_classes`` smaller than the data set's classes (labels past the last output),
+    ``model.in_channels`` different from the data's channels. More outputs than classes train
+    (the extra logits are pushed down) and become a note in ``notes`` and the job's log.
 
     Raises:
         DataCheckError: the first check that fails, naming the field and the value it needs.
@@ -401,14 +414,19 @@ def check_data(spec: JobSpec, data_root: str | Path | None = None) -> DataInfo:
             f"{info.num_train} samples{' (about)' if info.approximate else ''}: use a "
             f"batch_size of at most {most}, or lower data.val_fraction",
         )
-    if spec.task == "classification" and info.num_classes is not None:
-        builtin = d.dataset in ("synthetic", "brightness", "digits")
-        if (builtin and m.num_classes != info.num_classes) or m.num_classes < info.num_classes:
-            raise DataCheckError(
-                ("model", "num_classes"),
-                f"model.num_classes is {m.num_classes} but dataset {d.dataset!r} has "
-                f"{info.num_classes} classes: set model.num_classes to {info.num_classes}",
-            )
+    classes = info.num_classes if spec.task == "classification" else None
+    if classes is not None and m.num_classes < classes:
+        raise DataCheckError(
+            ("model", "num_classes"),
+            f"model.num_classes is {m.num_classes} but dataset {d.dataset!r} has "
+            f"{classes} classes: set model.num_classes to {classes}",
+        )
+    if (
+        spec.task == "classification"
+        and info.num_classes is not None
+        and m.num_classes > info.num_classes
+    ):
+        info.notes.append(_extra_classes_note(m.num_classes, info.num_classes, d.dataset))
     if m.in_channels is not None and m.in_channels != info.channels:
         raise DataCheckError(
             ("model", "in_channels"),

@@ -360,7 +360,14 @@ def _log_setup(
         f"{spec.data.dataset}: {bundle.num_train} train / {bundle.num_val} val samples, "
         f"{steps_per_epoch} steps per epoch, {spec.epochs} epochs"
     )
-    for note in [*getattr(bundle, "notes", []), *_model_notes(spec, model)]:
+    notes = [*getattr(bundle, "notes", []), *_model_notes(spec, model)]
+    if bundle.num_classes is not None and spec.model.num_classes > bundle.num_classes:
+        notes.append(
+            f"model.num_classes is {spec.model.num_classes} but the data has "
+            f"{bundle.num_classes} classes: {spec.model.num_classes - bundle.num_classes} "
+            "outputs never see a label"
+        )
+    for note in notes:
         cbs.log(f"note: {note}")
     if world > 1:
         from normcore.engine.distributed import wants_sync_bn

@@ -268,10 +268,10 @@ def test_describe_matches_what_the_loader_builds(tmp_path: Path) -> None:
             "set model.num_classes to 10",
         ),
         (
-            {"dataset": "brightness"},
-            {"num_classes": 10},
+            {"dataset": "synthetic", "num_classes": 6},
+            {"num_classes": 4},
             ("model", "num_classes"),
-            "has 4 classes: set model.num_classes to 4",
+            "has 6 classes: set model.num_classes to 6",
         ),
         (
             {"dataset": "synthetic", "num_classes": 12},
@@ -366,3 +366,8 @@ def test_reads_do_not_leave_threads_running(tmp_path: Path) -> None:
     build_data(DataSpec(dataset="mnist", path="m", batch_size=2), seed=0, data_root=tmp_path)
     time.sleep(0.05)
     assert threading.active_count() == before
+
+
+def test_more_outputs_than_classes_is_a_note() -> None:
+    info = check_data(_spec({"dataset": "brightness"}, {"num_classes": 10}))
+    assert any("6 outputs never see a label (set model.num_classes to 4)" in n for n in info.notes)

@@ -220,7 +220,14 @@ def test_batch_size_one_with_bn_is_explained(api: Api) -> None:
 def test_data_path_must_stay_under_data_root(api: Api, tmp_path: Path) -> None:
     root = api.env.data_root
     (root / "sets").mkdir(exist_ok=True)
-    (root / "sets" / "ok.npz").write_bytes(b"x")
+    # a real .npz: the data is checked against the spec at submit (issue 17, item 8)
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 2)
+    (root / "sets" / "ok.npz").write_bytes(buf.getvalue())
     outside = tmp_path / "secret.npz"
     outside.write_bytes(b"x")
     link = root / "escape.npz"
