@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "unfreeze_norm": "convert",
     "convert_sync_norm": "convert",
     "fuse_conv_bn": "fuse",
+    "export_onnx": "onnx_export",
     "recalibrate_bn": "stats",
     "norm_stats": "stats",
     "check_norm_buffers": "stats",
