@@ -109,6 +109,14 @@ def list_checkpoints(job: OwnedJob, store: StoreDep) -> Any:
         },
         206: {"description": "The requested byte range"},
         304: {"description": "If-None-Match matched the ETag"},
+        400: {
+            "description": "Malformed Range (not bytes=..., no usable range, start after end)",
+            "content": {"text/plain": {"example": "Malformed range header."}},
+        },
+        416: {
+            "description": "Range starts past the end of the file (Content-Range: bytes */size)",
+            "content": {"text/plain": {"example": ""}},
+        },
         **UNAUTHORIZED,
         **_CKPT_NOT_FOUND,
     },
