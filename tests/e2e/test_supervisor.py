@@ -187,6 +187,7 @@ def assert_complete(items: list[dict[str, Any]], epochs: int) -> None:
 
 def test_worker_killed_three_times_during_a_job(served: Served) -> None:
     killed: list[int] = []
+    recoveries: list[float] = []  # seconds from a kill to the next attempt running
     with Prober(served.url) as probe, served.client() as c:
         job_id = submit(c, SPEC)
         for attempt in (1, 2, 3):
@@ -207,16 +208,30 @@ def test_worker_killed_three_times_during_a_job(served: Served) -> None:
                 wait_for(lambda: c.get(f"/jobs/{job_id}/checkpoints").json(), timeout=60)
             os.kill(worker_pid, signal.SIGKILL)
             killed.append(worker_pid)
+            killed_at = time.monotonic()
             wait_for(
                 lambda pid=worker_pid: f"worker (pid {pid}) killed by SIGKILL" in served.log(),
                 timeout=10,
                 what="the supervisor to notice the kill",
             )
+            wait_for(
+                lambda n=attempt + 1: (
+                    (j := job(c, job_id))["attempt"] == n and j["status"] == "running"
+                ),
+                timeout=120,
+                interval=0.1,
+                what=f"attempt {attempt + 1} running",
+            )
+            recoveries.append(time.monotonic() - killed_at)
         done = wait_finished(c, job_id)
         items = rows(c, job_id)
         text = log_text(c, job_id)
 
+    print(f"recoveries {[round(r, 1) for r in recoveries]} s; {probe.answered} probes answered")
     assert probe.failures == [], probe.failures
+    # Lease (6 s) + a reaper round (1 s) + a broker poll + the worker's restart (backoff 1, 2,
+    # 4 s and its start): generous for a loaded 2-core CI machine.
+    assert max(recoveries) < 60, recoveries
     assert probe.answered >= 25  # 0.2 s apart over the whole run, which takes 30 s or more
     assert done["status"] == "succeeded", (done, served.log()[-3000:])
     assert done["attempt"] >= 4

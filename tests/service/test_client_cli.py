@@ -499,11 +499,15 @@ def test_serve_runs_api_and_worker_with_admin_token(tmp_path: Path) -> None:
             proc.wait()
         proc.stdout.close()
 
-    # A second start reuses the token and says where it is.
+    # A second start reuses the token and says where it is, and makes the data folder private
+    # again (the files in it were all written 0600).
+    assert all(p.stat().st_mode & 0o077 == 0 for p in [data_dir, *data_dir.rglob("*")])
+    data_dir.chmod(0o755)
     proc = _serve(data_dir, port, "--no-worker")
     try:
         out = _read_until(proc, r"Ctrl-C")
         assert token not in out and str(data_dir / "admin.token") in out
+        assert data_dir.stat().st_mode & 0o777 == 0o700
         assert httpx.get(f"http://127.0.0.1:{port}/jobs", headers=headers).status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
