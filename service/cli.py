@@ -92,22 +92,33 @@ def _api_error(exc: Any) -> typer.Exit:
     return _fail(f"HTTP {exc.status}: {detail}")
 
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
 def _credentials(url: str | None, token: str | None) -> Any:
     """The server and token to use, by flag > environment > config file > local default
     (service/client_config.py); exits with a message when the config file is unreadable."""
     from urllib.parse import urlsplit
 
+    from pydantic import ValidationError
+
     from service.auth import is_loopback
     from service.client_config import ConfigError, resolve
+    from service.settings import Settings
 
-    settings = _settings()
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    default_url = f"http://{host}:{settings.port}"
+    try:
+        settings: Any = Settings()
+    except ValidationError:  # server-side settings a client does not need; use the defaults
+        settings = None
+    default_url = DEFAULT_URL
+    if settings is not None:
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        default_url = f"http://{host}:{settings.port}"
     try:
         creds = resolve(url_flag=url, token_flag=token, default_url=default_url)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    if creds.token is None and is_loopback(urlsplit(creds.url).hostname):
+    if settings is not None and creds.token is None and is_loopback(urlsplit(creds.url).hostname):
         # A server on this machine: the admin token `normcore serve` wrote, if we can read it.
         path = Path(settings.data_dir) / "admin.token"
         with contextlib.suppress(OSError):

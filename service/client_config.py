@@ -119,14 +119,12 @@ def resolve(
     url_flag: str | None,
     token_flag: str | None,
     default_url: str,
-    local_token: tuple[str | None, str] | None = None,
     environ: dict[str, str] | None = None,
 ) -> Credentials:
     """The URL and token for a command, by precedence flag > environment > config file > local
-    default (see the module docstring).
+    default URL (see the module docstring); the token is None when none of the first three has
+    one, and the caller may then try the local admin token file.
 
-    ``default_url`` is the local server's URL; ``local_token`` is ``(token, source)`` read from
-    the local admin token file (only offered for a loopback URL by the caller), or None.
     Raises ConfigError when the config file is unreadable and a value is still missing.
     """
     env = os.environ if environ is None else environ
@@ -156,6 +154,4 @@ def resolve(
     saved = from_config()
     if "token" in saved and _same_server(saved.get("url", url), url):
         return Credentials(url, saved["token"], url_source, str(path))
-    if local_token is not None and local_token[0]:
-        return Credentials(url, local_token[0], url_source, local_token[1])
     return Credentials(url, None, url_source, None)
