@@ -169,6 +169,12 @@ class Settings(BaseSettings):
         "and the GPU check at submit).",
     )
     max_active_jobs_per_user: int = Field(default=20, ge=1)
+    fair_scheduling: bool = Field(
+        default=True,
+        description="A worker woken by a job's message claims the fairest queued job of that "
+        "queue (its owner has the fewest running jobs, then was served longest ago), so one "
+        "user's early jobs cannot starve another's; false: the job of the message, in order.",
+    )
     disk_quota_bytes_per_user: int | None = Field(
         default=20 * 2**30,
         ge=0,

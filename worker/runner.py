@@ -388,10 +388,13 @@ def run_job(
     """
     flags = flags or ShutdownFlags.new()
     me = worker_id()
-    attempt = store.claim_job(job_id, worker_id=me, lease_seconds=settings.lease_seconds)
-    if attempt is None:
+    claimed = claim(store, settings, job_id, me)
+    if claimed is None:
         log.info("job %s: not claimable (duplicate delivery, running elsewhere or done)", job_id)
         return "duplicate"
+    if claimed[0] != job_id:
+        log.info("job %s: its message woke this worker for job %s (fair order)", job_id, claimed[0])
+    job_id, attempt = claimed
     job = store.get_job(job_id)
     assert job is not None  # we hold its lease
     log.info("job %s: attempt %d claimed by %s", job_id, attempt, me)
@@ -463,6 +466,21 @@ def _remove_if_deleted(store: Store, settings: Settings, job_id: str) -> None:
         return
     shutil.rmtree(settings.job_dir(job_id), ignore_errors=True)
     log.info("job %s: deleted while running; its folder is removed", job_id)
+
+
+def claim(store: Store, settings: Settings, job_id: str, me: str) -> tuple[str, int] | None:
+    """Claim a job for the message of ``job_id``: (the job claimed, its attempt), or None.
+
+    With ``settings.fair_scheduling`` the fairest claimable job of the message's queue is taken
+    (``Store.fair_order``: fewest running jobs of its owner, then the owner served longest ago,
+    then the oldest), so one user's early jobs cannot starve another's; else ``job_id`` itself.
+    """
+    order = store.fair_order(job_id) if settings.fair_scheduling else []
+    for candidate in [*order, job_id] if job_id not in order else order:
+        attempt = store.claim_job(candidate, worker_id=me, lease_seconds=settings.lease_seconds)
+        if attempt is not None:
+            return candidate, attempt
+    return None
 
 
 def _time_limit(job: Any, settings: Settings) -> tuple[float, float]:

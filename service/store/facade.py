@@ -12,12 +12,20 @@ from service.store.deletion import DeletionStore
 from service.store.jobs import JobStore
 from service.store.recovery import RecoveryStore
 from service.store.results import ResultStore
+from service.store.scheduling import SchedulingStore
 from service.store.users import UserStore
 from service.store.workers import WorkerStore
 
 
 class Store(
-    UserStore, JobStore, AttemptStore, RecoveryStore, ResultStore, WorkerStore, DeletionStore
+    UserStore,
+    JobStore,
+    AttemptStore,
+    RecoveryStore,
+    ResultStore,
+    WorkerStore,
+    DeletionStore,
+    SchedulingStore,
 ):
     """All service state: users and tokens, jobs, attempts, metrics, checkpoints, logs, workers.
 
