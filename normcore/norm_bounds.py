@@ -36,7 +36,7 @@ MAX_ARG_TEXT = 64  # characters of a string argument, e.g. small_batch="running_
 # finite number in range. Names not listed take any finite number, bool, None or short string.
 NORM_ARG_LIMITS: dict[str, tuple[float, float]] = {
     "num_groups": (1, 8192),  # widest layer: resnet18's last stage at model.width 1024
-    "num_splits": (2, 32),  # split_bn builds one BatchNorm per split in every norm layer
+    "num_splits": (2, 16),  # split_bn builds one BatchNorm per split in every norm layer
     "virtual_batch_size": (2, 4096),  # data.batch_size's maximum
     "size": (1, 1024),  # LRN window, in channels
     "warmup_steps": (0, 10**9),

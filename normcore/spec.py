@@ -78,7 +78,7 @@ class ModelSpec(_Strict):
         '"frozen_bn", "brn", "ghost_bn:16", "sync_bn", "l2", "rms", "frn", "evo_b0", '
         '"evo_s0:8", "split_bn:2", "none", "bn(momentum=0.01)", or a dict such as '
         '{"type": "batch", "momentum": 0.01}. edsr defaults to "none". At most 200 '
-        "characters; arguments are bounded (normcore.norm_bounds: split_bn at most 32 splits, "
+        "characters; arguments are bounded (normcore.norm_bounds: split_bn at most 16 splits, "
         "groups at most 8192, finite numbers; device and dtype are the service's).",
     )
     conv: Literal["standard", "std"] = Field(

@@ -12,6 +12,8 @@ position x width against the built model.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,15 @@ DEFAULT_WIDTH = {
 DEFAULT_DEPTH = {"convblock": 3, "edsr": 4}
 
 
+@functools.lru_cache(maxsize=4096)
+def _norm_params_cached(norm_json: str, channels: int, dims: int) -> int:
+    """Parameters of one norm layer built on meta, by the norm's JSON text (a spec's norm is a
+    string or a flat dict, so the JSON text identifies it)."""
+    with torch.device("meta"):
+        layer = make_norm(json.loads(norm_json), channels, dims=dims)
+    return sum(p.numel() for p in layer.parameters())
+
+
 def _conv(cin: int, cout: int, k: int, bias: bool) -> int:
     return cout * cin * k * k + (cout if bias else 0)
 
@@ -56,14 +67,21 @@ class _Counter:
         self.bias_before = not batch_stats  # blocks.conv_bias(norm, "before")
         self.bias = not (norm_position == "before" and batch_stats)  # conv_bias(norm, position)
         self._cache: dict[tuple[int, int], int] = {}
+        try:
+            self._norm_json: str | None = json.dumps(norm, sort_keys=True)
+        except (TypeError, ValueError):
+            self._norm_json = None
 
     def norm_params(self, channels: int, dims: int = 2) -> int:
         """Parameters of ``make_norm(norm, channels, dims=dims)``, built once on meta."""
         key = (channels, dims)
         if key not in self._cache:
-            with torch.device("meta"):
-                layer = make_norm(self.norm, channels, dims=dims)
-            self._cache[key] = sum(p.numel() for p in layer.parameters())
+            if self._norm_json is not None:
+                self._cache[key] = _norm_params_cached(self._norm_json, channels, dims)
+            else:  # a class or callable (library use): not cached across calls
+                with torch.device("meta"):
+                    layer = make_norm(self.norm, channels, dims=dims)
+                self._cache[key] = sum(p.numel() for p in layer.parameters())
         return self._cache[key]
 
     def feature_norm(self, features: int) -> int:

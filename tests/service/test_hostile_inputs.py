@@ -120,10 +120,10 @@ def _timed_post(client: httpx.Client, spec: dict[str, Any]) -> tuple[httpx.Respo
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
-        ({"norm": "split_bn:100000"}, "num_splits must be an integer in [2, 32]"),
+        ({"norm": "split_bn:100000"}, "num_splits must be an integer in [2, 16]"),
         ({"arch": "convblock", "width": 1024, "depth": 64}, "parameters and this server"),
-        ({"arch": "edsr", "width": 1024, "depth": 64, "norm": "split_bn:32"}, "parameters"),
-        ({"arch": "resnet18", "width": 1024, "norm": "split_bn:32"}, "parameters"),
+        ({"arch": "edsr", "width": 1024, "depth": 64, "norm": "split_bn:16"}, "parameters"),
+        ({"arch": "resnet18", "width": 1024, "norm": "split_bn:16"}, "parameters"),
     ],
     ids=["split_bn-100000", "convblock-limits", "edsr-limits-split32", "resnet18-width-split32"],
 )
