@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from normcore.spec import JobSpec
-from service import queue
+from service import disk, queue
 from service.errors import Conflict, InvalidInput, LimitExceeded
 from service.settings import Settings
 from service.status import JobStatus
@@ -207,20 +207,25 @@ def submit(
 ) -> Submission:
     """Check, store and publish a job for ``user``; returns the job and whether it is new.
 
-    Checks, in order: data.path under the data root; the model's parameter count; max_runtime
-    under the server's cap; the spec against its data set and its memory estimate against the
-    budget; GPU capacity of the live workers. Then one store transaction does idempotency and the active-job quota
-    (``settings.max_active_jobs_per_user``) atomically with the insert. A replay (same key, same
-    spec) returns the existing job, published again if its last publish failed.
+    Checks, in order: data.path under the data root; checkpoint.keep_last under the server's
+    bound; the model's parameter count; max_runtime under the server's cap; the spec against
+    its data set and its memory estimate against the budget; GPU capacity of the live workers;
+    the user's disk quota (:mod:`service.disk`). Then one store transaction does idempotency
+    and the active-job quota (``settings.max_active_jobs_per_user``) atomically with the
+    insert. A replay (same key, same spec) returns the existing job, published again if its
+    last publish failed.
 
-    Raises InvalidInput (a bad field), LimitExceeded (the quota; numbers active and limit),
-    Conflict (the key was used for another spec).
+    Raises InvalidInput (a bad field), LimitExceeded (the active-job quota: numbers active and
+    limit; the disk quota: used and quota, in bytes), Conflict (the key was used for another
+    spec).
     """
     check_data_path(spec, settings.data_root)
+    disk.check_keep_last(spec, settings)
     check_model_size(spec, settings)
     check_runtime(spec, settings)
     check_data_and_memory(spec, settings)
     waiting = check_gpu_capacity(spec, store, settings)
+    disk.check_disk_quota(store, settings, user)
     try:
         job, created = store.create_job(
             owner_id=user.id,
