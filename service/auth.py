@@ -89,6 +89,7 @@ def ensure_admin_token(store: Store, settings: Settings) -> tuple[str | None, An
 
     Returns ``(token, path)``: the plaintext token when one was created now (also written to
     ``<data_dir>/admin.token`` with mode 0600), else None; ``path`` is where the token file lives.
+    Callers print the path, never the token: output that reaches a log must not hold it.
     """
     import os
     from pathlib import Path
@@ -101,9 +102,15 @@ def ensure_admin_token(store: Store, settings: Settings) -> tuple[str | None, An
         token = store.create_token(ADMIN_USER_NAME, new_token_name("admin"), admin=True)
     else:
         token = store.create_token(ADMIN_USER_NAME, ADMIN_TOKEN_NAME, admin=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Written whole under a temporary name, then renamed: never a half-written token file, and
+    # 0600 from its first byte (O_CREAT's mode; chmod for a temporary left by an earlier crash).
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)
         fh.write(token + "\n")
-    os.chmod(path, 0o600)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
     return token, path

@@ -183,10 +183,15 @@ def _api_errors(creds: Any = None) -> Any:
 PRIVATE_UMASK = 0o077
 
 
-def _private_dir(path: Path) -> None:
-    """Create ``path`` (and missing parents) 0700, and tighten it to 0700 if it exists."""
+def _private_dir(path: Path, *, tighten: bool) -> None:
+    """Create ``path`` (and missing parents) 0700; with ``tighten``, set an existing one to 0700
+    too (a warning, not an error, when that is not allowed)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    if tighten and path.stat().st_mode & 0o777 != 0o700:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            err_console.print(f"[yellow]warning:[/yellow] cannot make {path} private: {exc}")
 
 
 def _supervisor_logging() -> None:
@@ -243,8 +248,11 @@ def serve(
         check_auth_allowed(settings.auth, settings.host)
     except InsecureConfigError as exc:
         raise _fail(str(exc), 2) from None
-    for folder in (settings.data_dir, settings.data_root, settings.artifact_dir):
-        _private_dir(folder)
+    # The data folder is ours: made private even if it exists. A datasets or artifacts folder
+    # set elsewhere (a lab's shared datasets) keeps its mode; created here, it is 0700.
+    _private_dir(settings.data_dir, tighten=True)
+    for folder in (settings.data_root, settings.artifact_dir):
+        _private_dir(folder, tighten=settings.data_dir in folder.parents)
     store = Store.from_settings(settings)
     try:
         store.upgrade()
@@ -644,9 +652,26 @@ def delete(
     console.print(f"job {job_id}: deleted")
 
 
+# `pip install normcore` is the library; a command needing an extra's package names the extra
+_EXTRA_OF_MODULE = {"httpx": "client", "sklearn": "data", "PIL": "data", "onnx": "onnx"}
+_OURS = ("normcore", "service", "worker")
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point; a command whose extra is not installed says which one to add."""
+    try:
+        app()
+    except ImportError as exc:
+        top = (getattr(exc, "name", None) or "").partition(".")[0]
+        if "normcore[" in str(exc):  # normcore's own message already names the extra
+            message = str(exc)
+        elif isinstance(exc, ModuleNotFoundError) and top not in ("", *_OURS):
+            extra = _EXTRA_OF_MODULE.get(top, "service")
+            message = f"this command needs {top}: pip install 'normcore[{extra}]'"
+        else:
+            raise
+        err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
