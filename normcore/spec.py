@@ -144,7 +144,12 @@ class DataSpec(_Strict):
         default=None, ge=1, le=8192, description="Validation batch size; default: batch_size."
     )
     val_fraction: float = Field(
-        default=0.2, gt=0.0, lt=1.0, description="Share of the data held out for validation."
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the data held out for validation (stratified by class). Not used "
+        "when the files have their own test split (MNIST t10k-*, CIFAR test_batch, npz x_val): "
+        "that split is the validation set.",
     )
     augment: bool = Field(
         default=False, description="Random crop with padding and horizontal flip on train batches."
@@ -160,13 +165,29 @@ class DataSpec(_Strict):
         "at most 2**28 values (num_samples x channels x image_size^2).",
     )
     image_size: int | None = Field(
-        default=None, ge=4, le=512, description="Image side (generated sets, image folders)."
+        default=None,
+        ge=4,
+        le=512,
+        description="Image side; images of another size are resized (bilinear, antialiased). "
+        "Default: 16 for synthetic and brightness, 32 for sr-synthetic and imagefolder (image "
+        "folders are resized to it, and the job's log says from what), the files' own size for "
+        "digits, mnist, cifar10 and npz.",
     )
     channels: int | None = Field(
-        default=None, ge=1, le=16, description="Image channels (generated sets)."
+        default=None,
+        ge=1,
+        le=16,
+        description="Image channels; grey is repeated, RGB becomes luma (BT.601). Default: 3 for "
+        "synthetic, sr-synthetic and imagefolder (grey images are converted, and the log says "
+        "so), 1 for brightness, the files' own for digits, mnist, cifar10 and npz.",
     )
     num_classes: int | None = Field(
-        default=None, ge=2, le=1000, description="Classes (synthetic set)."
+        default=None,
+        ge=2,
+        le=1000,
+        description="Classes of the synthetic set (2 to 10 shapes; default 4). Other sets have "
+        "their own: digits, mnist and cifar10 10, brightness 4, imagefolder one per subfolder, "
+        "npz the largest label + 1; model.num_classes must be at least that (422 at submit).",
     )
 
     @field_validator("path")
