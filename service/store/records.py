@@ -68,7 +68,7 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class MetricRecord:
-    """One metric row; ``epoch`` counts completed epochs (an int); ``time`` is Unix seconds."""
+    """One metric row; ``epoch`` is the 1-based epoch of the row (an int); ``time`` Unix seconds."""
 
     seq: int
     job_id: str
