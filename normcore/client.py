@@ -152,12 +152,15 @@ class Client:
         poll: float = 1.0,
         until_done: bool = True,
         after: int = 0,
-        final: bool = True,
+        final: bool | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Follow a job's metric rows in seq order; with ``until_done`` keep polling until the
         job finishes, else stop when no more rows are there now.
 
-        ``final=True`` (the default) yields each (split, step) once, with its final value: the
+        ``final`` defaults to ``until_done``: a follower gets final rows, a snapshot
+        (``until_done=False``) the rows as they stand now.
+
+        ``final=True`` yields each (split, step) once, with its final value: the
         server hands out a row only once a checkpoint at or past its step is recorded, or the
         job has finished, because a resumed attempt rewrites exactly the rows past the
         checkpoint it resumes from. The rows followed are then the job's history (what
@@ -172,6 +175,7 @@ class Client:
         later row overwrite an earlier one.
         """
         page_size = 1000
+        final = until_done if final is None else final
         while True:
             # Read the status first: rows written before the job finished are then in the drain.
             finished = until_done and self.get(job_id)["status"] in FINISHED

@@ -476,7 +476,8 @@ def _watch(client: Any, job: dict[str, Any]) -> dict[str, Any]:
         console=console,
     ) as progress:
         task = progress.add_task(job["id"][:8], total=total, info="queued")
-        for row in client.iter_metrics(job["id"], poll=1.0):
+        # Live rows: the bar shows the newest values; a row a resume rewrites just overwrites.
+        for row in client.iter_metrics(job["id"], poll=1.0, final=False):
             last[row["split"]] = row["values"]
             epoch = row.get("epoch") or 0
             progress.update(task, completed=min(float(epoch), total), info=_progress_info(last))
