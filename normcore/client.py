@@ -73,7 +73,12 @@ class Client:
         token: str | None = None,
         timeout: float = 30,
     ) -> None:
-        import httpx
+        try:
+            import httpx
+        except ImportError as exc:
+            raise ImportError(
+                "normcore.client needs httpx: pip install 'normcore[client]'"
+            ) from exc
 
         self.url = (url or os.environ.get("NORMCORE_URL") or DEFAULT_URL).rstrip("/")
         self.token = token if token is not None else os.environ.get("NORMCORE_TOKEN")

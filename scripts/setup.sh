@@ -11,4 +11,5 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet "torch==${NORMCORE_TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/pip install --quiet -e ".[test]"
+# the library plus every extra: service (API, worker), data, client, onnx, and the test tools
+.venv/bin/pip install --quiet -e ".[service,data,client,onnx,test]"

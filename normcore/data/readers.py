@@ -609,7 +609,12 @@ def load_imagefolder(
     the spec fields ("channels", "image_size") the caller filled in with defaults: the notes
     of the result then say which images were changed to fit them.
     """
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError(
+            "imagefolder reads images with pillow: pip install 'normcore[data]'"
+        ) from exc
 
     if channels not in (1, 3):
         raise ValueError(f"imagefolder reads grey (channels 1) or RGB (channels 3), got {channels}")
