@@ -311,6 +311,7 @@ class CheckpointSpec(_Strict):
     )
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]*$"
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$"
 
 
@@ -321,7 +322,7 @@ class JobSpec(_Strict):
         default="job",
         min_length=1,
         max_length=200,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]*$",
+        pattern=NAME_PATTERN,
         description="A label for people; need not be unique.",
     )
     tags: list[Annotated[str, Field(min_length=1, max_length=64, pattern=TAG_PATTERN)]] = Field(

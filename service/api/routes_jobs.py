@@ -15,7 +15,7 @@ from fastapi import APIRouter, Body, HTTPException, Query, Request, Response, st
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from normcore.spec import JobSpec, spec_json_schema
+from normcore.spec import NAME_PATTERN, TAG_PATTERN, JobSpec, spec_json_schema
 from service import disk
 from service import jobs as job_service
 from service.api.deps import CurrentUser, OwnedJob, SettingsDep, StoreDep, owner_filter
@@ -119,11 +119,22 @@ def list_jobs(
     user: CurrentUser,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     name: Annotated[
-        str | None, Query(min_length=1, max_length=200, description="Only jobs of this name.")
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            pattern=NAME_PATTERN,
+            description="Only jobs of this name (a name a spec may have).",
+        ),
     ] = None,
     tag: Annotated[
         str | None,
-        Query(min_length=1, max_length=64, description="Only jobs whose spec lists this tag."),
+        Query(
+            min_length=1,
+            max_length=64,
+            pattern=TAG_PATTERN,
+            description="Only jobs whose spec lists this tag.",
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
