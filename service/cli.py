@@ -284,13 +284,15 @@ def serve(
         }
     )
     os.environ.pop("NORMCORE_TOKEN", None)  # a client setting; the children need no token
-    specs = [ChildSpec("api", target=api_server.run, args=(sock,), stop_timeout=15.0)]
+    specs = []
     if worker:
-        # The worker stops first and gets the time a running job needs to checkpoint and exit.
+        # Started first: its imports run while the API's fork server imports torch. It stops
+        # first too, with the time a running job needs to checkpoint and exit.
         worker_cmd = [sys.executable, "-m", "worker"]
         specs.append(
             ChildSpec("worker", worker_cmd, stop_timeout=settings.cancel_grace_seconds + 5)
         )
+    specs.append(ChildSpec("api", target=api_server.run, args=(sock,), stop_timeout=15.0))
     _supervisor_logging()
     supervisor = Supervisor(specs, preload=api_server.PRELOAD)
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -332,7 +334,7 @@ def serve(
             time.sleep(0.2)
     finally:
         console.print("stopping ...")
-        supervisor.stop()
+        supervisor.stop(order=["worker"] if worker else None)
         sock.close()
         for sig, handler in old.items():
             signal.signal(sig, handler)

@@ -19,9 +19,9 @@ child that cannot start (a broken install, a port taken) does not spin; a child 
 60 s before it died starts a new streak at 1 s. The same doubling-with-cap-and-reset shape as
 systemd's ``RestartSec``/``RestartSteps`` and Erlang/OTP supervisors.
 
-Stopping (``stop``): children stop in the reverse of their start order (the worker before the
-API, so a running job gets ``stop_timeout`` seconds to checkpoint while the API still answers),
-each with SIGTERM to its process group, then SIGKILL after its timeout.
+Stopping (``stop``): children stop one after the other in the order given (``serve``: the worker
+before the API, so a running job gets ``stop_timeout`` seconds to checkpoint while the API still
+answers), each with SIGTERM to its process group, then SIGKILL after its timeout.
 
 Why a small loop and not a library (checked 2026-11 on PyPI): supervisor 4.3 (supervisord) is a
 daemon with its own config file and control socket, restarts a crashed program at once once it
@@ -278,14 +278,17 @@ class Supervisor:
             child.streak,
         )
 
-    def stop(self) -> dict[str, int | None]:
-        """Stop the children in the reverse of their start order; returns each one's exit code.
+    def stop(self, order: Sequence[str] | None = None) -> dict[str, int | None]:
+        """Stop the children one after the other; returns each one's exit code.
 
-        Each gets SIGTERM to its process group and up to ``stop_timeout`` seconds, then SIGKILL.
-        A child waiting for its restart is not started again.
+        ``order`` names the children in the order to stop them (the rest follow in reverse start
+        order); by default the reverse of their start order. Each gets SIGTERM to its process
+        group and up to ``stop_timeout`` seconds, then SIGKILL. A child waiting for its restart
+        is not started again. Raises KeyError for an unknown name in ``order``.
         """
+        first = [self.child(name) for name in order or ()]
         codes: dict[str, int | None] = {}
-        for child in reversed(self.children):
+        for child in [*first, *(c for c in reversed(self.children) if c not in first)]:
             child.restart_at = None
             popen = child.popen
             if popen is None:

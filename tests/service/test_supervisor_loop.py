@@ -98,7 +98,7 @@ def test_a_child_that_stayed_up_starts_a_new_streak(caplog: pytest.LogCaptureFix
     assert all("restarting in 0.05 s (crash 1 in a row)" in m for m in deaths), deaths
 
 
-def test_stop_goes_in_reverse_start_order_and_kills_a_child_that_hangs(tmp_path: Path) -> None:
+def test_stop_goes_in_the_order_given_and_kills_a_child_that_hangs(tmp_path: Path) -> None:
     events = tmp_path / "events"
     # Each child appends "<name> term" on SIGTERM, takes 0.3 s (a checkpoint), appends
     # "<name> exit" and exits 0; "stubborn" ignores SIGTERM.
@@ -121,9 +121,9 @@ def test_stop_goes_in_reverse_start_order_and_kills_a_child_that_hangs(tmp_path:
     )
     sup = Supervisor(
         [
+            ChildSpec("worker", [*py(graceful), "worker", str(events)]),
             ChildSpec("api", [*py(graceful), "api", str(events)]),
             ChildSpec("stubborn", [*py(stubborn), "stubborn", str(events)], stop_timeout=0.5),
-            ChildSpec("worker", [*py(graceful), "worker", str(events)]),
         ]
     )
     sup.start()
@@ -132,11 +132,11 @@ def test_stop_goes_in_reverse_start_order_and_kills_a_child_that_hangs(tmp_path:
         return events.exists() and events.read_text().count("ready") == 3
 
     run_until(sup, all_ready)
-    codes = sup.stop()
+    codes = sup.stop(order=["worker"])  # then the rest in reverse start order
     lines = [line for line in events.read_text().splitlines() if "ready" not in line]
     # The worker stops (and finishes its checkpoint) before anything else is told to stop.
     assert lines == ["worker term", "worker exit", "api term", "api exit"]
-    assert codes == {"worker": 0, "stubborn": -9, "api": 0}
+    assert list(codes.items()) == [("worker", 0), ("stubborn", -9), ("api", 0)]
     assert all(not child.alive() for child in sup.children)
 
 
