@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -18,6 +18,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from service.client_config import Credentials
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from normcore.client import Client
 
 app = typer.Typer(
     name="normcore",
@@ -95,7 +102,7 @@ def _api_error(exc: Any) -> typer.Exit:
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _credentials(url: str | None, token: str | None) -> Any:
+def _credentials(url: str | None, token: str | None) -> Credentials:
     """The server and token to use, by flag > environment > config file > local default
     (service/client_config.py); exits with a message when the config file is unreadable."""
     from urllib.parse import urlsplit
@@ -124,11 +131,11 @@ def _credentials(url: str | None, token: str | None) -> Any:
         with contextlib.suppress(OSError):
             local = path.read_text(encoding="utf-8").strip() or None
             if local:
-                creds = type(creds)(creds.url, local, creds.url_source, str(path))
+                creds = Credentials(creds.url, local, creds.url_source, str(path))
     return creds
 
 
-def _client(url: str | None, token: str | None) -> tuple[Any, Any]:
+def _client(url: str | None, token: str | None) -> tuple[Client, Credentials]:
     """A Client for the resolved server and token, and the Credentials it was built from."""
     from normcore.client import Client
 
@@ -137,7 +144,7 @@ def _client(url: str | None, token: str | None) -> tuple[Any, Any]:
     return Client(creds.url, token=creds.token or ""), creds
 
 
-def _auth_hint(creds: Any) -> str:
+def _auth_hint(creds: Credentials) -> str:
     """What to do about a 401: where the token came from and every way to pass one."""
     from service.client_config import config_path
 
@@ -155,7 +162,7 @@ def _auth_hint(creds: Any) -> str:
 
 
 @contextlib.contextmanager
-def _api_errors(creds: Any = None) -> Any:
+def _api_errors(creds: Credentials | None = None) -> Iterator[None]:
     """Turn ApiError and connection failures into a one-line message and exit code 1; a 401
     says how to pass a token."""
     import httpx
@@ -414,7 +421,7 @@ def login(
 ) -> None:
     """Save a server URL and token for the client commands (a 0600 file in your home)."""
     from normcore.client import Client
-    from service.client_config import ConfigError, Credentials, config_path, write_config
+    from service.client_config import ConfigError, config_path, write_config
 
     if token is None:
         token = typer.prompt("token", hide_input=True)
