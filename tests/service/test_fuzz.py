@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import string
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from tests.conftest import REDIS_PORT, _xdist_index
 from tests.harness import make_env
 from tests.service.hostile_server import SMALL_SPEC, HostileServer, hostile_server
 
@@ -63,10 +66,38 @@ class Tally:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileServer]:
-    env = make_env(tmp_path_factory.mktemp("fuzz") / "nc", NORMCORE_MAX_ACTIVE_JOBS_PER_USER="3")
-    with hostile_server(env) as running:
-        yield running
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[HostileServer]:
+    """SQLite by default; NORMCORE_FUZZ_DB=postgresql runs the same fuzzing on PostgreSQL and
+    Redis (a longer, deeper run; test_hostile_inputs.py covers PostgreSQL in every run)."""
+    data_dir = tmp_path_factory.mktemp("fuzz") / "nc"
+    # A low quota: valid specs still pass every check, then most get 429 instead of a row and a
+    # broker message each, which keeps the run short.
+    extra = {"NORMCORE_MAX_ACTIVE_JOBS_PER_USER": "3"}
+    if os.environ.get("NORMCORE_FUZZ_DB", "sqlite") != "postgresql":
+        with hostile_server(make_env(data_dir, **extra)) as running:
+            yield running
+        return
+    import psycopg
+
+    admin = request.getfixturevalue("postgres_server")
+    name = f"normcore_fuzz_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        env = make_env(
+            data_dir,
+            mode="cluster",
+            postgres_url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+            redis_url=f"redis://127.0.0.1:{REDIS_PORT}/{1 + _xdist_index() % 15}",
+            **extra,
+        )
+        with hostile_server(env) as running:
+            yield running
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +170,7 @@ def test_schemathesis_coverage_phase_every_route(
             generation_config=config,
         ):
             _run(case, server, session, tally)
-    print(f"coverage phase: {tally.cases} cases on {operations} operations")
+    print(f"coverage phase ({server.env.mode}): {tally.cases} cases on {operations} operations")
     assert operations >= 14
     assert tally.cases >= 500
     assert not tally.errors, "\n".join(tally.errors[:20])
