@@ -231,6 +231,19 @@ class Worker(Base):
     version: Mapped[str | None] = mapped_column(sa.String(64), default=None)
 
 
+class GpuQueueSeen(Base):
+    """A gpu queue (gpu, gpu2, ...) some worker with enough GPUs for it has ever served.
+
+    Rows are never deleted: they tell "no GPU worker ever registered" (a CUDA job is refused at
+    submit) from "GPU workers exist but none is live now" (the job waits, with a reason).
+    """
+
+    __tablename__ = "gpu_queues_seen"
+
+    queue: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 metadata = Base.metadata
 users = User.__table__
 tokens = Token.__table__
@@ -240,6 +253,7 @@ metrics = Metric.__table__
 checkpoints = Checkpoint.__table__
 logs = Log.__table__
 workers = Worker.__table__
+gpu_queues_seen = GpuQueueSeen.__table__
 
 __all__ = [
     "ACTIVE_STATUSES",

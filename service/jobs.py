@@ -24,6 +24,7 @@ from service.store import (
     QuotaExceeded,
     Store,
     UserRecord,
+    queue_gpus,
     waiting_reason,
 )
 
@@ -85,13 +86,24 @@ def check_gpu_capacity(spec: JobSpec, store: Store, settings: Settings) -> str |
     """For a gpu-queue job: refuse (InvalidInput) more GPUs than the largest live gpu worker has.
 
     Returns the status_reason to store with the job: "waiting for a gpu worker: none is live"
-    when no live worker with a GPU consumes the gpu queue (the job is accepted and waits), else
-    None. CPU jobs are not checked: there ``resources.gpus`` counts gloo processes.
+    when no live worker with a GPU consumes the gpu queue but one with enough GPUs for the job's
+    queue did at some time (the job is accepted and waits), else None. Where no such worker ever
+    registered (``Store.gpu_queue_ever_served``) the job could only wait forever: InvalidInput
+    at ["resources", "device"]. CPU jobs are not checked: there ``resources.gpus`` counts gloo
+    processes.
     """
     queue_name = queue.queue_for(spec)
     if queue_name == "cpu":
         return None
     largest = store.max_live_gpus("gpu", live_within_seconds=settings.worker_live_seconds)
+    if not largest and not store.gpu_queue_ever_served(queue_name):
+        need = queue_gpus(queue_name)
+        raise InvalidInput(
+            ["resources", "device"],
+            f"resources.device is 'cuda' but no worker with {need} GPU{'s' if need > 1 else ''} "
+            "has ever registered with this deployment, so the job would wait forever: use "
+            "resources.device 'cpu' or 'auto', or start a GPU worker first",
+        )
     if not largest:
         return waiting_reason(queue_name)
     wanted = spec.resources.gpus

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from service.db import jobs, utcnow, workers
+from service.db import gpu_queues_seen, jobs, utcnow, workers
 from service.status import JobStatus
 from service.store.database import Database
 from service.store.records import WorkerRecord, to_worker
@@ -27,6 +27,17 @@ def queue_gpus(queue: str) -> int:
 def waiting_reason(queue: str) -> str:
     """The status_reason of a job queued while no worker of its queue is live."""
     return f"waiting for a {queue} worker: none is live"
+
+
+def _record_gpu_queue(conn: Connection, queue: str, now: datetime) -> None:
+    """Remember that a worker with enough GPUs served ``queue`` (kept for good)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    conn.execute(
+        insert(gpu_queues_seen).values(queue=queue, first_seen_at=now).on_conflict_do_nothing()
+    )
 
 
 class WorkerStore(Database):
@@ -74,6 +85,8 @@ class WorkerStore(Database):
             if res.rowcount == 0:
                 conn.execute(sa.insert(workers).values(name=name, **values))
             for queue in serves:
+                if queue_gpus(queue) >= 1:
+                    _record_gpu_queue(conn, queue, now)
                 conn.execute(
                     sa.update(jobs)
                     .where(
@@ -126,3 +139,11 @@ class WorkerStore(Database):
             w for w in self.list_workers(live_within_seconds) if queue is None or queue in w.queues
         ]
         return max((w.gpus for w in live), default=None)
+
+    def gpu_queue_ever_served(self, queue: str) -> bool:
+        """True if a worker with enough GPUs for ``queue`` ever registered to serve it."""
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(gpu_queues_seen.c.queue).where(gpu_queues_seen.c.queue == queue)
+            ).first()
+        return row is not None

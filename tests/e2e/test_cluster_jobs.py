@@ -117,6 +117,16 @@ def test_gpu_job_waits_while_only_cpu_workers_live_and_cpu_job_runs(stack: Stack
     cuda["name"] = "wants-cuda"
     cuda["resources"] = {"device": "cuda", "gpus": 1}
     with stack.client() as client:
+        # no GPU worker ever registered here: refused rather than left waiting forever
+        r = client.post("/jobs", json=cuda)
+        assert r.status_code == 422 and "ever registered" in r.text, r.text
+    store = stack.env.store()
+    try:  # a GPU worker that served this deployment once and has stopped
+        store.register_worker("gpu@gone", host="g", pid=9, gpus=1, queues=["gpu"])
+        store.remove_worker("gpu@gone")
+    finally:
+        store.dispose()
+    with stack.client() as client:
         gpu = submit(client, cuda)
         assert gpu["queue"] == "gpu" and gpu["status"] == "queued"
         assert gpu["status_reason"] == "waiting for a gpu worker: none is live"

@@ -168,3 +168,13 @@ def test_a_fitting_spec_is_accepted(client: httpx.Client) -> None:
     )
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["max_runtime"] == 0.5
+
+
+def test_cuda_without_any_gpu_worker_ever_is_refused(client: httpx.Client) -> None:
+    spec = {"model": LENET, "data": {"dataset": "digits"}, "resources": {"device": "cuda"}}
+    r = _post(client, spec)
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["resources", "device"]
+    assert "no worker with 1 GPU has ever registered" in error["msg"]
+    assert "resources.device 'cpu' or 'auto'" in error["msg"]

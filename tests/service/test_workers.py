@@ -17,7 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service.db import utcnow, workers
+from service.db import gpu_queues_seen, utcnow, workers
 from service.store import Store, waiting_reason
 from tests.harness import Proc, ServiceEnv, make_env, running_stack, start_api, wait_for
 
@@ -162,9 +162,11 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
 
 @pytest.fixture
 def clean(api: Api) -> Api:
-    """The API with no registered worker."""
+    """The API with no registered worker, and none ever (gpu_queues_seen emptied)."""
     for w in api.store.list_workers():
         api.store.remove_worker(w.name)
+    with api.store.engine.begin() as conn:
+        conn.execute(sa.delete(gpu_queues_seen))
     return api
 
 
@@ -201,6 +203,15 @@ def test_get_workers_is_for_admins(clean: Api) -> None:
 def test_cuda_job_waits_with_a_reason_while_no_gpu_worker_lives(clean: Api) -> None:
     clean.store.register_worker("cpu@a", host="a", pid=1, queues=["cpu"])
     with clean.client(clean.alice) as client:
+        # no GPU worker ever registered: it would wait forever, so it is refused (issue 17)
+        r = client.post("/jobs", json=cuda_spec())
+        assert r.status_code == 422, r.text
+        [error] = r.json()["detail"]
+        assert error["loc"] == ["resources", "device"]
+        assert "no worker with 1 GPU has ever registered" in error["msg"]
+        # one did and is gone (stopped cleanly): the job waits for it
+        clean.store.register_worker("gpu@gone", host="g", pid=9, gpus=1, queues=["gpu"])
+        clean.store.remove_worker("gpu@gone")
         r = client.post("/jobs", json=cuda_spec())
         assert r.status_code == 201, r.text
         body = r.json()
@@ -210,7 +221,8 @@ def test_cuda_job_waits_with_a_reason_while_no_gpu_worker_lives(clean: Api) -> N
         assert client.get(f"/jobs/{job_id}").json()["status_reason"] == waiting_reason("gpu")
 
         # a gpu worker whose heartbeat stopped does not count either
-        clean.store.register_worker("gpu@dead", host="d", pid=2, gpus=8, queues=["gpu"])
+        dead_queues = ["gpu", "gpu2", "gpu3", "gpu4"]
+        clean.store.register_worker("gpu@dead", host="d", pid=2, gpus=8, queues=dead_queues)
         age(clean.store, "gpu@dead", 300)
         r = client.post("/jobs", json=cuda_spec(gpus=4))
         assert r.status_code == 201, r.text
