@@ -75,7 +75,7 @@ def _leaves(output: Any) -> Iterator[Tensor]:
 
 def _to_numpy(t: Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
-        raise ValueError("onnxruntime checks need float32, float16 or float64 inputs, not bfloat16")
+        raise ValueError("onnxruntime takes no bfloat16 inputs here: use float32 or float16")
     return t.detach().cpu().numpy()
 
 
@@ -167,7 +167,8 @@ def export_onnx(
     Args:
         model: the network, in eval mode (``model.eval()``).
         example: an input tensor, or a sequence of them for a forward with several inputs;
-            float32/float16/float64 (onnxruntime has no bfloat16 input here).
+            float32 (float16 runs too; onnxruntime's CPU kernels have no float64 Conv and
+            take no bfloat16 inputs).
         path: where to write the ``.onnx`` file (weights inside it, or beside it in an
             external-data file only past ONNX's 2 GB limit).
         fold_bn: fold conv→BN (and linear→BatchNorm1d) pairs before exporting.
@@ -186,14 +187,15 @@ def export_onnx(
         ValueError: if ``model`` is in training mode (or a BN in it; folding needs running
             statistics), or ``example`` is bfloat16.
         TypeError: if ``example`` is not a tensor or a sequence of tensors.
-        RuntimeError: if torch's exporter fails; the message names the model's normcore norm
-            layers and carries torch's error.
+        RuntimeError: if torch's exporter fails (the message names the model's normcore norm
+            layers and carries torch's error), or onnxruntime cannot run the written file (a
+            dtype or op its CPU kernels lack; the file stays at ``path``).
     """
     _require_onnx()
     args = _as_args(example)
     for t in args:
         if t.dtype == torch.bfloat16:
-            raise ValueError("export_onnx needs float32, float16 or float64 examples, not bfloat16")
+            raise ValueError("export_onnx checks in onnxruntime, which takes no bfloat16 inputs")
     if model.training:
         raise ValueError("export_onnx exports inference graphs: call model.eval() first")
     with torch.no_grad():
@@ -216,5 +218,10 @@ def export_onnx(
         ) from exc
     assert program is not None  # dynamo=True always returns the program
     program.save(os.fspath(path))
-    diffs = onnx_max_abs_diff(path, args, expected)
+    try:
+        diffs = onnx_max_abs_diff(path, args, expected)
+    except (ValueError, TypeError):
+        raise
+    except Exception as exc:  # onnxruntime's own error types
+        raise RuntimeError(f"wrote {path}, but onnxruntime cannot run it: {exc}") from exc
     return max(diffs, default=0.0, key=lambda d: float("inf") if np.isnan(d) else d)
