@@ -9,6 +9,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from normcore.spec import EXAMPLE_SPEC, JobSpec, load_spec, spec_json_schema
@@ -299,3 +301,66 @@ def test_every_int_field_has_an_upper_bound() -> None:
         if prop.get("type") == "integer" and "maximum" not in prop:
             unbounded.append(field)
     assert not unbounded, unbounded
+
+
+_NORM_PIECES = st.sampled_from(
+    ["bn", "gn", "split_bn", "ghost_bn", "lrn", "l2", "brn", "evo_s0", "none", ":", "(", ")",
+     "=", ",", " ", "momentum", "eps", "num_groups", "num_splits", "size", "device", "dtype",
+     "1", "0", "-", "+", "1e999", "100000", "9" * 30, "[", "]", "{", "}", "'x'", "None", "True",
+     "lambda", "__import__", "\u00b2", "\x00", "\\", '"']
+)  # fmt: skip
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**80), 2**80),
+    st.floats(),
+    st.text(max_size=80),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    norm=st.one_of(
+        st.lists(_NORM_PIECES, max_size=16).map("".join),
+        st.text(max_size=300),
+        st.tuples(_NORM_PIECES, st.integers(1, 3000)).map(lambda t: t[0] * t[1]),
+        st.dictionaries(
+            st.one_of(st.sampled_from(["type", "name", "eps", "num_splits", "device"]), st.text()),
+            st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3), st.just([[[[[1]]]]])),
+            max_size=5,
+        ),
+    )
+)
+def test_any_norm_is_accepted_or_refused_with_a_message(norm: Any) -> None:
+    """Whatever model.norm holds, validation ends in a ValidationError (a 422), never another
+    exception (RecursionError, MemoryError, OverflowError, TypeError: a 500 in the API)."""
+    try:
+        spec = JobSpec.model_validate(_with(model={"norm": norm}, data={"batch_size": 64}))
+    except ValidationError:
+        return
+    json.dumps(spec.model_dump(mode="json"), allow_nan=False)  # storable and renderable
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    path=st.lists(
+        st.one_of(
+            st.sampled_from(["..", ".", "", "/", "\\", "~", "C:", "a" * 255, "a" * 256]),
+            st.text(max_size=30),
+            st.integers(1, 300).map(lambda n: "\u00e9" * n),
+        ),
+        max_size=8,
+    ).map("/".join)
+)
+def test_any_data_path_is_accepted_or_refused_with_a_message(path: str) -> None:
+    """An accepted data.path is relative, without '..', NUL or control characters, and every
+    component fits in a file name (255 bytes): the file system never raises on it."""
+    try:
+        spec = JobSpec.model_validate(_with(data={"dataset": "mnist", "path": path}))
+    except ValidationError:
+        return
+    accepted = spec.data.path or ""
+    parts = accepted.replace("\\", "/").split("/")
+    assert ".." not in parts and not accepted.startswith(("/", "\\"))
+    assert all(len(p.encode("utf-8")) <= 255 for p in parts)
+    assert not any(ord(c) < 0x20 for c in accepted)
