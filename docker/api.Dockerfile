@@ -31,11 +31,11 @@ WORKDIR /src
 RUN python -m venv /opt/venv \
  && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-# 2. The project's other dependencies, read from pyproject.toml alone so this layer is rebuilt
-#    only when they change. The constraint pins the torch installed above: pip keeps the CPU
-#    wheel instead of pulling a CUDA build from PyPI.
+# 2. The project's other dependencies (the library's and the service extra's), read from
+#    pyproject.toml alone so this layer is rebuilt only when they change. The constraint pins
+#    the torch installed above: pip keeps the CPU wheel instead of pulling a CUDA build from PyPI.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['service']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))" \
  && python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > /tmp/constraints.txt \
  && pip install --no-cache-dir --constraint /tmp/constraints.txt --requirement /tmp/requirements.txt
 

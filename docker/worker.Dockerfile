@@ -2,9 +2,9 @@
 #
 # normcore worker image: `python -m worker` (Celery) on the official CUDA PyTorch image.
 #
-# torch comes from the base image and is never replaced: the project's other dependencies are
-# installed under a constraint that pins the base's exact torch build, then the project itself
-# with --no-deps. The base's Python is conda's (3.11 in the upstream Dockerfile; the project
+# torch comes from the base image and is never replaced: the project's other dependencies (the
+# library's and the service extra's) are installed under a constraint that pins the base's exact
+# torch build, then the project itself with --no-deps. The base's Python is conda's (3.11 in the upstream Dockerfile; the project
 # needs >= 3.11, checked below).
 #
 # Build from the repository root (the build context is filtered by .dockerignore):
@@ -29,7 +29,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import sys; assert sys.version_info >= (3, 11), sys.version" \
  && python -m venv --system-site-packages /opt/venv \
- && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))" \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['service']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))" \
  && python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > /tmp/constraints.txt \
  && /opt/venv/bin/pip install --no-cache-dir --constraint /tmp/constraints.txt --requirement /tmp/requirements.txt
 
