@@ -381,6 +381,9 @@ def describe_data(spec: JobSpec, data_root: str | Path | None = None) -> DataInf
         raise DataCheckError(
             ("data", "path"), f"{exc}{_wrong_format(d.dataset, data_root, d.path or '')}"
         ) from None
+    except OSError as exc:  # a listing or header read the OS refused (permissions, I/O error)
+        reason = exc.strerror or type(exc).__name__
+        raise DataCheckError(("data", "path"), f"{d.path}: cannot be read ({reason})") from None
 
 
 def _extra_classes_note(outputs: int, classes: int, dataset: str) -> str:
