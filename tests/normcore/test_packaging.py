@@ -215,6 +215,9 @@ def test_pyproject_keeps_the_library_small() -> None:
         assert package in service
     assert names(extras["onnx"]) == {"onnx", "onnxscript", "onnxruntime"}
     assert project["scripts"]["normcore"] == "service.cli:main"
+    for image in ("api", "worker"):  # the images install the library's and the service's
+        dockerfile = (ROOT / "docker" / f"{image}.Dockerfile").read_text()
+        assert "['optional-dependencies']['service']" in dockerfile, image
 
 
 @pytest.mark.parametrize("extra", ["service", "onnx", "data", "client"])
