@@ -17,7 +17,7 @@ the allocator's slack; a budget should leave room for them.
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,26 @@ def _activation_elements(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=256)
+def _model_shape_counts(
+    model_json: str, batch: int, in_channels: int, h: int, w: int
+) -> tuple[int, int]:
+    """(parameters, activation elements) of a model spec on a batch of (h, w) images.
+
+    One meta-device build and forward at the batch size itself (split and ghost norms depend on
+    it). Cached: the same architecture and batch are submitted again and again.
+    """
+    from normcore.models import build_model
+    from normcore.spec import ModelSpec
+
+    spec = ModelSpec.model_validate_json(model_json)
+    with torch.device("meta"):
+        model = build_model(spec, in_channels=in_channels)
+    params = sum(p.numel() for p in model.parameters())
+    x = torch.empty(batch, in_channels, h, w, device="meta")
+    return params, _activation_elements(model.train(), x)
+
+
 def model_memory(spec: JobSpec, info: DataInfo) -> tuple[int, int, int]:
     """(parameters, model bytes, activation bytes) for ``spec`` on data shaped like ``info``.
 
@@ -96,28 +116,23 @@ def model_memory(spec: JobSpec, info: DataInfo) -> tuple[int, int, int]:
         DataCheckError: the model cannot take images of ``info.image_size`` (loc
             ("data", "image_size")), or the builder refuses the model spec (loc ("model",)).
     """
-    from normcore.models import build_model
-
     in_channels = spec.model.in_channels or info.channels
+    h, w = info.image_size
     try:
-        with torch.device("meta"):
-            model = build_model(spec.model, in_channels=in_channels)
+        params, elements = _model_shape_counts(
+            spec.model.model_dump_json(), spec.data.batch_size, in_channels, h, w
+        )
     except ValueError as exc:
         raise DataCheckError(("model",), str(exc)) from None
-    params = sum(p.numel() for p in model.parameters())
-    model_bytes = params * FLOAT32_BYTES * (2 + optimizer_slots(spec))
-    batch = spec.data.batch_size
-    h, w = info.image_size
-    x = torch.empty(batch, in_channels, h, w, device="meta")
-    try:
-        elements = _activation_elements(model.train(), x)
-    except (RuntimeError, ValueError) as exc:
+    except RuntimeError as exc:
         raise DataCheckError(
             ("data", "image_size"),
             f"{spec.model.arch} cannot take {h}x{w} images: {str(exc).splitlines()[0]}; "
             "set data.image_size larger",
         ) from None
-    return params, model_bytes, (elements + math.prod(x.shape)) * FLOAT32_BYTES
+    model_bytes = params * FLOAT32_BYTES * (2 + optimizer_slots(spec))
+    activations = elements + spec.data.batch_size * in_channels * h * w  # + the input batch
+    return params, model_bytes, activations * FLOAT32_BYTES
 
 
 def estimate_memory(
