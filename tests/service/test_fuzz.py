@@ -337,7 +337,7 @@ def _headers(server: HostileServer, name: bytes, value: bytes) -> list[tuple[byt
 
 
 def test_hostile_headers(server: HostileServer, raw: httpx.Client) -> None:
-    """Last-Event-ID on the event stream, Range and If-Range on a checkpoint download,
+    """Last-Event-ID on the event stream, Range, If-Range and If-None-Match on a download,
     Idempotency-Key on submit, Authorization anywhere: raw bytes of every shape."""
     tally = Tally()
     events = f"{server.url}/jobs/{server.job_id}/events"
@@ -346,7 +346,10 @@ def test_hostile_headers(server: HostileServer, raw: httpx.Client) -> None:
     @settings(FUZZ, max_examples=150)
     @example(value="\u00b2".encode("latin-1"), which="lei")  # str.isdigit() but not int()
     @example(value=b"bytes=" + b",".join([b"0-1"] * 150), which="range")
-    @given(value=_HEADER_VALUES, which=st.sampled_from(["lei", "range", "ifrange", "idem", "auth"]))
+    @given(
+        value=_HEADER_VALUES,
+        which=st.sampled_from(["lei", "range", "ifrange", "inm", "idem", "auth"]),
+    )
     def run(value: bytes, which: str) -> None:
         if which == "lei":
             with raw.stream("GET", events, headers=_headers(server, b"Last-Event-ID", value)) as r:
@@ -357,6 +360,9 @@ def test_hostile_headers(server: HostileServer, raw: httpx.Client) -> None:
             if which == "ifrange":
                 headers.append((b"If-Range", value))
             tally.check(raw.get(download, headers=headers), f"{which} {value!r}")
+        elif which == "inm":
+            headers = _headers(server, b"If-None-Match", value)
+            tally.check(raw.get(download, headers=headers), f"If-None-Match {value!r}")
         elif which == "idem":
             r = raw.post(
                 f"{server.url}/jobs",
