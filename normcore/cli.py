@@ -147,6 +147,11 @@ def train_command(
     except ValueError as exc:  # the spec does not fit the data, a corrupt checkpoint, ...
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(1) from None
+    except ImportError as exc:  # a dataset whose package is in an extra (digits: normcore[data])
+        if "normcore[" not in str(exc):
+            raise
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(2) from None
 
     console.print(
         f"{result.status}: {result.epochs_completed} epochs, {result.global_step} steps "

@@ -139,7 +139,7 @@ def test_library_trains_without_any_extra(tmp_path: Path) -> None:
 
 
 def test_cli_train_without_service_extras_and_a_clear_message_for_serve(tmp_path: Path) -> None:
-    """The console script's train runs on the library alone; serve names the service extra."""
+    """The console script's train runs on the library alone; digits and serve name their extra."""
     spec = tmp_path / "tiny.json"
     spec.write_text(json.dumps(TINY_SPEC))
     template = """
@@ -156,6 +156,15 @@ def test_cli_train_without_service_extras_and_a_clear_message_for_serve(tmp_path
     assert train.returncode == 0, train.stderr[-3000:]
     assert "succeeded" in train.stdout
     assert list((tmp_path / "run" / "checkpoints").iterdir())
+
+    digits = _run(
+        template.format(argv=["train", str(ROOT / "examples" / "lenet-digits.json")]),
+        EXTRA_MODULES,
+        tmp_path,
+    )
+    assert digits.returncode == 2, digits.stdout + digits.stderr
+    assert "pip install 'normcore[data]'" in digits.stderr
+    assert "Traceback" not in digits.stderr
 
     serve = _run(
         template.format(argv=["serve", "--data-dir", str(tmp_path / "data")]),
