@@ -71,7 +71,10 @@ def _fast_exporter() -> Iterator[None]:
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    apis = importlib.import_module("onnxscript._framework_apis.torch_2_5")
+    try:  # a private module: if onnxscript moves it, the tests only run slower
+        apis = importlib.import_module("onnxscript._framework_apis.torch_2_5")
+    except ImportError:
+        apis = None
     original = getattr(apis, "get_torchlib_ops", None)
     if original is not None:
         apis.get_torchlib_ops = functools.cache(original)
