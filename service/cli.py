@@ -295,7 +295,8 @@ def serve(
     if worker:
         # Started first: its imports run while the API's fork server imports torch. It stops
         # first too, with the time a running job needs to checkpoint and exit.
-        worker_cmd = [sys.executable, "-m", "worker"]
+        # --api-beside: the worker's default training thread count keeps a core for the API
+        worker_cmd = [sys.executable, "-m", "worker", "--api-beside"]
         specs.append(
             ChildSpec("worker", worker_cmd, stop_timeout=settings.cancel_grace_seconds + 5)
         )

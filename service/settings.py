@@ -105,9 +105,10 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         le=1024,
-        description="torch CPU threads of the training process (0: torch's default, one per "
-        "core). CPU runs are bit-identical only at the same thread count; each checkpoint "
-        "records it.",
+        description="torch CPU threads of the training process (0: chosen from the cores the "
+        "worker may use, less one for an API beside it, over worker_concurrency; see "
+        "worker/threads.py). CPU runs are bit-identical only at the same thread count; each "
+        "checkpoint records it.",
     )
     train_memory_limit_bytes: int | None = Field(
         default=None,

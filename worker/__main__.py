@@ -8,6 +8,9 @@ Registration: the worker's row in the store (node name, host, pid, GPUs, memory,
 version) is written at start, refreshed every ``worker_heartbeat_seconds`` and removed at a
 clean stop; ``GET /workers`` shows it to admins and the API sizes CUDA jobs against it.
 
+Warm start: the worker starts a fork server that imports torch and normcore once
+(``worker/warm.py``); each job's training process is forked from it within a fraction of a second.
+
 Stopping: SIGTERM or Ctrl-C starts Celery's warm shutdown. A running job's training child gets
 SIGTERM and stops after its current step; the job is left ``running`` with its lease, which
 expires within ``lease_seconds``, and a reaper (the API's or any worker's) re-queues it so the
@@ -92,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="jobs at once (default 1 = one job per process, one GPU; >1 uses a thread pool)",
     )
+    parser.add_argument(
+        "--api-beside",
+        action="store_true",
+        help="the API runs on this host too (normcore serve passes it): the default training "
+        "thread count keeps a core for it",
+    )
     parser.add_argument("--loglevel", "-l", default="info", help="Celery log level (default info)")
     parser.add_argument(
         "--hostname", "-n", default=None, help="worker node name (default normcore-PID@host)"
@@ -117,8 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     hostname = args.hostname or f"normcore-{os.getpid()}@{socket.gethostname()}"
 
     from service.reaper import Reaper
+    from worker import app as app_module
+    from worker import warm
     from worker.app import app
     from worker.registry import WorkerRegistry
+
+    app_module.API_BESIDE = args.api_beside
+    # Before Celery: the fork server imports torch and normcore while the worker connects, so
+    # the first job starts warm too.
+    warm.start()
 
     registry = WorkerRegistry(settings, store, name=hostname, queues=queues, gpus=gpus)
     registry.start()

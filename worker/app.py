@@ -46,6 +46,8 @@ app.conf.update(
 # Set by Celery's SIGTERM/SIGINT handlers (warm) and SIGQUIT / second Ctrl-C (cold).
 SHUTDOWN = runner.ShutdownFlags.new()
 _store: Store | None = None
+# Set by ``python -m worker --api-beside`` (``normcore serve``): the API shares this host.
+API_BESIDE = False
 
 
 @signals.worker_shutting_down.connect
@@ -79,4 +81,4 @@ def get_store() -> Store:
 @app.task(name="normcore.run_job", acks_late=False, ignore_result=True)
 def run_job(job_id: str) -> str:
     """Claim the job, train it in a supervised child process, record the final status."""
-    return runner.run_job(job_id, settings, get_store(), flags=SHUTDOWN)
+    return runner.run_job(job_id, settings, get_store(), flags=SHUTDOWN, api_beside=API_BESIDE)

@@ -1,9 +1,11 @@
-"""Run one job: claim it, train in a spawned child process, supervise it, record the outcome.
+"""Run one job: claim it, train in a child process, supervise it, record the outcome.
 
-The Celery process only supervises. Training runs in a ``spawn`` child (never fork: CUDA state
-must never be created in, or inherited from, the Celery process, and nothing here imports torch)
-that makes itself a process-group leader, fixes its torch thread count (``train_threads``: CPU
-runs are bit-identical only at equal counts), limits its address space on CPU
+The Celery process only supervises. Training runs in a child forked from the worker's warm fork
+server (``worker/warm.py``: torch and normcore imported, CUDA never initialized; never a fork of
+the Celery process, which imports no torch; ``spawn`` if the server cannot start), one attempt
+per child. The child makes itself a process-group leader, sets its torch thread count
+(``train_threads``, else chosen from the usable cores by ``worker/threads.py``: CPU runs are
+bit-identical only at equal counts), limits its address space on CPU
 (``train_memory_limit_bytes``: a job too big fails with an out-of-memory error, the worker lives
 on), opens its own Store and calls ``normcore.train``. The parent renews the job's lease by heartbeat, turns a cancel request into SIGTERM to the child, then
 SIGKILL to its group after ``cancel_grace_seconds``, and writes the final status from the JSON
@@ -22,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import re
 import resource
@@ -39,6 +42,8 @@ from typing import Any
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import NotFound, StaleAttempt, Store
+from worker import warm
+from worker.threads import choose_train_threads
 
 log = logging.getLogger("worker.runner")
 
@@ -203,14 +208,24 @@ def _run_attempt(cfg: dict[str, Any], stop: threading.Event, report: Any) -> int
         engine_log.setLevel(logging.INFO)
     callback.start()
     try:
-        callback.log(f"attempt {attempt} started on worker {cfg['worker_id']} (pid {os.getpid()})")
+        warm_from = cfg.get("fork_server_pid")
+        callback.log(
+            f"attempt {attempt} started on worker {cfg['worker_id']} (pid {os.getpid()}) "
+            f"{time.time() - float(cfg.get('claimed_at') or time.time()):.2f} s after the claim, "
+            + (
+                f"forked from the warm fork server (pid {warm_from})"
+                if warm_from
+                else "spawned (cold start)"
+            )
+        )
+        callback.flush()  # its time in the store is the phase's end (benchmarks/latency.py)
         import torch
 
         if cfg.get("train_threads"):
             torch.set_num_threads(int(cfg["train_threads"]))
         callback.log(
             f"torch threads {torch.get_num_threads()}"
-            f"{'' if cfg.get('train_threads') else ' (torch default; set train_threads to fix it)'}"
+            + (f": {cfg['threads_reason']}" if cfg.get("threads_reason") else "")
         )
         limited = _limit_memory(cfg)
         if limited:
@@ -378,13 +393,15 @@ def run_job(
     *,
     flags: ShutdownFlags | None = None,
     train_target: str = DEFAULT_TRAIN_TARGET,
+    api_beside: bool = False,
 ) -> str:
     """Claim ``job_id`` and run one attempt of it to the end; return what happened.
 
     Returns one of "duplicate" (not claimable: held by another worker, finished or cancelled),
     "succeeded", "cancelled", "failed", "stale" (another attempt took over; nothing written) or
     "shutdown" (the worker is stopping; the job is left for the reaper). ``train_target`` is the
-    ``module:function`` the child calls, ``normcore.train``'s signature.
+    ``module:function`` the child calls, ``normcore.train``'s signature. ``api_beside``: the
+    API runs on this host (``normcore serve``), so the default thread count keeps a core for it.
     """
     flags = flags or ShutdownFlags.new()
     me = worker_id()
@@ -400,7 +417,13 @@ def run_job(
     log.info("job %s: attempt %d claimed by %s", job_id, attempt, me)
 
     time_limit_s, max_runtime_min = _time_limit(job, settings)
+    threads = choose_train_threads(
+        settings.train_threads,
+        concurrency=settings.worker_concurrency,
+        api_beside=api_beside,
+    )
     config = {
+        "claimed_at": time.time(),
         "time_limit_s": time_limit_s,
         "max_runtime_min": max_runtime_min,
         "read_timeout_s": settings.data_read_timeout_seconds,
@@ -413,32 +436,28 @@ def run_job(
         "data_root": str(settings.data_root),
         "workdir": str(settings.job_dir(job_id)),
         "train_target": train_target,
-        "train_threads": settings.train_threads,
+        "train_threads": threads.threads,
+        "threads_reason": threads.reason,
         "memory_limit_bytes": settings.train_memory_limit(),
     }
-    ctx = multiprocessing.get_context("spawn")
-    recv_end, send_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=_child_main,
-        args=(json.dumps(config), send_end),
-        name=f"normcore-train-{job_id[:8]}",
-        daemon=False,
-    )
     sup = _Supervisor(store, settings, job_id, attempt, flags)
     sup.deadline = time.monotonic() + time_limit_s + max(30.0, settings.cancel_grace_seconds)
+    proc: Any = None
+    recv_end, send_end = multiprocessing.Pipe(duplex=False)
     try:
-        proc.start()
+        proc = _start_child(config, send_end, name=f"normcore-train-{job_id[:8]}")
         send_end.close()  # so a dead child reads as EOF, not a hang
         sup.supervise(proc)
         outcome = _read_outcome(recv_end)
     except BaseException:
         # A hard shutdown or a bug in this loop: never leave the child running unsupervised.
-        if proc.pid is not None:
+        if proc is not None and proc.pid is not None:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.join(5)
         raise
     finally:
         recv_end.close()
+        send_end.close()
     if proc.pid is not None:
         # Reap helpers the child left behind in its group (data loader workers and the like).
         # killpg only: the child itself is reaped, so its pid may already belong to someone else,
@@ -449,6 +468,40 @@ def run_job(
     if result == "stale":
         _remove_if_deleted(store, settings, job_id)
     return result
+
+
+def _fork_server_pid() -> int | None:
+    """The pid of this process's multiprocessing fork server, if it runs (for the log line)."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
+def _start_child(
+    config: dict[str, Any], send_end: multiprocessing.connection.Connection, *, name: str
+) -> Any:
+    """Start the training child: forked from the warm fork server, else spawned (cold).
+
+    Only the config's JSON and the pipe's write end cross to the child. A fork server that
+    cannot start (or died and cannot be restarted) costs this job its warm start, nothing else.
+    """
+    try:
+        ctx: Any = warm.context()
+        multiprocessing.forkserver.ensure_running()  # no-op once it runs; its pid is known after
+        warm_config = {**config, "fork_server_pid": _fork_server_pid()}
+        proc = ctx.Process(
+            target=_child_main, args=(json.dumps(warm_config), send_end), name=name, daemon=False
+        )
+        proc.start()
+        return proc
+    except OSError as exc:
+        log.warning("warm fork server unavailable (%r): spawning a cold training process", exc)
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(
+        target=_child_main, args=(json.dumps(config), send_end), name=name, daemon=False
+    )
+    proc.start()
+    return proc
 
 
 def _remove_if_deleted(store: Store, settings: Settings, job_id: str) -> None:

@@ -27,3 +27,22 @@ def ignore_sigterm(spec: Any, workdir: Path, callbacks: Any = (), resume: Any = 
     for cb in callbacks:
         cb.on_metrics(MetricRow(1, 1, "train", {"loss": 1.0}, time.time()))
     time.sleep(600)
+
+
+def cuda_state(spec: Any, workdir: Path, callbacks: Any = (), resume: Any = None, **_: Any):
+    """Log whether CUDA was initialized in this process before its job's training began."""
+    import torch
+
+    from normcore.engine import TrainResult
+
+    for cb in callbacks:
+        cb.on_log(f"cuda initialized before the job: {torch.cuda.is_initialized()}")
+    return TrainResult("succeeded", 0, 0, {}, [], Path(workdir), 0.0)
+
+
+def allocate_16_gib(spec: Any, workdir: Path, callbacks: Any = (), resume: Any = None, **_: Any):
+    """Ask for 16 GiB at once: past the address-space limit, the allocation fails here."""
+    import torch
+
+    torch.empty(16 * 2**30, dtype=torch.uint8)
+    raise AssertionError("16 GiB allocated: the address-space limit was not applied")
