@@ -192,6 +192,36 @@ def test_delete_frees_files_and_rows_and_only_for_owner_or_admin(
         assert admin.delete("/jobs/" + "0" * 32).status_code == 404
 
 
+def test_client_delete_and_the_cli_command(
+    api: tuple[ServiceEnv, str, Store], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from normcore.client import ApiError, Client
+    from service.cli import app as cli_app
+
+    env, url, store = api
+    token = store.create_token("ivy", "ivy-tok")
+    with Client(url, token=token) as client:
+        first, second = (client.submit(SPEC)["id"] for _ in range(2))
+        client.delete(first)
+        with pytest.raises(ApiError) as err:
+            client.get(first)
+        assert err.value.status == 404
+        cli_env = {
+            **env.env,
+            "NORMCORE_URL": url,
+            "NORMCORE_TOKEN": token,
+            "XDG_CONFIG_HOME": str(tmp_path / "config-home"),
+        }
+        done = CliRunner().invoke(cli_app, ["delete", second], env=cli_env)
+        assert done.exit_code == 0, done.output
+        assert "deleted" in done.output
+        assert store.get_job(second) is None
+        again = CliRunner().invoke(cli_app, ["delete", second], env=cli_env)
+        assert again.exit_code == 1 and "not found" in again.output
+
+
 # ------------------------------------------------------------- a running job, a real worker
 
 LONG_SPEC: dict[str, Any] = {
