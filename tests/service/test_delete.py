@@ -109,6 +109,26 @@ def test_delete_job_removes_its_rows_and_fences_its_worker(store: Store) -> None
     assert store.requeue_expired(now=later, max_attempts=3) == [kept]
 
 
+def test_service_delete_frees_files_and_rows(store: Store, tmp_path: Path) -> None:
+    from service import disk
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=str(store.url))
+    job_id, _ = _job_with_everything(store, "alice")
+    other, _ = _job_with_everything(store, "alice")
+    for jid in (job_id, other):
+        ckpt = settings.job_dir(jid) / "checkpoints" / "epoch-0001"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(b"w" * 1000)
+    used = store.disk_usage(store.get_user("alice").id)
+
+    assert disk.delete(store, settings, job_id) is True
+    assert not settings.job_dir(job_id).exists() and settings.job_dir(other).is_dir()
+    assert store.get_job(job_id) is None and store.list_checkpoints(job_id) == []
+    assert store.disk_usage(store.get_user("alice").id) == used - 1000 - 100
+    assert disk.delete(store, settings, job_id) is False
+
+
 def test_disk_usage_counts_checkpoints_and_logs_per_owner(store: Store) -> None:
     first, _ = _job_with_everything(store, "alice", ckpt_bytes=5000)
     _job_with_everything(store, "alice", ckpt_bytes=7000)
