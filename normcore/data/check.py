@@ -256,7 +256,7 @@ def _imagefolder(spec: JobSpec, root: str | Path | None) -> DataInfo:
     from PIL import Image
 
     folder = spec.data.path or ""
-    listing = list_imagefolder(root, folder)
+    listing = list_imagefolder(root, folder, check_files=False)  # the loader stats them all
     n = sum(len(files) for _, files in listing)
     first_rel = f"{folder}/{listing[0][0]}/{listing[0][1][0]}"
 

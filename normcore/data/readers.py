@@ -564,8 +564,13 @@ def load_cifar10(root: str | Path | None, folder: str) -> RawData:
 # --------------------------------------------------------------------------- image folder
 
 
-def list_imagefolder(root: str | Path | None, folder: str) -> list[tuple[str, list[str]]]:
+def list_imagefolder(
+    root: str | Path | None, folder: str, *, check_files: bool = True
+) -> list[tuple[str, list[str]]]:
     """The class folders of an image folder and each one's image files, sorted; no image read.
+
+    ``check_files`` stats every image name (one call each) to refuse non-regular files before
+    any is opened; a listing for counting only can skip it.
 
     Raises:
         ValueError: fewer than two class folders, a class folder without images, or an image
@@ -586,7 +591,7 @@ def list_imagefolder(root: str | Path | None, folder: str) -> list[tuple[str, li
         )
         if not files:
             raise ValueError(f"class folder '{folder}/{name}' holds no images ({IMAGE_SUFFIXES})")
-        for file in files:  # up front: nothing is read if one entry would block
+        for file in files if check_files else ():  # up front: nothing read if one would block
             rel = f"{folder}/{name}/{file}"
             check_regular(resolve_under(root, rel), rel)
         listing.append((name, files))
