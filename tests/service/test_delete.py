@@ -22,6 +22,9 @@ from service.store import NotFound, Store
 from tests.harness import Proc, ServiceEnv, make_env, running_stack, start_api, wait_for
 from tests.service.store_backends import BACKENDS, open_store, pg_database
 
+# One xdist worker per module, so the module-scoped server starts once.
+pytestmark = pytest.mark.xdist_group("service-delete")
+
 SPEC: dict[str, Any] = {
     "name": "delete-me",
     "model": {"arch": "lenet", "norm": "bn"},

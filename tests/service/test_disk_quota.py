@@ -12,6 +12,9 @@ import pytest
 from service.store import Store
 from tests.harness import make_env, start_api
 
+# One xdist worker per module, so the module-scoped server starts once.
+pytestmark = pytest.mark.xdist_group("service-disk-quota")
+
 QUOTA = 10_000
 MAX_KEEP_LAST = 4
 SPEC: dict[str, Any] = {
