@@ -53,6 +53,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_STALE = 3
 MAX_ERROR_CHARS = 4000
+# How long a job waits, unclaimed, for the worker's fork server to finish its imports.
+WARM_WAIT_S = 120.0
 
 
 def worker_id() -> str:
@@ -405,6 +407,8 @@ def run_job(
     """
     flags = flags or ShutdownFlags.new()
     me = worker_id()
+    if not warm.wait_ready(WARM_WAIT_S):
+        log.warning("job %s: the fork server is still importing after %gs", job_id, WARM_WAIT_S)
     claimed = claim(store, settings, job_id, me)
     if claimed is None:
         log.info("job %s: not claimable (duplicate delivery, running elsewhere or done)", job_id)
@@ -445,7 +449,7 @@ def run_job(
     proc: Any = None
     recv_end, send_end = multiprocessing.Pipe(duplex=False)
     try:
-        proc = _start_child(config, send_end, name=f"normcore-train-{job_id[:8]}")
+        proc = _start_heartbeating(sup, config, send_end, name=f"normcore-train-{job_id[:8]}")
         send_end.close()  # so a dead child reads as EOF, not a hang
         sup.supervise(proc)
         outcome = _read_outcome(recv_end)
@@ -468,6 +472,34 @@ def run_job(
     if result == "stale":
         _remove_if_deleted(store, settings, job_id)
     return result
+
+
+def _start_heartbeating(
+    sup: _Supervisor,
+    config: dict[str, Any],
+    send_end: multiprocessing.connection.Connection,
+    *,
+    name: str,
+) -> Any:
+    """``_start_child`` in a thread while this one keeps the lease: a fork server that has to
+    (re)start first takes seconds of imports, longer than a lease under load."""
+    box: dict[str, Any] = {}
+
+    def start() -> None:
+        try:
+            box["proc"] = _start_child(config, send_end, name=name)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=start, name="normcore-child-start", daemon=True)
+    thread.start()
+    thread.join(sup.settings.heartbeat_seconds)
+    while thread.is_alive():
+        sup.heartbeat()
+        thread.join(sup.settings.heartbeat_seconds)
+    if "error" in box:
+        raise box["error"]
+    return box["proc"]
 
 
 def _fork_server_pid() -> int | None:

@@ -10,7 +10,7 @@ a second of the claim.
 CUDA stays safe: the fork server only imports modules. Importing torch neither initializes CUDA
 nor calls the driver (``torch.cuda.is_available()`` would: it is never called here), and nothing
 in the preloaded modules runs a torch operation, so no OpenMP thread pool exists to be broken by
-the fork either. Each forked child initializes CUDA itself, after it has its job.
+the fork either: the server is single-threaded (``tests/worker/test_warm.py`` checks both). Each forked child initializes CUDA itself, after it has its job.
 
 The server inherits the worker's environment, working directory and umask when it starts; its
 children inherit them from it. It exits when the worker process does (multiprocessing's "alive"
@@ -29,11 +29,18 @@ import threading
 import time
 
 log = logging.getLogger("worker.warm")
+# Set once start()'s warm-up has finished (or failed); set from the start where start() is not
+# called (a job then starts the server itself).
+_ready = threading.Event()
+_ready.set()
 
 # What a training process imports before it trains; a module that is not installed (the data
 # extra's scikit-learn, pillow) is skipped by the fork server.
 PRELOAD = [
     "torch",
+    # torch.use_deterministic_algorithms (the engine's determinism()) imports inductor's config,
+    # which pulls in dynamo: 6-7 s of imports on a loaded 2-core machine, at every job otherwise
+    "torch._inductor.config",
     "normcore",
     "normcore.spec",
     "normcore.checkpoint",
@@ -72,6 +79,7 @@ def start(*, wait: bool = False) -> threading.Thread:
     A failure is logged; a job then starts the server itself or falls back to ``spawn``.
     """
     ctx = context()
+    _ready.clear()
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
     try:
@@ -93,6 +101,8 @@ def start(*, wait: bool = False) -> threading.Thread:
         except Exception as exc:
             log.warning("training fork server warm-up failed: %r", exc)
             return
+        finally:
+            _ready.set()
         log.info(
             "training fork server ready in %.1f s (torch, normcore imported)",
             time.monotonic() - t0,
@@ -103,6 +113,15 @@ def start(*, wait: bool = False) -> threading.Thread:
     if wait:
         thread.join()
     return thread
+
+
+def wait_ready(timeout: float) -> bool:
+    """Block until ``start()``'s fork server has finished its imports; False on timeout.
+
+    The worker calls it before it claims a job, so the job stays claimable by another worker
+    meanwhile and its claim -> training time does not include the server's imports.
+    """
+    return _ready.wait(timeout)
 
 
 def _noop() -> None:

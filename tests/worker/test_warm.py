@@ -67,6 +67,8 @@ def test_jobs_are_forked_from_one_warm_fork_server(settings: Settings, store: St
     assert b"forkserver" in cmdline
     # the fork server has torch imported: a job's child need not import it again
     assert "libtorch" in Path(f"/proc/{server1}/maps").read_text()
+    # fork-safe: one thread (no OpenMP or other pool a fork would leave broken)
+    assert len(list(Path(f"/proc/{server1}/task").iterdir())) == 1
     # the thread count was chosen, and the log says why
     text = log_text(store, second)
     assert re.search(r"torch threads \d+: chosen from \d+ CPUs? usable", text), text[:2000]
