@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,8 +39,42 @@ def test_data_part_is_the_loaders_tensors() -> None:
     estimate = estimate_memory(spec)
     bundle = build_data(spec.data, seed=0)
     tensors = sum(t.nbytes for t in (bundle.train_x, bundle.val_x))
-    # generated once as a whole, then indexed into the train and val copies
-    assert estimate.data_bytes == 2 * tensors
+    # generated once as a whole (with noise and clamp temporaries), then indexed into copies
+    assert estimate.data_bytes == 4 * tensors
+
+
+def _peak_rss_of_build(spec_json: str, data_root: str | None) -> tuple[int, int]:
+    """(peak RSS growth while building the data, bytes of its tensors), in a fresh process."""
+    import resource
+
+    from normcore.data import build_data
+
+    spec = JobSpec.model_validate_json(spec_json)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    bundle = build_data(spec.data, seed=0, data_root=data_root)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak - base) * 1024, bundle.train_x.nbytes + bundle.val_x.nbytes
+
+
+def test_data_part_covers_the_measured_peak(tmp_path: Path) -> None:
+    import multiprocessing
+
+    import numpy as np
+
+    x = np.random.default_rng(0).integers(0, 255, (20_000, 3, 32, 32), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(20_000) % 10)
+    specs = [
+        _spec(num_samples=8_000, channels=4, image_size=32),
+        JobSpec.model_validate(
+            {"model": {"arch": "lenet"}, "data": {"dataset": "npz", "path": "d.npz"}}
+        ),
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    for spec in specs:
+        with ctx.Pool(1) as pool:
+            peak, tensors = pool.apply(_peak_rss_of_build, (spec.model_dump_json(), str(tmp_path)))
+        estimate = estimate_memory(spec, tmp_path).data_bytes
+        assert tensors < peak <= estimate <= 1.5 * peak, (spec.data.dataset, peak, estimate)
 
 
 @pytest.mark.parametrize(
