@@ -2,9 +2,9 @@
 
 Uses torch's ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``, the
 default since torch 2.9). The older TorchScript exporter is deprecated, and on this project's
-models it fails where the new one succeeds: LeNet's adaptive pool from 2x2 to 5x5 (the 8x8
-digits model), FilterResponseNorm's custom autograd function, InstanceNorm's channel count
-read from the input. The new exporter needs ``onnxscript`` besides ``onnx``; onnxruntime runs
+models it fails where the new one succeeds: it refuses LeNet's adaptive pool from 2x2 to 5x5
+(the 8x8 digits model) and InstanceNorm's channel count read from the input, and writes a graph
+onnxruntime rejects for FilterResponseNorm. The new exporter needs ``onnxscript`` besides ``onnx``; onnxruntime runs
 the check. All three come with ``pip install 'normcore[onnx]'``.
 """
 
