@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -125,7 +125,7 @@ class Database:
         os.register_at_fork(after_in_child=lambda: _dispose_after_fork(ref))
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Any:
+    def from_settings(cls, settings: Any) -> Self:
         """A store on ``settings.database_url``."""
         return cls(settings.database_url)
 
