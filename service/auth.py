@@ -1,13 +1,19 @@
 """Bearer-token authentication and the loopback rule for running without auth.
 
 Tokens are opaque random strings; the store keeps only their sha256 and answers
-``authenticate(token)`` with the user or None (unknown or revoked).
+``authenticate(token)`` with the user or None (unknown or revoked). The API keeps a short-lived
+:class:`TokenCache` in front of that lookup, so a revoked token stops working within its TTL.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,6 +24,9 @@ LOCAL_ADMIN_NAME = "local-admin"
 ADMIN_TOKEN_NAME = "admin"
 ADMIN_USER_NAME = "admin"
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+# How long the API trusts a token lookup: a revocation takes effect within this many seconds.
+TOKEN_CACHE_TTL_S = 5.0
+TOKEN_CACHE_SIZE = 1024
 
 
 class AuthError(Exception):
@@ -65,12 +74,79 @@ def parse_bearer(authorization: str | None) -> str:
     return token
 
 
-def authenticate(store: Store, authorization: str | None) -> Any:
-    """The UserRecord behind the request's bearer token; AuthError if none or revoked."""
+class TokenCache:
+    """Live tokens' users for ``ttl`` seconds: sha256(token) -> UserRecord, least recently used
+    dropped past ``maxsize`` entries.
+
+    Only successful lookups are kept (an unknown or revoked token always asks the store), so a
+    revoked token is refused at most ``ttl`` seconds after the revocation, and hostile random
+    tokens cannot evict live ones. Keys are digests: the cache holds no plaintext token.
+    Thread-safe (the event loop reads it, threads of the pool fill it).
+    """
+
+    def __init__(
+        self,
+        ttl: float = TOKEN_CACHE_TTL_S,
+        maxsize: int = TOKEN_CACHE_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl < 0 or maxsize < 1:
+            raise ValueError("ttl must be >= 0 and maxsize >= 1")
+        self.ttl = ttl
+        self.maxsize = maxsize
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+
+    @staticmethod
+    def key(token: str) -> str:
+        """The cache key of a token: its sha256 hex digest."""
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def get(self, token: str) -> Any | None:
+        """The cached user of ``token``, or None if absent or older than the TTL."""
+        key = self.key(token)
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= now:
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, token: str, user: Any) -> None:
+        """Remember ``user`` for ``token`` until the TTL runs out."""
+        key = self.key(token)
+        expires = self._clock() + self.ttl
+        with self._lock:
+            self._entries[key] = (expires, user)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+def authenticate(store: Store, authorization: str | None, cache: TokenCache | None = None) -> Any:
+    """The UserRecord behind the request's bearer token; AuthError if none or revoked.
+
+    With ``cache``, a token seen live within the cache's TTL is not looked up again.
+    """
     token = parse_bearer(authorization)
+    if cache is not None:
+        user = cache.get(token)
+        if user is not None:
+            return user
     user = store.authenticate(token)
     if user is None:
         raise AuthError("invalid or revoked token")
+    if cache is not None:
+        cache.put(token, user)
     return user
 
 

@@ -1,11 +1,17 @@
 """FastAPI dependencies: settings, the store, the current user, the caller's job, and the check
-that refuses query parameters a route does not declare."""
+that refuses query parameters a route does not declare.
+
+The cheap dependencies are ``async def``: FastAPI runs a sync dependency on the thread pool, a
+hop that costs more than the dependency itself. Only store reads go to the pool: a token
+lookup the cache cannot answer, and the route's own reads (one read transaction per request).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -23,14 +29,23 @@ bearer_scheme = HTTPBearer(
 )
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The Settings the app was created with."""
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     """The app's Store."""
     return request.app.state.store
+
+
+def token_cache(request: Request) -> auth.TokenCache:
+    """The app's cache of token lookups (made on first use; TTL ``auth.TOKEN_CACHE_TTL_S``)."""
+    cache = getattr(request.app.state, "token_cache", None)
+    if cache is None:
+        # Two requests racing here each make one; the loser's entries are simply dropped.
+        cache = request.app.state.token_cache = auth.TokenCache()
+    return cache
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -46,7 +61,7 @@ def unauthorized(detail: str) -> HTTPException:
     )
 
 
-def get_current_user(
+async def get_current_user(
     request: Request,
     store: StoreDep,
     settings: SettingsDep,
@@ -54,12 +69,21 @@ def get_current_user(
 ) -> UserRecord:
     """The user behind the bearer token, or the built-in local admin when auth is off.
 
-    Raises a 401 (with ``WWW-Authenticate: Bearer``) for a missing, invalid or revoked token.
+    A token seen live in the last ``auth.TOKEN_CACHE_TTL_S`` seconds is answered from the
+    cache on the event loop; otherwise the store is asked on the thread pool (so a revocation
+    takes effect within the TTL). Raises a 401 (with ``WWW-Authenticate: Bearer``) for a
+    missing, invalid or revoked token.
     """
     if not settings.auth:
         return request.app.state.local_user
+    header = request.headers.get("authorization")
+    cache = token_cache(request)
     try:
-        return auth.authenticate(store, request.headers.get("authorization"))
+        token = auth.parse_bearer(header)
+        user = cache.get(token)
+        if user is not None:
+            return user
+        return await run_in_threadpool(auth.authenticate, store, header, cache)
     except auth.AuthError as exc:
         raise unauthorized(exc.detail) from None
 
@@ -77,14 +101,22 @@ def job_not_found(job_id: str) -> HTTPException:
     return HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"job {job_id!r} not found")
 
 
-def get_owned_job(job_id: str, store: StoreDep, user: CurrentUser) -> JobRecord:
-    """The job ``job_id`` if the caller may see it; 404 otherwise."""
+def owned_job(store: Store, user: UserRecord, job_id: str) -> JobRecord:
+    """The job ``job_id`` if ``user`` may see it, read from the store; a 404 otherwise.
+
+    Called inside a route's ``store.read_transaction()`` it joins that transaction.
+    """
     if not is_plain_name(job_id):  # NUL, '/', non-ASCII: no such id, and PostgreSQL refuses NUL
         raise job_not_found(job_id[:80])
     job = store.get_job(job_id, owner_id=owner_filter(user))
     if job is None:
         raise job_not_found(job_id)
     return job
+
+
+def get_owned_job(job_id: str, store: StoreDep, user: CurrentUser) -> JobRecord:
+    """The job ``job_id`` if the caller may see it; 404 otherwise."""
+    return owned_job(store, user, job_id)
 
 
 OwnedJob = Annotated[JobRecord, Depends(get_owned_job)]
@@ -106,7 +138,7 @@ def declared_query_params(route: APIRoute) -> frozenset[str]:
     return cached
 
 
-def reject_unknown_query_params(request: Request) -> None:
+async def reject_unknown_query_params(request: Request) -> None:
     """Refuse (422) any query parameter the matched route does not declare.
 
     A misspelt filter (``?stauts=running``) would otherwise be ignored silently and the client

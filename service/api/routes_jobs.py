@@ -18,7 +18,14 @@ from starlette.concurrency import run_in_threadpool
 from normcore.spec import NAME_PATTERN, TAG_PATTERN, JobSpec, spec_json_schema
 from service import disk
 from service import jobs as job_service
-from service.api.deps import CurrentUser, OwnedJob, SettingsDep, StoreDep, owner_filter
+from service.api.deps import (
+    CurrentUser,
+    OwnedJob,
+    SettingsDep,
+    StoreDep,
+    owned_job,
+    owner_filter,
+)
 from service.api.examples import (
     EXAMPLE_DETAIL,
     EXAMPLE_EVENTS,
@@ -216,7 +223,8 @@ def delete_job(job: OwnedJob, store: StoreDep, settings: SettingsDep) -> Respons
     },
 )
 def get_metrics(
-    job: OwnedJob,
+    job_id: str,
+    user: CurrentUser,
     store: StoreDep,
     after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -234,7 +242,10 @@ def get_metrics(
     it supersedes; with ``final=true`` each (split, step) comes once (docs/service-contract.md,
     "Followers").
     """
-    rows, nxt = store.get_metrics(job.id, after=after, limit=limit, final=final)
+    # The ownership check and the rows in one read transaction (the hot path of every follower).
+    with store.read_transaction():
+        job = owned_job(store, user, job_id)
+        rows, nxt = store.get_metrics(job.id, after=after, limit=limit, final=final)
     return MetricPage(items=[MetricOut.model_validate(r) for r in rows], next=nxt)
 
 
@@ -272,6 +283,22 @@ def _status_payload(job: JobRecord) -> str:
     )
 
 
+_EVENT_PAGE = 500
+
+
+def _poll_events(
+    store: Store, job_id: str, after: int, final: bool
+) -> tuple[JobRecord | None, list[Any] | None, int]:
+    """One tick of the event stream in one read transaction: the job (None: gone) and its
+    first page of rows after ``after``, read from the same snapshot."""
+    with store.read_transaction():
+        job = store.get_job(job_id)
+        if job is None:
+            return None, None, after
+        rows, nxt = store.get_metrics(job_id, after=after, limit=_EVENT_PAGE, final=final)
+    return job, rows, nxt
+
+
 async def job_events(
     request: Request, store: Store, job_id: str, after: int, final: bool = False
 ) -> AsyncIterator[ServerSentEvent]:
@@ -279,7 +306,7 @@ async def job_events(
     (``final``: only final rows, as ``GET /jobs/{id}/metrics?final=true``)."""
     last_state: tuple[Any, ...] | None = None
     while True:
-        job = await run_in_threadpool(store.get_job, job_id)
+        job, rows, nxt = await run_in_threadpool(_poll_events, store, job_id, after, final)
         if job is None:
             return
         state = (job.status, job.attempt, job.cancel_requested, job.status_reason)
@@ -287,15 +314,17 @@ async def job_events(
             last_state = state
             yield ServerSentEvent(data=_status_payload(job), event="status")
         while True:
-            rows, nxt = await run_in_threadpool(
-                store.get_metrics, job_id, after=after, limit=500, final=final
-            )
+            if rows is None:
+                rows, nxt = await run_in_threadpool(
+                    store.get_metrics, job_id, after=after, limit=_EVENT_PAGE, final=final
+                )
             for row in rows:
                 payload = MetricOut.model_validate(row).model_dump(mode="json")
                 yield ServerSentEvent(data=json.dumps(payload), event="metric", id=str(row.seq))
             after = nxt
-            if len(rows) < 500:
+            if len(rows) < _EVENT_PAGE:
                 break
+            rows = None
         if job.status in FINISHED_STATUSES:
             return
         if await request.is_disconnected():

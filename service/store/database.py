@@ -5,7 +5,9 @@ transaction that reads and then writes can fail at once with "database is locked
 so write transactions are serialized; writes are retried a few times if the database is still
 locked. PostgreSQL: psycopg 3, READ COMMITTED; per-job writes lock the job row first, so per-job
 sequence numbers follow commit order, and a submit locks its user's row (the quota check).
-Every public method of the store runs in one transaction of its own.
+Every public method of the store runs in one transaction of its own, or inside the caller's
+:meth:`Database.read_transaction` (an API request reads its job and rows in one transaction).
+Connections are pooled on both backends (a QueuePool sized for the API's thread pool).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -25,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import QueuePool, StaticPool
 
 from service.db import UTCDateTime
 
@@ -37,6 +40,19 @@ _PG_MIGRATION_LOCK = 0x6E6F726D636F7265  # "normcore"
 _WRITE_RETRIES = 8
 _IN_CHUNK = 500
 _LOCAL_MIGRATION_LOCK = threading.Lock()
+# Pool sizes: the API runs sync routes on AnyIO's thread pool (40 threads by default) and holds
+# at most one connection per request; a worker holds a few. Connections past pool_size are
+# opened for a burst and closed on return.
+POOL_SIZE = 10
+POOL_MAX_OVERFLOW = 30
+POOL_TIMEOUT_S = 30.0
+# SQLite page cache per connection (negative: KiB) and memory-mapped reads, per connection.
+_SQLITE_CACHE_KIB = 16_384
+_SQLITE_MMAP_BYTES = 256 * 1024 * 1024
+# The connection of the read transaction this context is inside, with its Database.
+_READING: ContextVar[tuple[Database, Connection] | None] = ContextVar(
+    "normcore_reading", default=None
+)
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -76,6 +92,13 @@ def make_engine(url: str | URL) -> Engine:
             kwargs["poolclass"] = StaticPool
         else:
             Path(u.database).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+            # Opening a SQLite connection (and its pragmas) costs more than a small query.
+            kwargs.update(
+                poolclass=QueuePool,
+                pool_size=POOL_SIZE,
+                max_overflow=POOL_MAX_OVERFLOW,
+                pool_timeout=POOL_TIMEOUT_S,
+            )
         engine = sa.create_engine(u, **kwargs)
 
         @event.listens_for(engine, "connect")
@@ -86,6 +109,9 @@ def make_engine(url: str | URL) -> Engine:
             if not memory:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute(f"PRAGMA mmap_size={_SQLITE_MMAP_BYTES}")
+            cur.execute(f"PRAGMA cache_size=-{_SQLITE_CACHE_KIB}")
+            cur.execute("PRAGMA temp_store=MEMORY")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
@@ -102,7 +128,14 @@ def make_engine(url: str | URL) -> Engine:
         connect_args: dict[str, Any] = {}
         if "connect_timeout" not in u.query:
             connect_args["connect_timeout"] = 10
-        return sa.create_engine(u, pool_pre_ping=True, connect_args=connect_args)
+        return sa.create_engine(
+            u,
+            pool_pre_ping=True,
+            pool_size=POOL_SIZE,
+            max_overflow=POOL_MAX_OVERFLOW,
+            pool_timeout=POOL_TIMEOUT_S,
+            connect_args=connect_args,
+        )
     return sa.create_engine(u, pool_pre_ping=True)
 
 
@@ -154,8 +187,35 @@ class Database:
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
+        """A connection to read on: the enclosing :meth:`read_transaction`'s, else a pooled one
+        for this read alone."""
+        reading = _READING.get()
+        if reading is not None and reading[0] is self:
+            yield reading[1]
+            return
         with self.engine.connect() as conn:
             yield conn
+
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[None]:
+        """Run every store read inside the block in one read transaction (one snapshot).
+
+        An API request reads its job and then its rows in one ``BEGIN`` ... ``ROLLBACK`` on
+        one pooled connection instead of one transaction per read. Nested blocks join the
+        outer one. The block is bound to the current thread or task (a context variable):
+        a read run on another thread opens its own transaction. Writes inside the block use
+        their own connection and transaction, as always.
+        """
+        reading = _READING.get()
+        if reading is not None and reading[0] is self:
+            yield
+            return
+        with self.engine.connect() as conn:
+            token = _READING.set((self, conn))
+            try:
+                yield
+            finally:
+                _READING.reset(token)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -4,6 +4,7 @@ user never seeing another's jobs (404, not 403) while an admin sees all."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
-from service.auth import AuthError, check_auth_allowed, is_loopback, parse_bearer
+from service.auth import (
+    TOKEN_CACHE_TTL_S,
+    AuthError,
+    check_auth_allowed,
+    is_loopback,
+    parse_bearer,
+)
 from tests.harness import Proc, ServiceEnv, make_env, start_api
 
 SPEC: dict[str, Any] = {
@@ -130,6 +137,9 @@ def test_revoked_token_is_401(dep: Deployment, alice_job: str) -> None:
         assert c.get("/jobs").status_code == 200
         assert c.get(f"/jobs/{alice_job}").status_code == 200
         assert dep.store.revoke_token("alice-old") is True
+        # The API trusts a token lookup for TOKEN_CACHE_TTL_S (tests/service/test_read_path.py
+        # checks the revocation lands within it).
+        time.sleep(TOKEN_CACHE_TTL_S)
         for method, path in all_token_routes(alice_job):
             r = c.request(method, path, json=SPEC)
             assert r.status_code == 401, (method, path)
