@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from normcore.procs import ExitCode, signal_group, signal_name
 from service.settings import Settings
 from service.status import JobStatus
 from service.store import NotFound, StaleAttempt, Store
@@ -48,10 +49,10 @@ from worker.threads import choose_train_threads
 log = logging.getLogger("worker.runner")
 
 DEFAULT_TRAIN_TARGET = "normcore:train"
-# Exit codes of the training child.
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_STALE = 3
+# Exit codes of the training child (normcore.procs.ExitCode, shared with the data-parallel ranks).
+EXIT_OK = ExitCode.OK
+EXIT_FAILED = ExitCode.FAILED
+EXIT_STALE = ExitCode.STALE
 MAX_ERROR_CHARS = 4000
 # How long a job waits, unclaimed, for the worker's fork server to finish its imports.
 WARM_WAIT_S = 120.0
@@ -298,25 +299,6 @@ def _find_resume(workdir: Path, attempt: int, callback: Any) -> Path | None:
 # ============================================================================ the supervisor
 
 
-def _signal_group(pid: int, sig: int) -> None:
-    """Signal the child's process group, or the child alone if it has not made its group yet."""
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    except PermissionError:  # the pgid is not ours yet (setpgrp not run): signal the child only
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
 class _Supervisor:
     """State of one supervised attempt (kept in an object so the loop stays readable)."""
 
@@ -362,7 +344,7 @@ class _Supervisor:
                 next_hb = now + hb_every
             if self.stale or self.flags.cold.is_set():
                 # Another attempt owns the job (or a cold shutdown): no grace, no writes.
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.join()
                 return
             if self.deadline is not None and now >= self.deadline and self.term_sent_at is None:
@@ -378,7 +360,7 @@ class _Supervisor:
                 self.term_sent_at = time.monotonic()
             if self.term_sent_at is not None and time.monotonic() - self.term_sent_at > grace:
                 log.warning("job %s: child ignored SIGTERM for %.0fs, killing", self.job_id, grace)
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.join()
                 return
             # Short waits so a shutdown flag set by a signal handler is acted on promptly.
@@ -456,7 +438,7 @@ def run_job(
     except BaseException:
         # A hard shutdown or a bug in this loop: never leave the child running unsupervised.
         if proc is not None and proc.pid is not None:
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.join(5)
         raise
     finally:
@@ -644,7 +626,7 @@ def _record(
         error = "training process stopped by SIGTERM from outside the worker, without a cancel"
     elif exitcode is not None and exitcode < 0:
         num = -exitcode
-        error = f"training process killed by signal {num} ({_signal_name(num)})"
+        error = f"training process killed by signal {num} ({signal_name(num)})"
     else:
         error = f"training process exited with code {exitcode} and no result; see the job's logs"
     return _finish(store, job_id, attempt, JobStatus.FAILED, error)

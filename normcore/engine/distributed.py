@@ -46,7 +46,6 @@ import multiprocessing.connection
 import os
 import socket
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -60,6 +59,7 @@ from torch import Tensor, nn
 
 from normcore.checkpoint import CheckpointInfo, latest_valid_checkpoint
 from normcore.engine.callbacks import CallbackList, MetricRow, TrainingDiverged, TrainResult
+from normcore.procs import ExitCode, signal_name, watch_parent
 from normcore.spec import JobSpec
 
 __all__ = ["DistContext", "DistributedTrainingError", "run_distributed"]
@@ -69,7 +69,7 @@ HOST = "127.0.0.1"
 # its way wins over the "peer went away" errors it causes in the other ranks.
 ERROR_GRACE_S = 3.0
 # Exit code of a rank whose supervising process disappeared.
-ORPHAN_EXIT_CODE = 4
+ORPHAN_EXIT_CODE = ExitCode.ORPHAN
 _RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=5)
 
 
@@ -188,19 +188,6 @@ def _loopback_interface() -> str | None:
     return None
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Exit this rank when the process that spawned it is gone (no orphans left training)."""
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid:
-                print("normcore: the training supervisor is gone, rank exits", file=sys.stderr)
-                os._exit(ORPHAN_EXIT_CODE)
-
-    threading.Thread(target=watch, name="normcore-parent-watch", daemon=True).start()
-
-
 # How a peer going away reads in the other ranks (gloo raises plain RuntimeErrors).
 _PEER_GONE = (
     "connection reset by peer",
@@ -242,7 +229,7 @@ def _rank_main(
 ) -> None:
     """Entry point of one rank: join the process group, train, report, exit."""
     cfg = json.loads(config_json)
-    _watch_parent(cfg["parent_pid"])
+    watch_parent(cfg["parent_pid"], f"rank {rank}")
     # Lines reach the caller through the relay; nothing is printed or handled here.
     engine_log = logging.getLogger("normcore")
     engine_log.addHandler(logging.NullHandler())
@@ -361,13 +348,7 @@ def _rebuild_error(payload: dict[str, Any]) -> BaseException:
 def _exit_error(rank: int, exitcode: int | None) -> DistributedTrainingError:
     """The error for a rank that ended without reporting one."""
     if exitcode is not None and exitcode < 0:
-        import signal
-
-        try:
-            what = signal.Signals(-exitcode).name
-        except ValueError:
-            what = f"signal {-exitcode}"
-        return DistributedTrainingError(f"rank {rank} was killed by {what}")
+        return DistributedTrainingError(f"rank {rank} was killed by {signal_name(-exitcode)}")
     if exitcode == ORPHAN_EXIT_CODE:
         return DistributedTrainingError(f"rank {rank} lost its supervisor and exited")
     return DistributedTrainingError(f"rank {rank} exited with code {exitcode} and no result")
