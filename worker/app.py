@@ -3,7 +3,7 @@
 Design choices (see ../shared/notes/celery-long-jobs.md for the pitfalls behind them):
 
 - Pool: ``solo`` (``SupervisorPool`` below) for one job per worker process (one GPU each). The task itself only supervises
-  a spawned training child, so a prefork pool would add a forked process between the worker and
+  a training child (forked from its warm fork server), so a prefork pool would add a forked process between the worker and
   the trainer for nothing, and its time limits and ``terminate`` are not what stops training here
   (SIGTERM to our child is). With solo the worker cannot consume control messages while a task
   runs; that is fine because cancellation goes through the store. ``--concurrency N > 1`` uses
