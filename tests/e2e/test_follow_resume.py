@@ -51,12 +51,12 @@ Key = tuple[str, int]
 
 @pytest.fixture
 def env(tmp_path: Path) -> ServiceEnv:
-    """Embedded mode with a short lease so the resume comes within a few seconds."""
+    """Embedded mode; spare attempts, since under load a lease can lapse while a child starts."""
     return make_env(
         tmp_path / "nc",
         NORMCORE_TRAIN_THREADS="1",
-        NORMCORE_LEASE_SECONDS="3",
         NORMCORE_REAPER_INTERVAL_SECONDS="0.5",
+        NORMCORE_MAX_ATTEMPTS="6",
     )
 
 
@@ -109,27 +109,32 @@ class SseFollower(threading.Thread):
         return True, last_id
 
 
-def _child_pid(stack: Stack, job_id: str) -> int | None:
+def _running_attempt(stack: Stack, job_id: str) -> tuple[int, int, int] | None:
+    """(attempt, worker pid, training process pid) from the newest attempt's start line."""
     with stack.client() as c:
         items = c.get(f"/jobs/{job_id}/logs", params={"limit": 10_000}).json()["items"]
+    found = None
     for item in items:
-        m = re.search(r"attempt 1 started on worker \S+ \(pid (\d+)\)", item["message"])
+        m = re.search(r"attempt (\d+) started on worker \S+:(\d+) \(pid (\d+)\)", item["message"])
         if m:
-            return int(m.group(1))
-    return None
+            found = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    return found
 
 
-def _freeze_past_a_checkpoint(store: Store, job_id: str, child: int) -> int:
-    """SIGSTOP the training process's group once rows past its newest checkpoint are stored;
-    returns the largest seq then. Thawed and tried again if, stopped, it has none past it (a
-    checkpoint landed in between)."""
+def _freeze_past_a_checkpoint(store: Store, stack: Stack, job_id: str) -> tuple[int, int, int]:
+    """SIGSTOP the training process's group once rows past the newest checkpoint are stored;
+    returns (the largest seq then, the attempt's worker pid, its training process pid). Thawed
+    and tried again if, stopped, there are none past it (a checkpoint landed in between)."""
     while True:
         wait_for(lambda: _past_checkpoint(store, job_id), timeout=120, interval=0.02, what="rows")
+        started = _running_attempt(stack, job_id)
+        assert started is not None
+        _, worker, child = started
         os.killpg(child, signal.SIGSTOP)
         time.sleep(0.3)  # a write in flight commits or not; nothing starts after this
         past = _past_checkpoint(store, job_id)
-        if past:
-            return past
+        if past and _running_attempt(stack, job_id) == started:
+            return past, worker, child
         os.killpg(child, signal.SIGCONT)
 
 
@@ -181,9 +186,8 @@ def test_followers_get_each_row_once_or_as_a_recognisable_replacement(env: Servi
         wait_for(lambda: client.get(job_id)["status"] == "running", timeout=120, what="a claim")
         stack.add_worker(name="worker-resume")
 
-        child = wait_for(lambda: _child_pid(stack, job_id), timeout=120, what="the child's pid")
         store = env.store()
-        past = _freeze_past_a_checkpoint(store, job_id, child)
+        past, worker, child = _freeze_past_a_checkpoint(store, stack, job_id)
         # Training is frozen with rows past its newest checkpoint stored: once the live
         # followers have read them all, the kill makes the resume rewrite rows they hold.
         wait_for(
@@ -192,7 +196,8 @@ def test_followers_get_each_row_once_or_as_a_recognisable_replacement(env: Servi
             what="the live followers to read the rows past the checkpoint",
         )
         store.dispose()
-        victim = stack.workers[0]
+        # The worker running the attempt (under load an earlier attempt may have been lost).
+        (victim,) = [w for w in stack.workers if w.pid == os.getpgid(worker)]
         victim.kill_group(signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child, signal.SIGKILL)
@@ -203,11 +208,11 @@ def test_followers_get_each_row_once_or_as_a_recognisable_replacement(env: Servi
             assert not t.is_alive(), "a follower did not finish"
 
         job = client.get(job_id)
-        assert job["status"] == "succeeded" and job["attempt"] == 2, job
+        assert job["status"] == "succeeded" and job["attempt"] >= 2, (job["error"], job["attempts"])
         history = client.metrics(job_id, limit=10_000)["items"]
         keys = [(r["split"], r["step"]) for r in history]
         assert len(keys) == len(set(keys)) == SPEC["epochs"] * (STEPS_PER_EPOCH + 1)
-        assert any(r["attempt"] == 2 and r["replaces"] is not None for r in history)
+        assert any(r["attempt"] >= 2 and r["replaces"] is not None for r in history)
 
         # Final rows: each (split, step) once, and exactly the history, in seq order.
         assert sse[0].error is None and sse[0].reconnects == 1, sse[0].error

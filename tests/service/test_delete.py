@@ -267,11 +267,12 @@ def test_deleting_a_running_job_stops_its_training_process(tmp_path: Path) -> No
             lambda: c.get(f"/jobs/{job_id}/checkpoints").json(), timeout=120, what="a checkpoint"
         )
         logs = c.get(f"/jobs/{job_id}/logs", params={"limit": 10_000}).json()["items"]
-        child = next(
+        # The newest attempt's training process (under load an earlier attempt may be lost).
+        child = [
             int(m.group(1))
             for line in logs
-            if (m := re.search(r"attempt 1 started on worker \S+ \(pid (\d+)\)", line["message"]))
-        )
+            if (m := re.search(r"attempt \d+ started on worker \S+ \(pid (\d+)\)", line["message"]))
+        ][-1]
         assert (folder / "checkpoints").is_dir()
         r = c.delete(f"/jobs/{job_id}")
         assert r.status_code == 204, r.text
