@@ -173,10 +173,12 @@ def _run(
         loaded = _resume(resume, workdir, spec, model, optimizer, prec, steps_per_epoch, cbs)
         if loaded is not None:
             resumed_from, completed, step, metrics = loaded
-    # a checkpoint written at a time limit holds a step inside epoch completed + 1
+    # a checkpoint written at a time limit holds a step inside epoch completed + 1 (or its last
+    # step, before that epoch's eval: then the epoch resumes with no steps left, evaluates and
+    # checkpoints)
     start_step = (
         step - completed * steps_per_epoch
-        if 0 < step - completed * steps_per_epoch < steps_per_epoch
+        if 0 < step - completed * steps_per_epoch <= steps_per_epoch
         else 0
     )
     # the step runs the DDP wrapper; eval, precise BN and checkpoints use the model itself
@@ -659,7 +661,7 @@ def _resume(
             "an uninterrupted one"
         )
     into = ckpt.step - ckpt.epoch * steps_per_epoch
-    if ckpt.meta.get("partial_epoch") and 0 < into < steps_per_epoch:
+    if ckpt.meta.get("partial_epoch") and 0 < into <= steps_per_epoch:
         cbs.log(
             f"the checkpoint was written at a time limit, {into} steps into epoch {ckpt.epoch + 1}"
         )
