@@ -61,7 +61,8 @@ class Deployment:
         """Start uvicorn on ``port`` and wait for /healthz."""
         api = self._start(
             [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+             "--no-access-log"],
             "api.log",
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"

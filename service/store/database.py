@@ -2,7 +2,8 @@
 
 SQLite: WAL, a busy timeout, and ``BEGIN IMMEDIATE`` for every write transaction (a deferred
 transaction that reads and then writes can fail at once with "database is locked" in WAL mode),
-so write transactions are serialized; writes are retried a few times if the database is still
+so write transactions are serialized; reads send no BEGIN (each statement reads one consistent
+state, as under PostgreSQL's READ COMMITTED); writes are retried a few times if the database is still
 locked. PostgreSQL: psycopg 3, READ COMMITTED; per-job writes lock the job row first, so per-job
 sequence numbers follow commit order, and a submit locks its user's row (the quota check).
 Every public method of the store runs in one transaction of its own, or inside the caller's
@@ -118,10 +119,11 @@ def make_engine(url: str | URL) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
+            # Reads send no BEGIN: each SELECT is its own implicit transaction (a consistent
+            # statement, as under PostgreSQL's READ COMMITTED, which every read already
+            # allows for). A BEGIN/ROLLBACK pair per read cost more than the query itself.
             if conn.get_execution_options().get("normcore_write"):
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
-            else:
-                conn.exec_driver_sql("BEGIN")
 
         return engine
     if u.get_backend_name() == "postgresql":
@@ -198,11 +200,12 @@ class Database:
 
     @contextlib.contextmanager
     def read_transaction(self) -> Iterator[None]:
-        """Run every store read inside the block in one read transaction (one snapshot).
+        """Run every store read inside the block on one pooled connection, in one transaction.
 
-        An API request reads its job and then its rows in one ``BEGIN`` ... ``ROLLBACK`` on
-        one pooled connection instead of one transaction per read. Nested blocks join the
-        outer one. The block is bound to the current thread or task (a context variable):
+        An API request reads its job and then its rows with one checkout and one reset
+        instead of one per read. Each statement sees committed data as of its start (SQLite
+        sends no BEGIN for reads; PostgreSQL is READ COMMITTED), so the block is no snapshot:
+        a read that needs one must stay a single statement. Nested blocks join the outer one. The block is bound to the current thread or task (a context variable):
         a read run on another thread opens its own transaction. Writes inside the block use
         their own connection and transaction, as always.
         """
