@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from normcore.data.check import DataCheckError, DataInfo, describe_data
-from normcore.spec import JobSpec
+from normcore.factory import parse_norm
+from normcore.models.size import count_parameters
+from normcore.spec import JobSpec, ModelSpec
 
 FLOAT32_BYTES = 4
 MB = 2**20
@@ -107,6 +109,19 @@ def _model_shape_counts(
     return params, _activation_elements(model.train(), x)
 
 
+def _shape_stand_in(model: ModelSpec) -> ModelSpec:
+    """``model`` with a SplitBatchNorm swapped for a BatchNorm, for counting activations only.
+
+    A split BN's output has its input's shape, like a BN's, but its meta-device build and forward
+    cost seconds at the widths the parameter limit allows (K BatchNorms per layer), which the API
+    process must not spend on every submit. Its parameters are counted from the spec instead.
+    """
+    parsed = parse_norm(model.norm)
+    if getattr(parsed.entry, "name", None) != "split_bn":
+        return model
+    return model.model_copy(update={"norm": "bn"})
+
+
 def model_memory(spec: JobSpec, info: DataInfo) -> tuple[int, int, int]:
     """(parameters, model bytes, activation bytes) for ``spec`` on data shaped like ``info``.
 
@@ -119,9 +134,12 @@ def model_memory(spec: JobSpec, info: DataInfo) -> tuple[int, int, int]:
     in_channels = spec.model.in_channels or info.channels
     h, w = info.image_size
     try:
+        model_spec = _shape_stand_in(spec.model)
         params, elements = _model_shape_counts(
-            spec.model.model_dump_json(), spec.data.batch_size, in_channels, h, w
+            model_spec.model_dump_json(), spec.data.batch_size, in_channels, h, w
         )
+        if model_spec is not spec.model:
+            params = count_parameters(spec.model, in_channels=in_channels)
     except ValueError as exc:
         raise DataCheckError(("model",), str(exc)) from None
     except RuntimeError as exc:

@@ -157,3 +157,18 @@ def test_processes_multiply_and_message_has_every_part() -> None:
     for key in ("data_mb", "model_mb", "activations_mb", "total_mb"):
         assert f"{mb[key]:.1f} MB" in text
     assert "budget per job is 64.0 MB" in text and "x 2 processes" in text
+
+
+def test_split_bn_counts_its_own_parameters_and_a_bns_activations() -> None:
+    """A split BN is estimated through a BN stand-in for shapes, but with its own parameters."""
+    base = {"data": {"dataset": "synthetic", "batch_size": 8}, "epochs": 1}
+    model = {"arch": "resnet20", "num_classes": 10}
+    split = estimate_memory({**base, "model": {**model, "norm": "split_bn:4"}})
+    plain = estimate_memory({**base, "model": {**model, "norm": "bn"}})
+    built = build_model(
+        JobSpec.model_validate({**base, "model": {**model, "norm": "split_bn:4"}}).model,
+        in_channels=3,
+    )
+    assert split.parameters == sum(p.numel() for p in built.parameters())
+    assert split.parameters > plain.parameters
+    assert split.activation_bytes == plain.activation_bytes
