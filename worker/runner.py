@@ -317,6 +317,8 @@ class _Supervisor:
         # stop itself at the time limit (a step or a data load that outlasts it)
         self.deadline: float | None = None
         self.timed_out = False
+        # the fork server died under the child: its real exit status is unknown
+        self.server_lost = False
 
     def heartbeat(self) -> None:
         """Renew the lease; note a cancel request or a lost lease."""
@@ -382,8 +384,9 @@ def run_job(
     """Claim ``job_id`` and run one attempt of it to the end; return what happened.
 
     Returns one of "duplicate" (not claimable: held by another worker, finished or cancelled),
-    "succeeded", "cancelled", "failed", "stale" (another attempt took over; nothing written) or
-    "shutdown" (the worker is stopping; the job is left for the reaper). ``train_target`` is the
+    "succeeded", "cancelled", "failed", "stale" (another attempt took over; nothing written),
+    "shutdown" (the worker is stopping; the job is left for the reaper) or "lost" (the fork
+    server died under the child, whose exit status is then unknown: left for the reaper too). ``train_target`` is the
     ``module:function`` the child calls, ``normcore.train``'s signature. ``api_beside``: the
     API runs on this host (``normcore serve``), so the default thread count keeps a core for it.
     """
@@ -450,6 +453,8 @@ def run_job(
         # but a pgid is never reused while a member of its group lives.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+    if proc.exitcode == SERVER_LOST_EXIT and outcome is None and _gone(config_server_pid(proc)):
+        sup.server_lost = True
     result = _record(store, sup, proc.exitcode, outcome)
     if result == "stale":
         _remove_if_deleted(store, settings, job_id)
@@ -484,6 +489,37 @@ def _start_heartbeating(
     return box["proc"]
 
 
+# What multiprocessing reports as a forked child's exit code when its fork server died and the
+# real one cannot be read (popen_forkserver.Popen.poll).
+SERVER_LOST_EXIT = 255
+
+
+def config_server_pid(proc: Any) -> int | None:
+    """The pid of the fork server ``proc`` was forked from (None for a spawned child)."""
+    return getattr(proc, "normcore_server_pid", None)
+
+
+def _gone(pid: int | None, wait: float = 2.0) -> bool:
+    """True when ``pid`` names a process that has exited (missing, or a zombie not yet reaped)
+    or does within ``wait`` seconds: a killed process closes its sockets a moment before the
+    kernel marks it exited."""
+    if pid is None:
+        return False
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def _fork_server_pid() -> int | None:
     """The pid of this process's multiprocessing fork server, if it runs (for the log line)."""
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
@@ -507,6 +543,7 @@ def _start_child(
             target=_child_main, args=(json.dumps(warm_config), send_end), name=name, daemon=False
         )
         proc.start()
+        proc.normcore_server_pid = warm_config["fork_server_pid"]
         return proc
     except OSError as exc:
         log.warning("warm fork server unavailable (%r): spawning a cold training process", exc)
@@ -612,6 +649,16 @@ def _record(
     cancel = sup.cancel_seen or bool(outcome.get("cancel_requested"))
     if cancel or _cancel_requested(store, job_id):
         return _finish(store, job_id, attempt, JobStatus.CANCELLED, None)
+    if sup.server_lost:
+        _safe_log(
+            store,
+            job_id,
+            attempt,
+            "the worker's training fork server died under this attempt (killed from outside?); "
+            "the job is re-queued when its lease expires and resumes from its last checkpoint",
+        )
+        log.error("job %s: the training fork server died; left for the reaper to re-queue", job_id)
+        return "lost"
     if sup.flags.warm.is_set() or sup.flags.cold.is_set():
         _safe_log(
             store,

@@ -15,7 +15,15 @@ import pytest
 
 from service.settings import Settings
 from service.store import Store
-from tests.worker.test_runner import Background, child_pid, log_text, new_job, pid_alive, spec
+from tests.worker.test_runner import (
+    Background,
+    child_pid,
+    log_text,
+    new_job,
+    pid_alive,
+    spec,
+    wait_for,
+)
 from worker.runner import run_job
 from worker.threads import cgroup_cpu_limit, choose_train_threads
 
@@ -43,6 +51,14 @@ WARM_LINE = re.compile(
     r"attempt 1 started on worker \S+ \(pid (\d+)\) [\d.]+ s after the claim, "
     r"forked from the warm fork server \(pid (\d+)\)"
 )
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def warm_pids(store: Store, job_id: str) -> tuple[int, int]:
@@ -164,3 +180,21 @@ def test_cgroup_cpu_limit_reads_v2_and_v1(tmp_path: Path) -> None:
     assert cgroup_cpu_limit(missing, quota, period) is None
     v2.write_text("garbage")
     assert cgroup_cpu_limit(v2, missing, missing) is None
+
+
+def test_a_dead_fork_server_leaves_the_job_for_the_reaper_and_is_restarted(
+    settings: Settings, store: Store
+) -> None:
+    job_id = new_job(store, spec(epochs=500))
+    bg = Background(job_id, settings, store)
+    pid, server = warm_pids(store, child_pid(store, job_id) and job_id)
+    os.kill(server, 9)  # the child's real exit status is lost with it
+    assert bg.join() == "lost", store.get_job(job_id).error
+    job = store.get_job(job_id)
+    assert job.status == "running" and job.attempt == 1  # the lease runs out, the reaper re-queues
+    assert "fork server died under this attempt" in log_text(store, job_id)
+    wait_for(lambda: not running(pid), timeout=10, what="the child to be killed")
+
+    again = new_job(store, spec(epochs=1))
+    assert run_job(again, settings, store) == "succeeded"
+    assert warm_pids(store, again)[1] != server  # a new fork server
