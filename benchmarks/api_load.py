@@ -82,7 +82,7 @@ def run_wrk(url: str, token: str, job_id: str, clients: int, seconds: float) -> 
         ).stdout  # fmt: skip
     finally:
         os.unlink(script)
-    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.M))
+    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", out, re.M))
     if "99" not in pct:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)

@@ -55,6 +55,8 @@ from service.store import InvalidCursor, JobRecord, Store
 router = APIRouter(tags=["jobs"])
 
 EVENT_POLL_SECONDS = 0.5
+# The largest metrics page read on the event loop itself (SQLite only); see get_metrics.
+INLINE_READ_ROWS = 1000
 MAX_SEQ = 2**62
 
 # Kept for routes_checkpoints and older imports; the definitions live in examples.py.
@@ -222,7 +224,7 @@ def delete_job(job: OwnedJob, store: StoreDep, settings: SettingsDep) -> Respons
         **NOT_FOUND,
     },
 )
-def get_metrics(
+async def get_metrics(
     job_id: str,
     user: CurrentUser,
     store: StoreDep,
@@ -235,6 +237,17 @@ def get_metrics(
             "final value (held until a checkpoint at or past its step, or the job's end)."
         ),
     ] = False,
+    max_points: Annotated[
+        int | None,
+        Query(
+            ge=2,
+            le=100_000,
+            description="Downsample for plotting: every row after ``after`` (``limit`` is "
+            "ignored), at most this many points per (split, value name), each bucket keeping its "
+            "minimum and maximum so spikes stay visible; a kept row's ``values`` holds only the "
+            "names it was kept for. ``next`` is the last seq read.",
+        ),
+    ] = None,
 ) -> Any:
     """Rows with ``seq > after``, oldest first; poll again with ``after=next``.
 
@@ -242,11 +255,25 @@ def get_metrics(
     it supersedes; with ``final=true`` each (split, step) comes once (docs/service-contract.md,
     "Followers").
     """
-    # The ownership check and the rows in one read transaction (the hot path of every follower).
-    with store.read_transaction():
-        job = owned_job(store, user, job_id)
-        rows, nxt = store.get_metrics(job.id, after=after, limit=limit, final=final)
-    return MetricPage(items=[MetricOut.model_validate(r) for r in rows], next=nxt)
+
+    def read() -> MetricPage:
+        # The ownership check and the rows on one connection (the hot path of every follower).
+        with store.read_transaction():
+            job = owned_job(store, user, job_id)
+            if max_points is not None:
+                rows, nxt = store.get_metrics_downsampled(
+                    job.id, max_points=max_points, after=after, final=final
+                )
+            else:
+                rows, nxt = store.get_metrics(job.id, after=after, limit=limit, final=final)
+        return MetricPage(items=[MetricOut.model_validate(r) for r in rows], next=nxt)
+
+    if store.dialect == "sqlite" and limit <= INLINE_READ_ROWS and max_points is None:
+        # A local SQLite read of a small page takes less than handing it to the thread pool
+        # (a hop, then GIL hand-offs between that thread and the event loop), and a WAL reader
+        # never waits for a writer. Bigger pages, and PostgreSQL, go to the pool.
+        return read()
+    return await run_in_threadpool(read)
 
 
 @router.get(
