@@ -112,8 +112,14 @@ def job_routes(job_id: str) -> list[tuple[str, str]]:
 
 
 def all_token_routes(job_id: str) -> list[tuple[str, str]]:
-    """Every route that needs a token, with a real job in the job routes."""
-    return [("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/workers"), *job_routes(job_id)]
+    """Every route that needs a token, with a real job in the job routes (DELETE last)."""
+    return [
+        ("GET", "/jobs"),
+        ("POST", "/jobs"),
+        ("GET", "/workers"),
+        *job_routes(job_id),
+        ("DELETE", f"/jobs/{job_id}"),
+    ]
 
 
 def test_missing_malformed_and_bad_tokens_are_401(dep: Deployment, alice_job: str) -> None:
@@ -176,6 +182,7 @@ def test_other_users_job_is_404_everywhere(dep: Deployment, alice_job: str) -> N
             r = bob.request(method, path)
             assert r.status_code == 404, (method, path, r.text)
             assert r.json()["detail"] == f"job {alice_job!r} not found"
+        assert bob.delete(f"/jobs/{alice_job}").status_code == 404
         assert alice_job not in {j["id"] for j in bob.get("/jobs").json()["items"]}
     assert dep.store.get_job(alice_job).cancel_requested is False
 
