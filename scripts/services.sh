@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start the local PostgreSQL and Redis the cluster-mode tests use, if they are not running.
 set -uo pipefail
+# The headless browser of tests/ui (quick when already installed).
+bash "$(dirname "$0")/browser.sh"
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true

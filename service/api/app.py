@@ -25,6 +25,7 @@ from service.errors import Conflict, InvalidInput, LimitExceeded, ServiceError
 from service.reaper import Reaper
 from service.settings import Settings, get_settings
 from service.store import Store
+from service.ui import routes as ui_routes
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=normcore.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # /docs and /redoc are served from vendored assets by service.ui (no CDN).
+        docs_url=None,
+        redoc_url=None,
         # A query parameter no route declares is a 422 naming it, never silently ignored.
         dependencies=[NoUnknownQuery],
     )
@@ -247,6 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_jobs.router)
     app.include_router(routes_checkpoints.router)
     app.include_router(routes_workers.router)
+    ui_routes.mount(app)
     _document_unknown_parameter(app)
 
     # The last added is the outermost: metrics see every answer, 413 and 403 included, and the

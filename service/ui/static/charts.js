@@ -1,0 +1,47 @@
+// Curves with uPlot: series keyed by "split metric", x = step; rows may arrive in any order.
+"use strict";
+const Charts = (() => {
+  const css = (v) => getComputedStyle(document.documentElement).getPropertyValue(v).trim();
+  const DASH = { train: [], val: [6, 4] };
+  // A chart over several series that share the x axis (step). add(label, x, y) then redraw().
+  class Curves {
+    constructor(el, yLabel) {
+      this.el = el; this.yLabel = yLabel; this.series = new Map(); this.plot = null; this.pending = false;
+    }
+    add(label, x, y, color, dash) {
+      if (!this.series.has(label)) this.series.set(label, { pts: new Map(), color, dash });
+      this.series.get(label).pts.set(x, y);
+      this.schedule();
+    }
+    schedule() {
+      if (this.pending) return;
+      this.pending = true;
+      setTimeout(() => { this.pending = false; this.redraw(); }, 200);
+    }
+    points() { let n = 0; for (const s of this.series.values()) n += s.pts.size; return n; }
+    redraw() {
+      const labels = [...this.series.keys()];
+      const xs = [...new Set(labels.flatMap((l) => [...this.series.get(l).pts.keys()]))].sort((a, b) => a - b);
+      const data = [xs, ...labels.map((l) => { const p = this.series.get(l).pts; return xs.map((x) => (p.has(x) ? p.get(x) : null)); })];
+      const key = labels.join("|");
+      if (!this.plot || this.key !== key) {
+        if (this.plot) this.plot.destroy();
+        this.key = key;
+        const axis = { stroke: css("--fg"), grid: { stroke: css("--line") }, ticks: { stroke: css("--line") } };
+        this.plot = new uPlot({
+          width: Math.max(320, this.el.clientWidth - 8), height: 260,
+          scales: { x: { time: false } },
+          axes: [Object.assign({ label: "step" }, axis), Object.assign({ label: this.yLabel }, axis)],
+          series: [{ label: "step" }, ...labels.map((l) => {
+            const s = this.series.get(l);
+            return { label: l, stroke: s.color, width: 2, dash: s.dash, spanGaps: true, points: { show: xs.length < 60 } };
+          })],
+        }, data, this.el);
+      } else {
+        this.plot.setData(data);
+      }
+      this.el.dataset.points = String(this.points());
+    }
+  }
+  return { Curves, DASH, css };
+})();
