@@ -198,3 +198,25 @@ def test_a_dead_fork_server_leaves_the_job_for_the_reaper_and_is_restarted(
     again = new_job(store, spec(epochs=1))
     assert run_job(again, settings, store) == "succeeded"
     assert warm_pids(store, again)[1] != server  # a new fork server
+
+
+def test_the_workers_fork_server_ignores_sigterm_and_the_worker_does_not() -> None:
+    """A SIGTERM to the worker's process group (serve stopping) must leave the fork server, the
+    parent of a child that is checkpointing, alive until the worker itself exits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import multiprocessing.forkserver as fs, signal\n"
+        "from worker import warm\n"
+        "warm.start(wait=True)\n"
+        "def ignored(pid):\n"
+        "    mask = next(l for l in open(f'/proc/{pid}/status') if l.startswith('SigIgn:'))\n"
+        "    return bool(int(mask.split()[1], 16) >> (signal.SIGTERM - 1) & 1)\n"
+        "print(ignored(fs._forkserver._forkserver_pid), ignored('self'))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300
+    )
+    assert out.stdout.split() == ["True", "False"], out.stderr[-2000:]
