@@ -11,6 +11,7 @@ from service.db import checkpoints, jobs, logs
 from service.db import metrics as metrics_t
 from service.status import FINISHED_STATUSES
 from service.store.database import Database
+from service.store.downsample import downsample
 from service.store.records import (
     CheckpointRecord,
     LogRecord,
@@ -50,6 +51,26 @@ class ResultStore(Database):
             rows = conn.execute(query.order_by(metrics_t.c.seq).limit(limit)).all()
         items = [to_metric(r) for r in rows]
         return items, (items[-1].seq if items else after)
+
+    def get_metrics_downsampled(
+        self, job_id: str, *, max_points: int, after: int = 0, final: bool = False
+    ) -> tuple[list[MetricRecord], int]:
+        """All live rows with seq > after (``final`` as in ``get_metrics``), reduced to at most
+        ``max_points`` points per (split, value name) keeping each bucket's minimum and maximum
+        (``service.store.downsample``); returns (rows, the last seq read or after), so
+        ``after=next`` follows on from every row, kept or not."""
+        with self._read() as conn:
+            bound = self._final_step(conn, job_id) if final else None
+            query = sa.select(metrics_t).where(
+                metrics_t.c.job_id == job_id,
+                metrics_t.c.seq > after,
+                metrics_t.c.discarded.is_(False),
+            )
+            if bound is not None:
+                query = query.where(metrics_t.c.step <= bound)
+            rows = [to_metric(r) for r in conn.execute(query.order_by(metrics_t.c.seq)).all()]
+        nxt = rows[-1].seq if rows else after
+        return downsample(rows, max_points), nxt
 
     @staticmethod
     def _final_step(conn: Connection, job_id: str) -> int | None:
