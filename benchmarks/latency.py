@@ -2,7 +2,8 @@
 
 Starts ``bash scripts/serve.sh`` (the embedded service exactly as a user starts it: API + one
 worker under ``normcore serve``, SQLite store and broker, every setting at its default) in a temp
-data folder, timing start -> ``/healthz`` answers (the venv already built: a warm start). Then:
+data folder, timing start -> ``/healthz`` answers (the venv already built: a warm start; a start
+after ``pyproject.toml`` changed installs first and is not one). Then:
 
 - one warm-up job (not counted: the worker's fork server may still be importing torch);
 - ``--jobs`` jobs of ``examples/lenet-digits.json``, one after the other, each polled every
