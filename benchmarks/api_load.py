@@ -157,7 +157,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _samples_per_s(store: Any, job_id: str, t0: float, t1: float) -> float | None:
-    """Median of the job's own train-row ``samples_per_s`` written between t0 and t1 (unix)."""
+    """The job's training speed between t0 and t1 (unix seconds), from its own train rows:
+    batch size x steps done / time between the first and the last row of the window."""
     rows, after = [], 0
     while True:
         page, nxt = store.get_metrics(job_id, after=after, limit=10_000)
@@ -165,12 +166,11 @@ def _samples_per_s(store: Any, job_id: str, t0: float, t1: float) -> float | Non
         if len(page) < 10_000:
             break
         after = nxt
-    rates = [
-        r.values["samples_per_s"]
-        for r in rows
-        if r.split == "train" and t0 <= r.time <= t1 and "samples_per_s" in r.values
-    ]
-    return statistics.median(rates) if rates else None
+    window = sorted((r.time, r.step) for r in rows if r.split == "train" and t0 <= r.time <= t1)
+    if len(window) < 2 or window[-1][0] <= window[0][0]:
+        return None
+    steps = window[-1][1] - window[0][1]
+    return JOB["data"]["batch_size"] * steps / (window[-1][0] - window[0][0])  # type: ignore[index]
 
 
 def _report(title: str, runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -276,7 +276,7 @@ def main() -> int:
                 time.sleep(3)  # the worker writes rows in batches: let the window's rows land
                 quiet.append(_samples_per_s(store, job["id"], t0, t1))
                 loaded.append(_samples_per_s(store, job["id"], t1, t2))
-                print(f"    job samples/s: quiet {quiet[-1]}, under load {loaded[-1]}")
+                print(f"    job samples/s: quiet {quiet[-1]:.0f}, under load {loaded[-1]:.0f}")
             status = store.get_job(job["id"]).status  # type: ignore[union-attr]
             httpx.post(f"{url}/jobs/{job['id']}/cancel", headers=headers, timeout=30)
             _report(f"a job training (status {status})", busy_runs)
