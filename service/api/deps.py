@@ -114,6 +114,14 @@ def owned_job(store: Store, user: UserRecord, job_id: str) -> JobRecord:
     return job
 
 
+def check_owned_job(store: Store, user: UserRecord, job_id: str) -> None:
+    """A 404 unless ``job_id`` exists and ``user`` may see it; reads the job's key only."""
+    if not is_plain_name(job_id):
+        raise job_not_found(job_id[:80])
+    if not store.has_job(job_id, owner_id=owner_filter(user)):
+        raise job_not_found(job_id)
+
+
 def get_owned_job(job_id: str, store: StoreDep, user: CurrentUser) -> JobRecord:
     """The job ``job_id`` if the caller may see it; 404 otherwise."""
     return owned_job(store, user, job_id)

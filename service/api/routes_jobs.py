@@ -23,7 +23,7 @@ from service.api.deps import (
     OwnedJob,
     SettingsDep,
     StoreDep,
-    owned_job,
+    check_owned_job,
     owner_filter,
 )
 from service.api.examples import (
@@ -259,13 +259,13 @@ async def get_metrics(
     def read() -> MetricPage:
         # The ownership check and the rows on one connection (the hot path of every follower).
         with store.read_transaction():
-            job = owned_job(store, user, job_id)
+            check_owned_job(store, user, job_id)
             if max_points is not None:
                 rows, nxt = store.get_metrics_downsampled(
-                    job.id, max_points=max_points, after=after, final=final
+                    job_id, max_points=max_points, after=after, final=final
                 )
             else:
-                rows, nxt = store.get_metrics(job.id, after=after, limit=limit, final=final)
+                rows, nxt = store.get_metrics(job_id, after=after, limit=limit, final=final)
         return MetricPage(items=[MetricOut.model_validate(r) for r in rows], next=nxt)
 
     if store.dialect == "sqlite" and limit <= INLINE_READ_ROWS and max_points is None:

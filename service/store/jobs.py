@@ -137,6 +137,15 @@ class JobStore(Database):
             row = conn.execute(q).first()
         return to_job(row) if row else None
 
+    def has_job(self, job_id: str, *, owner_id: int | None = None) -> bool:
+        """True if the job exists (with owner_id: and that user owns it); reads its key only,
+        never the spec or attempts a JobRecord decodes (a follower's poll needs no more)."""
+        q = sa.select(jobs.c.id).where(jobs.c.id == job_id)
+        if owner_id is not None:
+            q = q.where(jobs.c.owner_id == owner_id)
+        with self._read() as conn:
+            return conn.execute(q).first() is not None
+
     def list_jobs(
         self,
         *,
