@@ -6,7 +6,7 @@ const Charts = (() => {
   // A chart over several series that share the x axis (step). add(label, x, y) then redraw().
   class Curves {
     constructor(el, yLabel) {
-      this.el = el; this.yLabel = yLabel; this.series = new Map(); this.plot = null; this.pending = false;
+      this.el = el; this.yLabel = yLabel; this.xLabel = "step"; this.series = new Map(); this.plot = null; this.pending = false;
     }
     add(label, x, y, color, dash) {
       if (!this.series.has(label)) this.series.set(label, { pts: new Map(), color, dash });
@@ -31,10 +31,10 @@ const Charts = (() => {
         this.plot = new uPlot({
           width: Math.max(320, this.el.clientWidth - 8), height: 260,
           scales: { x: { time: false } },
-          axes: [Object.assign({ label: "step" }, axis), Object.assign({ label: this.yLabel }, axis)],
+          axes: [Object.assign({ label: this.xLabel }, axis), Object.assign({ label: this.yLabel }, axis)],
           series: [{ label: "step" }, ...labels.map((l) => {
             const s = this.series.get(l);
-            return { label: l, stroke: s.color, width: 2, dash: s.dash, spanGaps: true, points: { show: xs.length < 60 } };
+            return { label: l, stroke: s.color, width: 2, dash: s.dash, spanGaps: true, points: { show: (u) => u.data[0].length < 60 } };
           })],
         }, data, this.el);
       } else {
@@ -43,5 +43,15 @@ const Charts = (() => {
       this.el.dataset.points = String(this.points());
     }
   }
-  return { Curves, DASH, css };
+  // Which chart a metric value goes on and its label: train rows carry each step's "loss"; val
+  // rows (one per epoch) carry the epoch's train_loss/train_accuracy and val_loss/val_accuracy.
+  const SCORES = ["accuracy", "acc", "psnr"];
+  function seriesOf(split, key) {
+    const base = key.replace(/^(train|val)_/, "");
+    const who = key.startsWith("val_") ? "val" : key.startsWith("train_") ? "train (epoch)" : split === "val" ? "val" : "train";
+    const chart = base === "loss" ? "loss" : SCORES.includes(base) ? "acc" : null;
+    const style = { train: [0, []], "train (epoch)": [2, [2, 3]], val: [1, [6, 4]] }[who];
+    return { chart, label: `${who} ${base}`, role: who, color: NC.PALETTE[style[0]], dash: style[1] };
+  }
+  return { Curves, DASH, css, seriesOf };
 })();

@@ -16,7 +16,7 @@ const NC = (() => {
     if (token()) headers.Authorization = "Bearer " + token();
     if (opts.json !== undefined) { headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(opts.json); }
     const r = await fetch(path, { method: opts.method || "GET", headers, body: opts.body });
-    if (r.status === 401) { signOut(); throw new ApiError(401, "sign in again"); }
+    if (r.status === 401) { if (!opts.probe) signOut(); throw new ApiError(401, "sign in again"); }
     if (r.status === 204) return null;
     const body = await r.json().catch(() => null);
     if (!r.ok) throw new ApiError(r.status, body && body.detail !== undefined ? body.detail : r.statusText);
@@ -73,7 +73,7 @@ const NC = (() => {
       form.onsubmit = async (e) => {
         e.preventDefault();
         sessionStorage.setItem(KEY, form.querySelector("#token").value.trim());
-        try { await api("/jobs?limit=1"); location.reload(); }
+        try { await api("/jobs?limit=1", { probe: true }); location.reload(); }
         catch (err) { sessionStorage.removeItem(KEY); form.querySelector("#signin-error").textContent = "Token refused: " + err.message; }
       };
       return null;

@@ -21,29 +21,30 @@
     for (const el of [$("#chart-loss"), $("#chart-acc")]) el.innerHTML = "";
     const loss = new Charts.Curves($("#chart-loss"), "loss");
     const acc = new Charts.Curves($("#chart-acc"), "accuracy");
-    loss.yLabel = "loss"; acc.yLabel = "accuracy";
+    loss.xLabel = acc.xLabel = x;
     jobs.forEach((j, i) => {
       const color = NC.PALETTE[i % NC.PALETTE.length];
       for (const r of j.rows) {
         const xv = x === "epoch" ? r.epoch : r.step;
-        if (xv === null || xv === undefined) continue;
-        const dash = Charts.DASH[r.split] || [];
+        // Per-step rows share an epoch number: on the epoch axis only the epoch (val) rows.
+        if (xv === null || xv === undefined || (x === "epoch" && r.split !== "val")) continue;
         for (const [k, v] of Object.entries(r.values || {})) {
-          if (k === "loss") loss.add(`${label(j, i)} ${r.split} loss`, xv, v, color, dash);
-          else if (["accuracy", "acc", "psnr"].includes(k)) acc.add(`${label(j, i)} ${r.split} ${k}`, xv, v, color, dash);
+          const s = Charts.seriesOf(r.split, k);
+          if (!s.chart) continue;
+          (s.chart === "loss" ? loss : acc).add(`${label(j, i)} ${s.label}`, xv, v, color, s.dash);
         }
       }
     });
-    for (const c of [loss, acc]) { c.plot = null; c.redraw(); c.plot && (c.plot.axes[0].label = x); }
+    for (const c of [loss, acc]) c.redraw();
   }
   $("#xaxis").onchange = draw;
   draw();
 
-  // Final metrics: the last row of each split.
+  // Final metrics: the last value of each (split, name); val rows name their split already.
   const finals = jobs.map((j) => {
     const out = {};
     for (const r of j.rows) for (const [k, v] of Object.entries(r.values || {})) {
-      const key = `${r.split} ${k}`;
+      const key = r.split === "val" ? k : `${r.split} ${k}`;
       if (!out[key] || out[key].step <= r.step) out[key] = { step: r.step, v };
     }
     return out;

@@ -9,18 +9,14 @@
   const MAX_POINTS = 2000;
   const loss = new Charts.Curves($("#chart-loss"), "loss");
   const acc = new Charts.Curves($("#chart-acc"), "accuracy");
-  const COLOR = { train: NC.PALETTE[0], val: NC.PALETTE[1] };
   const seen = [];
   let finished = false;
 
   function addRow(row) {
-    const v = row.values || {};
-    const color = COLOR[row.split] || NC.PALETTE[2];
-    const dash = Charts.DASH[row.split] || [];
-    for (const [k, y] of Object.entries(v)) {
+    for (const [k, y] of Object.entries(row.values || {})) {
       if (typeof y !== "number" && y !== null) continue;
-      if (k === "loss") loss.add(`${row.split} loss`, row.step, y, color, dash);
-      else if (k === "accuracy" || k === "acc" || k === "psnr") acc.add(`${row.split} ${k}`, row.step, y, color, dash);
+      const s = Charts.seriesOf(row.split, k);
+      if (s.chart) (s.chart === "loss" ? loss : acc).add(s.label, row.step, y, s.color, s.dash);
     }
   }
   function showJob(job) {

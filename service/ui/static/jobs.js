@@ -19,11 +19,10 @@
   async function fillMetrics(r) {
     try {
       const d = await NC.api(`/jobs/${encodeURIComponent(r.id)}`);
-      const lm = (d.last_metrics || {}).val || d.last_metrics || {};
-      const v = lm.values || lm;
-      r.val_loss = typeof v.loss === "number" ? v.loss : null;
-      r.val_acc = typeof v.accuracy === "number" ? v.accuracy : null;
-      const accs = (d.checkpoints || []).map((c) => (c.metrics || {}).val_accuracy ?? (c.metrics || {}).accuracy).filter((x) => typeof x === "number");
+      const v = ((d.last_metrics || {}).val || {}).values || {};
+      r.val_loss = typeof v.val_loss === "number" ? v.val_loss : null;
+      r.val_acc = typeof (v.val_accuracy ?? v.val_psnr) === "number" ? (v.val_accuracy ?? v.val_psnr) : null;
+      const accs = (d.checkpoints || []).map((c) => (c.metrics || {}).val_accuracy ?? (c.metrics || {}).val_psnr).filter((x) => typeof x === "number");
       if (r.val_acc !== null) accs.push(r.val_acc);
       r.best_acc = accs.length ? Math.max(...accs) : null;
     } catch (e) { /* a job deleted meanwhile: leave blank */ }
