@@ -43,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     "register_norm": "factory",
     "available_norms": "factory",
     "validate_norm": "factory",
+    "NormKind": "registry",
+    "norm_kind": "registry",
     # model surgery and inference tools
     "convert_norm": "convert",
     "freeze_norm": "convert",

@@ -1,4 +1,8 @@
-"""The norm factory: build a normalization layer from a short spec, and a registry of names.
+"""The norm factory: build a normalization layer from a short spec; register your own kinds.
+
+The names, builders and argument checks live in ``normcore.registry`` (one ``NormKind`` per
+name); ``register_norm`` adds a kind there, where the conversions, folding and statistics find
+it too.
 
 A spec is one of
 
@@ -10,7 +14,9 @@ A spec is one of
   (virtual batch size), ``"l2:10"`` (initial scale), ``"evo_s0:8"`` (groups), ``"split_bn:3"``
   (splits), ``"lrn:5"`` (window size);
 - a name with keyword arguments: ``"bn(momentum=0.01, eps=1e-3)"``, ``"gn:8(eps=1e-6)"``;
-  values are Python literals, parsed with ``ast.literal_eval`` (nothing is evaluated);
+  values are Python literals, parsed with ``ast.literal_eval`` (nothing is evaluated); a string
+  spec is at most ``MAX_SPEC_LENGTH`` (256) characters, with at most 8 levels of brackets or
+  unary operators in a row, checked before it is parsed;
 - a dict: ``{"type": "batch", "momentum": 0.01}`` (``"name"`` works as well as ``"type"``);
 - a class or a callable called as ``spec(num_channels, **kwargs)``; ``None`` means ``"none"``.
 
@@ -24,7 +30,6 @@ Keras way (``moving = m * moving + (1 - m) * batch``), so Keras' 0.99 becomes 0.
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 import inspect
 import re
@@ -34,8 +39,14 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from normcore import registry
+from normcore.registry import DEFAULT_GROUPS, NormKind, available_norms
+
 __all__ = [
+    "DEFAULT_GROUPS",
+    "MAX_SPEC_LENGTH",
     "NormEntry",
+    "NormKind",
     "available_norms",
     "make_norm",
     "norm_name",
@@ -50,54 +61,16 @@ T = TypeVar("T")
 
 MOMENTUM_CONVENTIONS = ("torch", "keras")
 
-DEFAULT_GROUPS = 32  # Wu & He (2018): 32 groups
+# A norm spec is a name and a few arguments; these bounds are checked before anything parses it,
+# so a hostile spec (a job spec is user input) fails with a ValueError, never a RecursionError
+# or MemoryError inside ast.
+MAX_SPEC_LENGTH = 256  # characters of a string spec
+MAX_SPEC_NESTING = 8  # brackets inside one another, and unary operators in a row (-+-1)
+MAX_SPEC_NODES = 100  # syntax-tree nodes of its arguments
 
-
-@dataclass(frozen=True)
-class NormEntry:
-    """One registered norm: its canonical name, how to build it, and what it accepts.
-
-    ``builder(num_channels, dims=..., **kwargs)`` when ``takes_dims``, else
-    ``builder(num_channels, **kwargs)``. ``arg`` is the keyword the ``name:value`` form sets.
-    ``signature`` returns the callable whose signature lists the accepted keywords.
-    """
-
-    name: str
-    builder: Callable[..., nn.Module]
-    aliases: tuple[str, ...] = ()
-    batch_stats: bool = False
-    arg: str | None = None
-    takes_dims: bool = False
-    dims: tuple[int, ...] = (1, 2, 3)
-    signature: Callable[[], Callable[..., Any]] | None = None
-    check: Callable[[dict[str, Any], int | None], None] | None = None
-
-
-_REGISTRY: dict[str, NormEntry] = {}  # canonical name -> entry
-_LOOKUP: dict[str, str] = {}  # normalized name or alias -> canonical name
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[\s_\-]", "", name).lower()
-
-
-def _add(entry: NormEntry, *, override: bool = False) -> None:
-    keys = {_key(entry.name), *(_key(a) for a in entry.aliases)}
-    if not override:
-        taken = sorted(k for k in keys if k in _LOOKUP)
-        if taken:
-            raise ValueError(
-                f"cannot register norm {entry.name!r}: {', '.join(taken)} already names "
-                f"{_LOOKUP[taken[0]]!r}; pass override=True to replace it"
-            )
-    else:
-        old = _REGISTRY.pop(entry.name, None)
-        if old is not None:
-            for alias in (old.name, *old.aliases):
-                _LOOKUP.pop(_key(alias), None)
-    _REGISTRY[entry.name] = entry
-    for k in keys:
-        _LOOKUP[k] = entry.name
+NormEntry = NormKind  # the name this class had before the registry was its own module
+_REGISTRY = registry._REGISTRY  # the table itself (tests snapshot and restore it)
+_LOOKUP = registry._LOOKUP
 
 
 def register_norm(
@@ -107,15 +80,42 @@ def register_norm(
     batch_stats: bool = False,
     arg: str | None = None,
     override: bool = False,
+    classes: Iterable[type[nn.Module]] | Mapping[type[nn.Module], int | None] | None = None,
+    family: str | None = None,
+    foldable: bool = False,
+    syncable: bool = False,
+    recalibratable: bool = False,
+    dims: Iterable[int] = (1, 2, 3),
 ) -> Callable[[T], T]:
     """Decorator registering a norm class or factory function under ``name`` (and aliases).
 
     The decorated object is called as ``obj(num_channels, **kwargs)`` (plus ``dims=`` if it
-    takes a ``dims`` parameter). ``batch_stats`` says whether it needs a batch of more than
-    one sample in training; ``arg`` is the keyword that ``"name:value"`` sets.
+    takes a ``dims`` parameter). The new kind joins the one table (``normcore.registry``) that
+    make_norm, the conversions, folding, syncing and statistics read:
+
+    Args:
+        name: the canonical name (letters, digits, ``_``, ``-``); ``aliases`` are other names.
+        batch_stats: it normalizes with batch statistics in training (no batches of one sample).
+        arg: the keyword that ``"name:value"`` sets.
+        override: replace an existing kind of that name.
+        classes: the layer classes of the kind (a decorated class by default), or a mapping of
+            each to the input dims it is built for (None: any). ``convert_norm`` converts
+            layers of these classes and ``norm_stats`` reports them; a subclass of a torch.nn
+            norm that is not registered is left alone by the conversions.
+        family: ``"batch"`` or ``"instance"`` (derived from the classes' torch.nn bases by
+            default) lets ``convert_norm`` carry momentum and track_running_stats.
+        foldable: its eval forward is BatchNorm's, so ``fuse_conv_bn`` folds it.
+        syncable: ``convert_sync_norm`` turns it into SyncBatchNorm (it has BatchNorm's
+            attributes).
+        recalibratable: ``recalibrate_bn`` recomputes its running statistics (BatchNorm's
+            buffers, and ``momentum=None`` is the cumulative average).
+        dims: the input dims make_norm may build it for.
     """
     if not name or not re.fullmatch(r"[A-Za-z][\w\-]*", name):
         raise ValueError(f"norm name must be letters, digits, '_' or '-', got {name!r}")
+    dims = tuple(dims)
+    if not dims or any(d not in (1, 2, 3) for d in dims):
+        raise ValueError(f"register_norm({name!r}): dims must be some of 1, 2, 3, got {dims!r}")
 
     def decorate(obj: T) -> T:
         if not callable(obj):
@@ -123,13 +123,44 @@ def register_norm(
         try:
             params = inspect.signature(obj).parameters
         except (TypeError, ValueError):
-            params = {}
-        _add(
-            NormEntry(
+            params = {}  # type: ignore[assignment]
+        if classes is None:
+            layer_classes: dict[type[nn.Module], int | None] = (
+                {obj: None} if isinstance(obj, type) else {}
+            )
+        elif isinstance(classes, Mapping):
+            layer_classes = dict(classes)
+        else:
+            layer_classes = dict.fromkeys(classes)
+        bad = [c for c in layer_classes if not (isinstance(c, type) and issubclass(c, nn.Module))]
+        if bad:
+            raise ValueError(f"register_norm({name!r}): classes must be nn.Module classes: {bad}")
+        wanted = [
+            flag
+            for flag, on in (
+                ("foldable", foldable),
+                ("syncable", syncable),
+                ("recalibratable", recalibratable),
+            )
+            if on
+        ]
+        if wanted and not layer_classes:
+            raise ValueError(
+                f"register_norm({name!r}): {', '.join(wanted)} describes layers, so name their "
+                "classes: classes=(MyNorm,)"
+            )
+        registry.add_kind(
+            NormKind(
                 name=name,
                 builder=obj,  # type: ignore[arg-type]
                 aliases=tuple(aliases),
+                classes=layer_classes,
+                family=family or registry.default_family(layer_classes) or name,
                 batch_stats=batch_stats,
+                foldable=foldable,
+                syncable=syncable,
+                recalibratable=recalibratable,
+                dims=dims,
                 arg=arg,
                 takes_dims="dims" in params,
                 signature=lambda: obj,  # type: ignore[return-value]
@@ -139,11 +170,6 @@ def register_norm(
         return obj
 
     return decorate
-
-
-def available_norms() -> list[str]:
-    """Canonical names of every registered norm, sorted."""
-    return sorted(_REGISTRY)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -165,9 +191,54 @@ _SPEC_RE = re.compile(
 )
 
 
+def _check_spec_size(spec: str) -> None:
+    """Refuse a spec too long or too deeply nested to be a norm spec, before parsing it.
+
+    Python's parser and ``ast.literal_eval`` recurse once per nesting level, so a few thousand
+    ``(`` or ``-`` in a row end in a RecursionError (or a MemoryError) instead of a message.
+    """
+    if len(spec) > MAX_SPEC_LENGTH:
+        raise ValueError(
+            f"norm spec is {len(spec)} characters long; at most {MAX_SPEC_LENGTH} are accepted "
+            f"(a name and a few arguments, e.g. 'bn(momentum=0.01, eps=1e-3)'): {spec[:40]!r}..."
+        )
+    depth = deepest = run = longest = 0
+    for ch in spec:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth -= 1
+        if ch in "+-~":
+            run += 1
+            longest = max(longest, run)
+        elif not ch.isspace():
+            run = 0
+    # the name's own "(...)" is one level
+    if deepest > MAX_SPEC_NESTING + 1 or longest > MAX_SPEC_NESTING:
+        what = "brackets" if deepest > MAX_SPEC_NESTING + 1 else "unary operators in a row"
+        raise ValueError(
+            f"norm spec {_short(spec)} nests {max(deepest - 1, longest)} {what}; at most "
+            f"{MAX_SPEC_NESTING} are accepted: write each value as a plain literal, e.g. "
+            "'bn(momentum=0.01, eps=1e-3)'"
+        )
+
+
+def _short(spec: str) -> str:
+    return repr(spec) if len(spec) <= 60 else repr(spec[:57]) + "..."
+
+
+def _safe_literal_eval(node_or_text: Any) -> Any:
+    """``ast.literal_eval`` whose deep-recursion failures read as a ValueError."""
+    try:
+        return ast.literal_eval(node_or_text)
+    except (RecursionError, MemoryError):
+        raise ValueError("value nests too deeply") from None
+
+
 def _literal(text: str, where: str) -> Any:
     try:
-        return ast.literal_eval(text.strip())
+        return _safe_literal_eval(text.strip())
     except (ValueError, SyntaxError):
         stripped = text.strip()
         if re.fullmatch(r"[A-Za-z_]\w*", stripped):
@@ -178,18 +249,24 @@ def _literal(text: str, where: str) -> Any:
 def _parse_call_args(args: str, spec: str) -> tuple[list[Any], dict[str, Any]]:
     try:
         tree = ast.parse(f"f({args})", mode="eval")
-    except SyntaxError:
+    except (SyntaxError, RecursionError, MemoryError):
         raise ValueError(
             f"cannot parse the arguments of norm spec {spec!r}; write them as "
             "name(key=value, ...), e.g. 'bn(momentum=0.01, eps=1e-3)'"
         ) from None
+    nodes = sum(1 for _ in ast.walk(tree))
+    if nodes > MAX_SPEC_NODES:
+        raise ValueError(
+            f"norm spec {_short(spec)} has {nodes} syntax nodes in its arguments; at most "
+            f"{MAX_SPEC_NODES} are accepted (a few keyword arguments with literal values)"
+        )
     call = tree.body
     assert isinstance(call, ast.Call)
     positional = []
     kwargs: dict[str, Any] = {}
     for node in call.args:
         try:
-            positional.append(ast.literal_eval(node))
+            positional.append(_safe_literal_eval(node))
         except ValueError:
             raise ValueError(
                 f"norm spec {spec!r}: argument {ast.unparse(node)!r} is not a literal"
@@ -198,7 +275,7 @@ def _parse_call_args(args: str, spec: str) -> tuple[list[Any], dict[str, Any]]:
         if kw.arg is None:
             raise ValueError(f"norm spec {spec!r}: '**' is not allowed")
         try:
-            kwargs[kw.arg] = ast.literal_eval(kw.value)
+            kwargs[kw.arg] = _safe_literal_eval(kw.value)
         except ValueError:
             # a bare word such as mode=fast reads as the string "fast"
             if isinstance(kw.value, ast.Name):
@@ -212,13 +289,7 @@ def _parse_call_args(args: str, spec: str) -> tuple[list[Any], dict[str, Any]]:
 
 
 def _lookup(name: str) -> NormEntry:
-    canonical = _LOOKUP.get(_key(name))
-    if canonical is None:
-        valid = ", ".join(available_norms())
-        close = difflib.get_close_matches(_key(name), list(_LOOKUP), n=1, cutoff=0.6)
-        hint = f"; did you mean {_LOOKUP[close[0]]!r}?" if close else ""
-        raise ValueError(f"unknown norm {name!r}; valid: {valid}{hint}")
-    return _REGISTRY[canonical]
+    return registry.get_kind(name)
 
 
 def _from_name(name: str, short: str | None, args: str | None, text: str) -> ParsedNorm:
@@ -259,6 +330,7 @@ def parse_norm(spec: NormSpec) -> ParsedNorm:
     if spec is None:
         return ParsedNorm(entry=_lookup("none"), target=None, kwargs={}, text="none")
     if isinstance(spec, str):
+        _check_spec_size(spec)
         m = _SPEC_RE.match(spec)
         if m is None:
             raise ValueError(
@@ -453,8 +525,9 @@ def norm_name(spec: NormSpec) -> str:
 def norm_uses_batch_stats(spec: NormSpec) -> bool:
     """True when ``spec`` normalizes with batch statistics in training (bn, brn, ghost_bn, ...).
 
-    Such a norm cannot train on batches of one sample. Unregistered classes count when they
-    subclass a torch or normcore BatchNorm (FrozenBatchNorm2d does not).
+    Such a norm cannot train on batches of one sample. An unregistered class counts when its
+    nearest registered base does (a subclass of a torch or normcore BatchNorm: yes;
+    FrozenBatchNorm2d: no).
     """
     parsed = parse_norm(spec)
     if parsed.entry is not None:
@@ -463,383 +536,6 @@ def norm_uses_batch_stats(spec: NormSpec) -> bool:
     if isinstance(target, functools.partial):
         target = target.func
     if isinstance(target, type):
-        from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
-
-        from normcore.layers.batchnorm import _BatchNorm
-
-        return issubclass(target, _TorchBatchNorm | _BatchNorm)
+        kind = registry.kind_of(target, exact=False)
+        return kind is not None and kind.batch_stats
     return False
-
-
-# --------------------------------------------------------------------------- built-ins
-
-
-def _need_int(label: str, key: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{label}: {key} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def _default_groups(num_channels: int) -> int:
-    """32 groups, or the largest divisor of num_channels below 32 when 32 does not divide it."""
-    if num_channels % DEFAULT_GROUPS == 0:
-        return DEFAULT_GROUPS
-    return max(d for d in range(1, min(DEFAULT_GROUPS, num_channels) + 1) if num_channels % d == 0)
-
-
-def _check_gn(kwargs: dict[str, Any], num_channels: int | None) -> None:
-    if "num_groups" not in kwargs:
-        return
-    groups = _need_int("norm 'gn'", "num_groups", kwargs["num_groups"])
-    if num_channels is not None and num_channels % groups != 0:
-        raise ValueError(
-            f"gn:{groups} needs num_channels divisible by {groups}, got {num_channels}; "
-            f"divisors of {num_channels}: "
-            f"{', '.join(str(d) for d in range(1, num_channels + 1) if num_channels % d == 0)}"
-        )
-
-
-def _check_ghost(kwargs: dict[str, Any], num_channels: int | None) -> None:
-    if "virtual_batch_size" in kwargs:
-        _need_int("norm 'ghost_bn'", "virtual_batch_size", kwargs["virtual_batch_size"], low=2)
-
-
-def _check_brn(kwargs: dict[str, Any], num_channels: int | None) -> None:
-    for key, low in (("r_max", 1.0), ("d_max", 0.0)):
-        value = kwargs.get(key, low)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
-            raise ValueError(f"norm 'brn': {key} must be a number >= {low:g}, got {value!r}")
-    for key in ("warmup_steps", "warmup_start"):
-        if key in kwargs:
-            _need_int("norm 'brn'", key, kwargs[key], low=0)
-
-
-def _check_l2(kwargs: dict[str, Any], num_channels: int | None) -> None:
-    value = kwargs.get("scale", 1.0)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"norm 'l2': scale must be a number, got {value!r}")
-
-
-def _check_evo_s0(kwargs: dict[str, Any], num_channels: int | None) -> None:
-    if "num_groups" not in kwargs:
-        return
-    groups = _need_int("norm 'evo_s0'", "num_groups", kwargs["num_groups"])
-    if num_channels is not None and num_channels % groups != 0:
-        raise ValueError(
-            f"evo_s0:{groups} needs num_channels divisible by {groups}, got {num_channels}"
-        )
-
-
-def _check_split(kwargs: dict[str, Any], num_channels: int | None) -> None:
-    if "num_splits" in kwargs:
-        _need_int("norm 'split_bn'", "num_splits", kwargs["num_splits"], low=2)
-
-
-def _check_lrn(kwargs: dict[str, Any], num_channels: int | None) -> None:
-    if "size" in kwargs:
-        _need_int("norm 'lrn'", "size", kwargs["size"])
-
-
-def _by_dims(*names: str) -> Callable[[int], type[nn.Module]]:
-    def pick(dims: int) -> type[nn.Module]:
-        from normcore import layers
-
-        return getattr(layers, names[dims - 1])
-
-    return pick
-
-
-_BN = _by_dims("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
-_IN = _by_dims("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
-
-
-def _layer(name: str) -> Callable[[], type[nn.Module]]:
-    def get() -> type[nn.Module]:
-        from normcore import layers
-
-        return getattr(layers, name)
-
-    return get
-
-
-def _sync_cls() -> type[nn.Module]:
-    # imported lazily: the factory must work before and without the sync module's deps
-    from normcore.layers.syncbn import SyncBatchNorm
-
-    return SyncBatchNorm
-
-
-def _sync_signature() -> Callable[..., Any]:
-    try:
-        return _sync_cls()
-    except ImportError:
-
-        def sync_signature(
-            num_features: int,
-            eps: float = 1e-5,
-            momentum: float | None = 0.1,
-            affine: bool = True,
-            track_running_stats: bool = True,
-            process_group: Any = None,
-            device: Any = None,
-            dtype: Any = None,
-            *,
-            bias: bool = True,
-        ) -> None: ...
-
-        return sync_signature
-
-
-def _build_bn(num_channels: int, dims: int = 2, **kwargs: Any) -> nn.Module:
-    return _BN(dims)(num_channels, **kwargs)
-
-
-def _build_in(num_channels: int, dims: int = 2, **kwargs: Any) -> nn.Module:
-    return _IN(dims)(num_channels, **kwargs)
-
-
-def _build_gn(num_channels: int, num_groups: int | None = None, **kwargs: Any) -> nn.Module:
-    groups = _default_groups(num_channels) if num_groups is None else num_groups
-    return _layer("GroupNorm")()(groups, num_channels, **kwargs)
-
-
-def _ln_signature() -> Callable[..., Any]:
-    def ln_signature(
-        num_channels: int,
-        eps: float = 1e-5,
-        elementwise_affine: bool = True,
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None: ...
-
-    return ln_signature
-
-
-def _build_ln(num_channels: int, dims: int = 2, **kwargs: Any) -> nn.Module:
-    if dims == 1:
-        return _layer("LayerNorm")()(num_channels, **kwargs)
-    return _layer("LayerNorm2d")()(num_channels, **kwargs)
-
-
-def _rms_signature() -> Callable[..., Any]:
-    def rms_signature(
-        num_channels: int,
-        eps: float | None = None,
-        elementwise_affine: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None: ...
-
-    return rms_signature
-
-
-def _build_rms(num_channels: int, dims: int = 2, **kwargs: Any) -> nn.Module:
-    if dims == 1:
-        return _layer("RMSNorm")()(num_channels, **kwargs)
-    if kwargs.get("eps", 0.0) is None:
-        kwargs.pop("eps")  # RMSNorm2d has a fixed default eps
-    return _layer("RMSNorm2d")()(num_channels, **kwargs)
-
-
-def _lrn_signature() -> Callable[..., Any]:
-    def lrn_signature(
-        num_channels: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
-    ) -> None: ...
-
-    return lrn_signature
-
-
-def _build_lrn(num_channels: int, size: int = 5, **kwargs: Any) -> nn.Module:
-    # the window is over channels, so the channel count itself is not a parameter
-    return _layer("LocalResponseNorm")()(size, **kwargs)
-
-
-def _evo_s0_signature() -> Callable[..., Any]:
-    def evo_s0_signature(
-        num_channels: int,
-        num_groups: int | None = None,
-        eps: float = 1e-5,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None: ...
-
-    return evo_s0_signature
-
-
-def _build_evo_s0(num_channels: int, num_groups: int | None = None, **kwargs: Any) -> nn.Module:
-    groups = _default_groups(num_channels) if num_groups is None else num_groups
-    return _layer("EvoNorm2dS0")()(num_channels, groups, **kwargs)
-
-
-def _build_sync(num_channels: int, **kwargs: Any) -> nn.Module:
-    return _sync_cls()(num_channels, **kwargs)
-
-
-def _simple(name: str) -> Callable[..., nn.Module]:
-    def build(num_channels: int, **kwargs: Any) -> nn.Module:
-        return _layer(name)()(num_channels, **kwargs)
-
-    build.__name__ = f"build_{name}"
-    return build
-
-
-def _gn_signature() -> Callable[..., Any]:
-    def gn_signature(
-        num_channels: int,
-        num_groups: int | None = None,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        bias: bool = True,
-    ) -> None: ...
-
-    return gn_signature
-
-
-def _register_builtins() -> None:
-    builtins = [
-        NormEntry(
-            "bn",
-            _build_bn,
-            aliases=("batch", "batchnorm", "batch_norm", "bn1d", "bn2d", "bn3d"),
-            batch_stats=True,
-            takes_dims=True,
-            signature=lambda: _BN(2),
-        ),
-        NormEntry(
-            "gn",
-            _build_gn,
-            aliases=("group", "groupnorm", "group_norm"),
-            arg="num_groups",
-            signature=_gn_signature,
-            check=_check_gn,
-        ),
-        NormEntry(
-            "ln",
-            _build_ln,
-            aliases=("layer", "layernorm", "layer_norm", "ln2d", "layernorm2d"),
-            takes_dims=True,
-            dims=(1, 2),
-            signature=_ln_signature,
-        ),
-        NormEntry(
-            "in",
-            _build_in,
-            aliases=("instance", "instancenorm", "instance_norm"),
-            takes_dims=True,
-            signature=lambda: _IN(2),
-        ),
-        NormEntry(
-            "frozen_bn",
-            _simple("FrozenBatchNorm2d"),
-            aliases=("frozen", "frozen_batchnorm", "frozenbatchnorm2d", "fbn"),
-            dims=(2,),
-            signature=_layer("FrozenBatchNorm2d"),
-        ),
-        NormEntry(
-            "brn",
-            _simple("BatchRenorm2d"),
-            aliases=("batch_renorm", "batchrenorm", "renorm", "batchrenorm2d"),
-            batch_stats=True,
-            dims=(2,),
-            signature=_layer("BatchRenorm2d"),
-            check=_check_brn,
-        ),
-        NormEntry(
-            "ghost_bn",
-            _simple("GhostBatchNorm2d"),
-            aliases=("ghost", "gbn", "ghost_batchnorm", "ghostbatchnorm2d"),
-            batch_stats=True,
-            arg="virtual_batch_size",
-            dims=(2,),
-            signature=_layer("GhostBatchNorm2d"),
-            check=_check_ghost,
-        ),
-        NormEntry(
-            "sync_bn",
-            _build_sync,
-            aliases=("sync", "syncbn", "sync_batchnorm", "syncbatchnorm"),
-            batch_stats=True,
-            signature=_sync_signature,
-        ),
-        NormEntry(
-            "l2",
-            _simple("L2Norm"),
-            aliases=("l2norm", "l2_norm"),
-            arg="scale",
-            signature=_layer("L2Norm"),
-            check=_check_l2,
-        ),
-        NormEntry(
-            "rms",
-            _build_rms,
-            aliases=("rmsnorm", "rms_norm"),
-            takes_dims=True,
-            dims=(1, 2),
-            signature=_rms_signature,
-        ),
-        NormEntry(
-            "rms2d",
-            _simple("RMSNorm2d"),
-            aliases=("rmsnorm2d", "rms_norm2d"),
-            dims=(2,),
-            signature=_layer("RMSNorm2d"),
-        ),
-        NormEntry(
-            "lrn",
-            _build_lrn,
-            aliases=("local_response_norm", "localresponsenorm"),
-            arg="size",
-            dims=(2, 3),
-            signature=_lrn_signature,
-            check=_check_lrn,
-        ),
-        NormEntry(
-            "frn",
-            _simple("FilterResponseNorm2d"),
-            aliases=("filter_response_norm", "filterresponsenorm2d", "frn_tlu"),
-            dims=(2,),
-            signature=_layer("FilterResponseNorm2d"),
-        ),
-        NormEntry(
-            "evo_b0",
-            _simple("EvoNorm2dB0"),
-            aliases=("evonorm_b0", "evonorm2db0"),
-            batch_stats=True,
-            dims=(2,),
-            signature=_layer("EvoNorm2dB0"),
-        ),
-        NormEntry(
-            "evo_s0",
-            _build_evo_s0,
-            aliases=("evonorm_s0", "evonorm2ds0"),
-            arg="num_groups",
-            dims=(2,),
-            signature=_evo_s0_signature,
-            check=_check_evo_s0,
-        ),
-        NormEntry(
-            "split_bn",
-            _simple("SplitBatchNorm2d"),
-            aliases=("splitbn", "split_batchnorm", "splitbatchnorm2d", "aux_bn"),
-            batch_stats=True,
-            arg="num_splits",
-            dims=(2,),
-            signature=_layer("SplitBatchNorm2d"),
-            check=_check_split,
-        ),
-        NormEntry(
-            "none",
-            _simple("Identity"),
-            aliases=("identity", "id", "no", "null"),
-            signature=_layer("Identity"),
-        ),
-    ]
-    for entry in builtins:
-        _add(entry)
-
-
-_register_builtins()

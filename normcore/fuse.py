@@ -18,12 +18,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from normcore import layers as L
+from normcore import registry
 from normcore.convert import NormConversionWarning, is_norm_layer
-from normcore.layers import FrozenBatchNorm2d
-from normcore.layers.batchnorm import _BatchNorm
 
 __all__ = ["fold_bn_params", "fuse_conv_bn"]
 
@@ -35,31 +32,29 @@ _TRANSPOSED: tuple[type[nn.Module], ...] = (
 )
 
 
-# Every kind whose eval forward is (x - running_mean) / sqrt(running_var + eps) * weight + bias,
-# by exact type: a subclass may do more in its forward (an activation) and is never folded.
-_BN_TYPES: frozenset[type[nn.Module]] = frozenset(
-    {
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.SyncBatchNorm,
-        L.BatchNorm1d,
-        L.BatchNorm2d,
-        L.BatchNorm3d,
-        L.SyncBatchNorm,
-        L.GhostBatchNorm2d,
-        L.BatchRenorm2d,
-        L.SplitBatchNorm2d,  # eval mode is its main BN alone
-        FrozenBatchNorm2d,
-    }
-)
-# what may follow a Linear: its output features are the last dim, so only a BN over (N, C)
-_BN_AFTER_LINEAR: frozenset[type[nn.Module]] = frozenset({nn.BatchNorm1d, L.BatchNorm1d})
+def _foldable_kind(m: nn.Module) -> registry.NormKind | None:
+    """The kind of ``m`` if the registry says it folds: its eval forward is
+    ``(x - running_mean) / sqrt(running_var + eps) * weight + bias``. By exact class: a subclass
+    may do more in its forward (an activation) and is never folded."""
+    kind = registry.kind_of(m)
+    return kind if kind is not None and kind.foldable else None
 
 
 def _is_bn(m: nn.Module) -> bool:
     """Whether ``m`` is a batch norm kind this module knows how to fold."""
-    return type(m) in _BN_TYPES
+    return _foldable_kind(m) is not None
+
+
+def _after_linear(m: nn.Module) -> bool:
+    """Whether ``m`` may follow a Linear: its output features are the last dim, so only a BN
+    over (N, C) (a foldable class built for 1-d input: BatchNorm1d)."""
+    return registry.class_dims(m) == 1
+
+
+def _stats_move(m: nn.Module) -> bool:
+    """A foldable layer in training mode whose statistics move (not FrozenBatchNorm2d)."""
+    kind = _foldable_kind(m)
+    return kind is not None and kind.batch_stats and m.training
 
 
 def _is_conv(m: nn.Module) -> bool:
@@ -84,8 +79,8 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
         _is_conv(conv)
         and _is_bn(bn)
-        and (not isinstance(conv, nn.Linear) or type(bn) in _BN_AFTER_LINEAR)
-        and (not bn.training or isinstance(bn, FrozenBatchNorm2d))
+        and (not isinstance(conv, nn.Linear) or _after_linear(bn))
+        and not _stats_move(bn)
         and getattr(bn, "running_var", None) is not None
         and _bn_channels(bn) == _out_channels(conv)
     )
@@ -147,13 +142,14 @@ def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps convs, linears and every norm layer (normcore's too) as leaf calls;
-    normcore layers check their input's shape, which fx proxies cannot answer."""
+    """fx tracer that keeps convs, linears and every norm layer as leaf calls (normcore's norm
+    layers make themselves call_module leaves under any tracer; this covers the rest)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
             _is_conv(m)
             or is_norm_layer(m)
+            or registry.kind_of(m, exact=False) is not None
             or type(m).__module__.startswith("normcore.layers")
             or super().is_leaf_module(m, module_qualified_name)
         )
@@ -242,9 +238,10 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False, *, strict: bool = Fals
     """Fold every eval-mode BN that directly follows a conv or linear layer into it.
 
     Folds into Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear (followed by BatchNorm1d).
-    Handles torch.nn BatchNorm*/SyncBatchNorm and normcore's BatchNorm*, SyncBatchNorm,
-    GhostBatchNorm2d, BatchRenorm2d, SplitBatchNorm2d (all plain BN in eval) and
-    FrozenBatchNorm2d; convs without bias, BNs without affine and grouped/depthwise convs. A BN
+    Handles every kind the registry marks foldable: torch.nn BatchNorm*/SyncBatchNorm and
+    normcore's BatchNorm*, SyncBatchNorm, GhostBatchNorm2d, BatchRenorm2d, SplitBatchNorm2d
+    (all plain BN in eval), FrozenBatchNorm2d, and yours; convs without bias, BNs without affine
+    and grouped/depthwise convs. A BN
     without running statistics is left in place. The folded BN becomes ``nn.Identity``; the
     model keeps its class and forward. A BN subclass normcore does not know (its forward may
     add an activation) is never folded: it is reported with a ``NormConversionWarning``, or a
@@ -272,17 +269,18 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False, *, strict: bool = Fals
     training = [
         n or "<root>"
         for n, m in model.named_modules()
-        if m.training and (m is model or (_is_bn(m) and not isinstance(m, FrozenBatchNorm2d)))
+        if (m is model and m.training) or _stats_move(m)
     ]
     if training:
         raise ValueError(
             f"fuse_conv_bn needs an eval-mode model; in training mode: {', '.join(training[:5])}"
             " (call model.eval() first)"
         )
+    foldable = tuple(registry.kind_classes(lambda k: k.foldable))
     unknown = [
         f"{name or '<model>'!r} ({type(m).__module__}.{type(m).__qualname__})"
         for name, m in model.named_modules()
-        if isinstance(m, _TorchBatchNorm | _BatchNorm | FrozenBatchNorm2d) and not _is_bn(m)
+        if isinstance(m, foldable) and registry.kind_of(m) is None
     ]
     if unknown:
         message = (

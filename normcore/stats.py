@@ -20,11 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
-from torch.nn.modules.batchnorm import _NormBase as _TorchNormBase
 
+from normcore import registry
 from normcore.convert import is_norm_layer, norm_channels
-from normcore.layers.batchnorm import _BatchNorm, _NormBase
-from normcore.layers.evonorm import EvoNorm2dB0
+from normcore.layers.batchnorm import _BatchNorm
 from normcore.layers.frozen import FrozenBatchNorm2d
 
 __all__ = [
@@ -41,10 +40,20 @@ __all__ = [
 
 def _recalibratable(m: nn.Module) -> bool:
     """A layer ``recalibrate_bn`` recomputes: its training forward writes this batch's statistics
-    into its running buffers when ``momentum=1`` (see ``recalibrate_bn`` for the list)."""
-    if isinstance(m, _TorchNormBase | _NormBase):
-        return bool(m.track_running_stats) and _stat_tensors(m) == (True, True)
-    return isinstance(m, EvoNorm2dB0)
+    into its running buffers when ``momentum=1`` (see ``recalibrate_bn`` for the list).
+
+    The layers of the registry's recalibratable kinds (``normcore.registry``; a subclass counts
+    by its nearest registered class, a kind you register with ``recalibratable=True`` too) that
+    hold their running statistics: a ``running_var`` tensor, and a ``running_mean`` tensor
+    unless the layer keeps none (EvoNorm-B0), with ``track_running_stats`` on where it has it.
+    """
+    kind = registry.kind_of(m, exact=False)
+    if kind is None or not kind.recalibratable:
+        return False
+    if not getattr(m, "track_running_stats", True):
+        return False
+    has_mean, has_var = _stat_tensors(m)
+    return has_var and (has_mean or not hasattr(m, "running_mean"))
 
 
 def _stat_tensors(m: nn.Module) -> tuple[bool, bool]:
@@ -160,8 +169,9 @@ def recalibrate_bn(
       unbiased variances (what ``F.instance_norm`` averages into its buffers);
     - EvoNorm2dB0: ``running_var`` only, the unbiased batch variance over (N, H, W).
 
-    Any other layer holding running statistics (a norm of your own, torchvision's
-    FrozenBatchNorm2d) is left as it is, with a warning naming it; normcore's
+    So are the layers of a kind registered with ``register_norm(..., recalibratable=True)``
+    (the list is ``normcore.registry``'s table). Any other layer holding running statistics (a
+    norm of your own, torchvision's FrozenBatchNorm2d) is left as it is, with a warning naming it; normcore's
     FrozenBatchNorm2d is left alone silently (fixed by design: ``unfreeze_norm`` first).
 
     How: each covered layer's statistics are reset, its ``momentum`` set to 1 (its buffers then

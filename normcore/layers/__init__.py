@@ -1,4 +1,14 @@
-"""Normalization layers: drop-in twins of torch.nn's norms plus the variants normcore adds."""
+"""Normalization layers: drop-in twins of torch.nn's norms plus the variants normcore adds.
+
+Each twin is a subclass of its torch.nn class (``BatchNorm2d`` of ``nn.BatchNorm2d``,
+``GroupNorm`` of ``nn.GroupNorm``, ...; ``SyncBatchNorm`` of torch's ``_BatchNorm`` only, see
+``syncbn``), so torch's tools find them; BatchRenorm2d, GhostBatchNorm2d and SplitBatchNorm2d
+are ``nn.BatchNorm2d`` too (their eval mode is one). Every norm layer is a ``call_module`` leaf
+for ``torch.fx`` and the twins script with TorchScript (``_torch_tools``). The table of kinds
+(names, classes, what each may be converted, folded, synced or recalibrated to) is
+``normcore.registry``, which imports this package; this package imports nothing of normcore's
+outside it but the module-surgery helper ``normcore._surgery`` (no import cycle).
+"""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .evonorm import EvoNorm2dB0, EvoNorm2dS0

@@ -5,9 +5,17 @@ is ``F.batch_norm``); the difference is in the errors: a batch with one value pe
 wrong channel count or a wrong input rank raise a ``ValueError`` that names the layer and says
 what to do about it.
 
-``_NormBase`` holds what BatchNorm and InstanceNorm share (parameters, buffers, state-dict
-compatibility); ``_BatchNorm`` is the base for every batch-statistics layer in normcore
-(BatchNorm1d/2d/3d, SyncBatchNorm, GhostBatchNorm2d, BatchRenorm2d).
+Each is a subclass of its torch.nn class (``BatchNorm2d`` of ``nn.BatchNorm2d``, hence of
+``nn.modules.batchnorm._BatchNorm``), so torch's tools that look for batch norms by class find
+them: ``torch.optim.swa_utils.update_bn``, ``torch.func.replace_all_batch_norm_modules_``,
+``nn.SyncBatchNorm.convert_sync_batchnorm`` (which makes torch's SyncBatchNorm of them; normcore's
+``SyncBatchNorm.convert_sync_batchnorm`` makes normcore's), ``isinstance`` checks that freeze BN
+or skip its weight decay. ``torch.fx`` records them as ``call_module`` leaves and
+``torch.jit.script`` compiles torch.nn's forward (see ``_torch_tools``).
+
+``_NormBase`` is what BatchNorm and InstanceNorm add to torch.nn's ``_NormBase``; ``_BatchNorm``
+is the base for every batch-statistics layer in normcore (BatchNorm1d/2d/3d, SyncBatchNorm,
+GhostBatchNorm2d, BatchRenorm2d, SplitBatchNorm2d).
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn import init
+
+from ._torch_tools import Proxy, fx_leaf
 
 __all__ = [
     "SMALL_BATCH_POLICIES",
@@ -46,120 +55,22 @@ def _blend_(running: Tensor, batch: Tensor, factor: float | Tensor) -> None:
         running.copy_(running.to(batch.dtype) * (1.0 - factor) + batch * factor)
 
 
-class _NormBase(nn.Module):
-    """Parameters, buffers and state-dict handling shared by BatchNorm and InstanceNorm.
+class _NormBase(nn.modules.batchnorm._NormBase):
+    """What normcore's BatchNorm and InstanceNorm add to torch.nn's ``_NormBase``.
 
-    Registers ``weight``/``bias`` (parameters) and ``running_mean``/``running_var``/
-    ``num_batches_tracked`` (buffers) under exactly the names, shapes, dtypes and order that
-    ``torch.nn`` uses, so state dicts load both ways.
+    torch.nn's base registers ``weight``/``bias`` (parameters) and ``running_mean``/
+    ``running_var``/``num_batches_tracked`` (buffers), resets them and loads old state dicts;
+    normcore's layers are subclasses of torch.nn's (``isinstance(normcore.BatchNorm2d(8),
+    nn.BatchNorm2d)``), so every tool that looks for torch's batch norms finds them, and state
+    dicts are torch.nn's by construction. This adds the layer's name for error messages.
     """
-
-    _version = 2
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        factory_kwargs = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.running_mean: Tensor | None
-        self.running_var: Tensor | None
-        self.num_batches_tracked: Tensor | None
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
-            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Reset running_mean to 0, running_var to 1 and num_batches_tracked to 0."""
-        if self.track_running_stats:
-            assert self.running_mean is not None
-            assert self.running_var is not None
-            assert self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Reset the running statistics and set weight to 1 and bias to 0."""
-        self.reset_running_stats()
-        if self.affine:
-            init.ones_(self.weight)
-            if self.bias is not None:
-                init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
 
     def _layer_name(self) -> str:
         """Short description of this layer for error messages, e.g. ``BatchNorm2d(64)``."""
         return f"{type(self).__name__}({self.num_features})"
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        version = local_metadata.get("version")
-        if (version is None or version < 2) and self.track_running_stats:
-            # state dicts from before num_batches_tracked existed (torch < 0.4.1) lack the key
-            key = prefix + "num_batches_tracked"
-            if key not in state_dict:
-                nbt = self.num_batches_tracked
-                state_dict[key] = (
-                    nbt
-                    if nbt is not None and nbt.device != torch.device("meta")
-                    else torch.tensor(0, dtype=torch.long)
-                )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
-
-class _BatchNorm(_NormBase):
+class _BatchNorm(_NormBase, nn.modules.batchnorm._BatchNorm):
     """Batch normalization over the channel dimension (dim 1), as ``torch.nn``'s ``_BatchNorm``.
 
     Subclasses set ``_input_dims`` (the accepted ``input.dim()`` values). Building blocks for
@@ -174,7 +85,7 @@ class _BatchNorm(_NormBase):
     """
 
     _input_dims: tuple[int, ...] = ()
-    small_batch: str
+    # (no class-level annotation for small_batch: TorchScript cannot read postponed ones)
 
     def __init__(
         self,
@@ -316,6 +227,10 @@ class _BatchNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` (N, C, *) per channel; update the running stats in training."""
+        if torch.jit.is_scripting():
+            return self._forward_script(input)
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input, self._forward_script)
         # _use_batch_stats + _check_input + _batch_norm inlined, each attribute read once:
         # for small inputs the Python overhead is what separates us from torch.nn
         training = self.training
@@ -347,6 +262,34 @@ class _BatchNorm(_NormBase):
             input, running_mean, running_var, self.weight, self.bias, batch_stats, factor, self.eps
         )
 
+    def _forward_script(self, input: Tensor) -> Tensor:
+        """torch.nn's BatchNorm forward, what ``torch.jit.script`` compiles for this layer.
+
+        The same computation with torch.nn's errors: no small-batch policy, no normcore messages.
+        """
+        factor = 0.0
+        momentum = self.momentum
+        if momentum is not None:
+            factor = momentum
+        if self.training and self.track_running_stats:
+            nbt = self.num_batches_tracked
+            if nbt is not None:
+                nbt.add_(1)
+                if momentum is None:
+                    factor = 1.0 / float(nbt)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            batch_stats,
+            factor,
+            self.eps,
+        )
+
     def _batch_norm(self, input: Tensor, batch_stats: bool) -> Tensor:
         """torch.nn's BatchNorm forward on an already checked input."""
         factor = self._average_factor()
@@ -369,19 +312,19 @@ class _BatchNorm(_NormBase):
         )
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     """Batch normalization over (N, C) or (N, C, L) input; twin of ``torch.nn.BatchNorm1d``."""
 
     _input_dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """Batch normalization over (N, C, H, W) input; twin of ``torch.nn.BatchNorm2d``."""
 
     _input_dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Batch normalization over (N, C, D, H, W) input; twin of ``torch.nn.BatchNorm3d``."""
 
     _input_dims = (5,)

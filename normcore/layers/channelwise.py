@@ -18,7 +18,8 @@ last) and faster ones written for a layout:
 ``python benchmarks/norm_layers.py --impls``, which times every candidate per layout and says
 where the table disagrees. The fast paths are used for float32/float64; other dtypes (bf16,
 fp16 autocast) and other devices use torch's kernels, which accumulate low precision in
-float32, and so does code being compiled (inductor fuses the plain ops itself). Every route
+float32, and so does code being compiled (inductor fuses the plain ops itself) or transformed
+by torch.func (vmap, grad). Every route
 returns the input's layout: channels_last in, channels_last out; contiguous in, contiguous out.
 """
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from ._torch_tools import functorch_active
 from .fastops import scale_shift
 
 __all__ = [
@@ -69,7 +71,8 @@ def layout_of(x: Tensor) -> str:
     """
     if x.is_contiguous():
         return "nchw"
-    if x.dim() == 4 and x.is_contiguous(memory_format=_CL):
+    # vmap cannot tell channels_last apart (NYI there): its maps count as strided
+    if x.dim() == 4 and not functorch_active() and x.is_contiguous(memory_format=_CL):
         return "channels_last"
     return "strided"
 
@@ -85,8 +88,8 @@ def restore_layout(out: Tensor, layout: str) -> Tensor:
 
 def pick(op: str, x: Tensor, layout: str) -> str:
     """The implementation ``op`` uses for ``x`` (device, layout and dtype), from ``CHOICES``."""
-    if x.dtype not in _FAST_DTYPES or torch.compiler.is_compiling():
-        return "torch"
+    if x.dtype not in _FAST_DTYPES or torch.compiler.is_compiling() or functorch_active():
+        return "torch"  # the fast paths are autograd.Functions without a vmap rule
     # is_cpu is a flag; x.device builds an object (this runs on every forward)
     return CHOICES.get((op, "cpu" if x.is_cpu else x.device.type, layout), "torch")
 

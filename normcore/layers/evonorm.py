@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
+from ._torch_tools import Proxy, fx_leaf
 from .batchnorm import _blend_
 from .fastops import maximum, scale_shift, variance
 
@@ -77,6 +78,8 @@ class EvoNorm2dB0(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Batch-and-instance normalization with its nonlinearity; updates running_var."""
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input)
         _check_map(self, input, self.num_features)
         x = _acc(input)
         m = input.shape[0] * input.shape[2] * input.shape[3]
@@ -151,6 +154,8 @@ class EvoNorm2dS0(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Swish-like gating by ``v``, divided by the group standard deviation."""
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input)
         _check_map(self, input, self.num_features)
         x = _acc(input)
         n, c, h, w = x.shape

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from ._torch_tools import functorch_active
+
 __all__ = ["maximum", "scale_shift", "variance"]
 
 
@@ -77,6 +79,11 @@ class _Maximum(torch.autograd.Function):
 
 def maximum(a: Tensor, b: Tensor) -> Tensor:
     """``torch.maximum(a, b)`` (broadcasting), with a faster backward on CPU."""
-    if _eager_cpu(a) and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+    if (
+        _eager_cpu(a)
+        and torch.is_grad_enabled()
+        and (a.requires_grad or b.requires_grad)
+        and not functorch_active()  # _Maximum has no vmap rule
+    ):
         return _Maximum.apply(a, b)
     return torch.maximum(a, b)

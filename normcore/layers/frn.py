@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
+from ._torch_tools import Proxy, fx_leaf
 from .fastops import maximum, scale_shift
 
 __all__ = ["FilterResponseNorm2d"]
@@ -49,6 +50,8 @@ class FilterResponseNorm2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize by the mean square over (H, W), scale, shift, then threshold at tau."""
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input)
         if input.dim() != 4 or input.shape[1] != self.num_features:
             raise ValueError(
                 f"FilterResponseNorm2d({self.num_features}): expected (N, {self.num_features}, "

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._torch_tools import Proxy, fx_leaf
+
 __all__ = ["FrozenBatchNorm2d"]
 
 
@@ -19,6 +21,13 @@ class FrozenBatchNorm2d(nn.Module):
     (``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``); a
     missing ``num_batches_tracked`` is filled in, and a state dict from ``affine=False`` BN
     (no weight or bias) loads as weight 1, bias 0.
+
+    As torchvision's ``torchvision.ops.FrozenBatchNorm2d`` (and detectron2's), it is a plain
+    ``nn.Module``, not a ``_BatchNorm``: torch's BN tools (``update_bn``,
+    ``convert_sync_batchnorm``, ``replace_all_batch_norm_modules_``) leave it alone, as they
+    leave torchvision's. Its state dict loads into torchvision's (which drops
+    ``num_batches_tracked``) and torchvision's into it; same constructor (``num_features``,
+    ``eps``) and repr; it scripts with TorchScript and is a ``call_module`` leaf for torch.fx.
     """
 
     _version = 2
@@ -78,6 +87,10 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize with the stored statistics, exactly as eval-mode BatchNorm2d."""
+        if torch.jit.is_scripting():
+            return self._forward_script(input)
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input, self._forward_script)
         if input.dim() != 4 or input.shape[1] != self.num_features:
             raise ValueError(
                 f"FrozenBatchNorm2d({self.num_features}): expected (N, {self.num_features}, H, W) "
@@ -92,6 +105,12 @@ class FrozenBatchNorm2d(nn.Module):
             False,
             0.0,
             self.eps,
+        )
+
+    def _forward_script(self, input: Tensor) -> Tensor:
+        """The forward ``torch.jit.script`` compiles: eval-mode batch norm, without the check."""
+        return F.batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )
 
     def _load_from_state_dict(

@@ -6,14 +6,15 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ._torch_tools import Proxy, fx_leaf
 from .batchnorm import SmallBatch, _BatchNorm, _blend_
 
 __all__ = ["GhostBatchNorm2d"]
 
 
-class GhostBatchNorm2d(_BatchNorm):
+class GhostBatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """BatchNorm2d whose batch statistics come from chunks of ``virtual_batch_size`` samples.
 
     Whenever batch statistics are used (training, or eval without running stats) the batch is
@@ -26,6 +27,13 @@ class GhostBatchNorm2d(_BatchNorm):
     ``var = sum(n_i * var_i) / N`` where ``var_i`` is chunk i's unbiased variance
     (``m_i / (m_i - 1)`` correction with ``m_i`` values per channel). With one chunk
     (``virtual_batch_size >= N``) this is exactly BatchNorm2d.
+
+    A subclass of ``torch.nn.BatchNorm2d`` (its eval mode is one), so torch's tools treat it as
+    a batch norm: ``torch.optim.swa_utils.update_bn`` recomputes its running statistics with
+    the rule above, ``torch.func.replace_all_batch_norm_modules_`` removes them (virtual batches
+    then normalize with their own statistics only); torch's
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns it into torch's plain SyncBatchNorm
+    (normcore's ``convert_sync_norm`` leaves it alone).
     """
 
     _input_dims = (4,)
@@ -64,6 +72,8 @@ class GhostBatchNorm2d(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each virtual batch with its own statistics (training) or running stats."""
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input)
         batch_stats = self._use_batch_stats()
         self._check_input(input, False)
         if batch_stats and input.numel() <= input.shape[1]:

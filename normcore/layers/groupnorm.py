@@ -1,4 +1,4 @@
-"""GroupNorm: a drop-in twin of ``torch.nn.GroupNorm`` with errors that name the layer."""
+"""GroupNorm: a drop-in twin of ``torch.nn.GroupNorm`` (a subclass) with errors that name the layer."""
 
 from __future__ import annotations
 
@@ -7,25 +7,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn import init
 
+from ._torch_tools import Proxy, fx_leaf
 from .channelwise import layout_of, restore_layout
 
 __all__ = ["GroupNorm"]
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(nn.GroupNorm):
     """Group normalization over (N, C, *) input (Wu & He, 2018); twin of ``torch.nn.GroupNorm``.
 
     Channels are split into ``num_groups`` groups, each normalized per sample, so the output
     does not depend on the batch size. A channels_last input gives a channels_last output on
-    every device (torch's CPU kernel keeps the layout; elsewhere it is restored).
+    every device (torch's CPU kernel keeps the layout; elsewhere it is restored). A subclass
+    of ``torch.nn.GroupNorm``: same constructor, state dict and repr.
     """
-
-    num_groups: int
-    num_channels: int
-    eps: float
-    affine: bool
 
     def __init__(
         self,
@@ -38,37 +34,19 @@ class GroupNorm(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
         if num_groups < 1 or num_channels % num_groups != 0:
             raise ValueError(
                 f"GroupNorm: num_channels ({num_channels}) must be divisible by num_groups "
                 f"({num_groups})"
             )
-        factory_kwargs = {"device": device, "dtype": dtype}
-        self.num_groups = num_groups
-        self.num_channels = num_channels
-        self.eps = eps
-        self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Set weight to 1 and bias to 0."""
-        if self.affine:
-            init.ones_(self.weight)
-            if self.bias is not None:
-                init.zeros_(self.bias)
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each group of channels of each sample."""
+        if torch.jit.is_scripting():
+            return self._forward_script(input)
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input, self._forward_script)
         if input.dim() < 2:
             raise ValueError(
                 f"{self._layer_name()}: expected input of at least 2 dimensions (N, C, *), "
@@ -88,6 +66,10 @@ class GroupNorm(nn.Module):
         if not input.is_contiguous() and not input.is_cpu and input.dim() == 4:
             out = restore_layout(out, layout_of(input))
         return out
+
+    def _forward_script(self, input: Tensor) -> Tensor:
+        """torch.nn's GroupNorm forward, what ``torch.jit.script`` compiles for this layer."""
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def _layer_name(self) -> str:
         return f"GroupNorm({self.num_groups}, {self.num_channels})"

@@ -1,4 +1,8 @@
-"""InstanceNorm1d/2d/3d: drop-in twins of ``torch.nn.InstanceNorm1d/2d/3d``."""
+"""InstanceNorm1d/2d/3d: drop-in twins of ``torch.nn.InstanceNorm1d/2d/3d``.
+
+Each is a subclass of its torch.nn class (``InstanceNorm2d`` of ``nn.InstanceNorm2d``), recorded
+by ``torch.fx`` as a ``call_module`` leaf; ``torch.jit.script`` compiles torch.nn's forward.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,18 @@ import math
 import warnings
 from typing import Any
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from ._torch_tools import Proxy, fx_leaf
 from .batchnorm import _NormBase
 from .channelwise import instance_norm_2d, layout_of, restore_layout
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class _InstanceNorm(_NormBase):
+class _InstanceNorm(_NormBase, nn.modules.instancenorm._InstanceNorm):
     """Per-sample, per-channel normalization over the spatial dims, as torch.nn's.
 
     Defaults differ from BatchNorm as in torch: ``affine=False``, ``track_running_stats=False``.
@@ -119,6 +125,10 @@ class _InstanceNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each channel of each sample; accepts batched or unbatched input."""
+        if torch.jit.is_scripting():
+            return self._forward_script(input)
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input, self._forward_script)
         nb = self._no_batch_dim
         if input.dim() not in (nb, nb + 1):
             raise ValueError(
@@ -143,20 +153,40 @@ class _InstanceNorm(_NormBase):
             return self._apply_instance_norm(input.unsqueeze(0)).squeeze(0)
         return self._apply_instance_norm(input)
 
+    def _forward_script(self, input: Tensor) -> Tensor:
+        """torch.nn's InstanceNorm forward, what ``torch.jit.script`` compiles for this layer."""
+        self._check_input_dim(input)
+        if input.dim() == self._get_no_batch_dim():
+            return self._instance_norm_script(input.unsqueeze(0)).squeeze(0)
+        return self._instance_norm_script(input)
 
-class InstanceNorm1d(_InstanceNorm):
+    def _instance_norm_script(self, input: Tensor) -> Tensor:
+        momentum = self.momentum
+        return F.instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            momentum if momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     """Instance normalization over (N, C, L) or unbatched (C, L) input."""
 
     _no_batch_dim = 2
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     """Instance normalization over (N, C, H, W) or unbatched (C, H, W) input."""
 
     _no_batch_dim = 3
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     """Instance normalization over (N, C, D, H, W) or unbatched (C, D, H, W) input."""
 
     _no_batch_dim = 4

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
+from ._torch_tools import Proxy, fx_leaf
+
 __all__ = ["L2Norm"]
 
 
@@ -39,6 +41,8 @@ class L2Norm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each position's channel vector to unit length and scale it per channel."""
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input)
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(
                 f"L2Norm({self.num_channels}): expected input (N, {self.num_channels}, *), "

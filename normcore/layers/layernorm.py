@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,54 +9,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
+from ._torch_tools import Proxy, fx_leaf
 from .channelwise import _ln2d_torch, layer_norm_2d
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
 
-class LayerNorm(nn.Module):
-    """Layer normalization over the trailing ``normalized_shape`` dims; twin of torch.nn's."""
+class LayerNorm(nn.LayerNorm):
+    """Layer normalization over the trailing ``normalized_shape`` dims; twin of torch.nn's.
 
-    normalized_shape: tuple[int, ...]
-    eps: float
-    elementwise_affine: bool
-
-    def __init__(
-        self,
-        normalized_shape: int | Sequence[int] | torch.Size,
-        eps: float = 1e-5,
-        elementwise_affine: bool = True,
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        factory_kwargs = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Set weight to 1 and bias to 0."""
-        if self.elementwise_affine:
-            init.ones_(self.weight)
-            if self.bias is not None:
-                init.zeros_(self.bias)
+    A subclass of ``torch.nn.LayerNorm``: same constructor, state dict and repr.
+    """
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each sample over its trailing ``normalized_shape`` dims."""
+        if torch.jit.is_scripting():
+            return self._forward_script(input)
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input, self._forward_script)
         n = len(self.normalized_shape)
         if tuple(input.shape[input.dim() - n :]) != self.normalized_shape or input.dim() < n:
             raise ValueError(
@@ -66,6 +34,10 @@ class LayerNorm(nn.Module):
                 f"(*, {', '.join(map(str, self.normalized_shape))}), got input of size "
                 f"{tuple(input.shape)}; for a (N, C, H, W) conv map use LayerNorm2d(C)"
             )
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def _forward_script(self, input: Tensor) -> Tensor:
+        """torch.nn's LayerNorm forward, what ``torch.jit.script`` compiles for this layer."""
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -119,14 +91,18 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each position's channel vector; returns NCHW in the input's layout."""
+        if torch.jit.is_scripting():
+            return self._forward_script(input)
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input)
         if input.dim() != 4 or input.shape[1] != self.num_channels:
             raise ValueError(
                 f"LayerNorm2d({self.num_channels}): expected (N, {self.num_channels}, H, W) "
                 f"input, got input of size {tuple(input.shape)}"
             )
         if (
-            input.is_contiguous(memory_format=torch.channels_last)
-            and not input.is_contiguous()
+            not input.is_contiguous()
+            and input.is_contiguous(memory_format=torch.channels_last)
             and input.shape[1] == self.num_channels
         ):
             # channels_last runs torch's kernel on the NHWC view on every device and dtype (the
@@ -134,6 +110,14 @@ class LayerNorm2d(nn.Module):
             # cost at or below timm's permute module, which small maps notice
             return _ln2d_torch(input, self.weight, self.bias, self.eps)
         return layer_norm_2d(input, self.weight, self.bias, self.eps)
+
+    def _forward_script(self, input: Tensor) -> Tensor:
+        """torch's LayerNorm on the NHWC view (the permute way), for TorchScript."""
+        out = _ln2d_torch(input, self.weight, self.bias, self.eps)
+        # the permute way returns a view; a copy in the input's layout, as the eager forward
+        if input.is_contiguous():
+            return out.contiguous()
+        return out.clone(memory_format=torch.channels_last)
 
     def extra_repr(self) -> str:
         return (

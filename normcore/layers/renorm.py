@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ._torch_tools import Proxy, fx_leaf
 from .batchnorm import SmallBatch, _BatchNorm, _blend_
 from .fastops import scale_shift
 
 __all__ = ["BatchRenorm2d"]
 
 
-class BatchRenorm2d(_BatchNorm):
+class BatchRenorm2d(_BatchNorm, nn.BatchNorm2d):
     """Batch renormalization over (N, C, H, W) input; state dict as ``BatchNorm2d``.
 
     Training normalizes with the batch statistics and corrects towards the running ones:
@@ -29,6 +30,14 @@ class BatchRenorm2d(_BatchNorm):
     warmup_steps, 0, 1)`` (``p = 1`` once ``t >= warmup_start`` when ``warmup_steps=0``).
     So the layer is plain BatchNorm for the first ``warmup_start`` batches, and the limits
     then widen linearly to ``(r_max, d_max)`` over ``warmup_steps`` batches.
+
+    A subclass of ``torch.nn.BatchNorm2d`` (its eval mode is one), so torch's tools treat it as
+    a batch norm: ``torch.optim.swa_utils.update_bn`` recomputes its running statistics (and
+    resets ``num_batches_tracked``, which restarts the warm-up if training goes on);
+    ``torch.func.replace_all_batch_norm_modules_`` removes them, after which it is plain
+    BatchNorm (there is nothing to renormalize towards); torch's
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns it into torch's plain SyncBatchNorm
+    (normcore's ``convert_sync_norm`` leaves it alone).
     """
 
     _input_dims = (4,)
@@ -101,12 +110,16 @@ class BatchRenorm2d(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Renormalize with batch statistics in training; normalize with running ones in eval."""
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input)
         self._check_input(input, False)
         if self.training and input.numel() <= input.shape[1]:
             small = self._small_batch_forward(input)
             if small is not None:
                 return small
-        if not self.training or input.numel() == 0:
+        if not self.training or input.numel() == 0 or self.running_mean is None:
+            # without running statistics (torch.func.replace_all_batch_norm_modules_ removes
+            # them for vmap) there is nothing to renormalize towards: plain batch norm
             return self._batch_norm(input, self.training)
         assert self.running_mean is not None and self.running_var is not None
         r_max, d_max = self.limits()

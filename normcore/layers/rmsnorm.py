@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import init
 
+from ._torch_tools import Proxy, fx_leaf
 from .channelwise import rms_norm, rms_norm_2d
 
 __all__ = ["RMSNorm", "RMSNorm2d"]
@@ -31,48 +30,22 @@ def default_eps(dtype: torch.dtype) -> float:
     return torch.finfo(_OPMATH.get(dtype, dtype)).eps
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.RMSNorm):
     """Root-mean-square normalization over the trailing ``normalized_shape`` dims.
 
     ``y = x / sqrt(mean(x^2) + eps) * weight``; twin of ``torch.nn.RMSNorm`` (same constructor,
     ``weight`` parameter and state dict). ``eps=None`` means, as in torch.nn, the machine
     epsilon of the op-math dtype: ``torch.finfo(torch.float32).eps`` for float16, bfloat16 and
-    float32 input, ``torch.finfo(torch.float64).eps`` for float64.
+    float32 input, ``torch.finfo(torch.float64).eps`` for float64. A subclass of
+    ``torch.nn.RMSNorm``.
     """
-
-    normalized_shape: tuple[int, ...]
-    eps: float | None
-    elementwise_affine: bool
-
-    def __init__(
-        self,
-        normalized_shape: int | Sequence[int] | torch.Size,
-        eps: float | None = None,
-        elementwise_affine: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(
-                torch.empty(self.normalized_shape, device=device, dtype=dtype)
-            )
-        else:
-            self.register_parameter("weight", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Set weight to 1."""
-        if self.weight is not None:
-            init.ones_(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each sample over its trailing ``normalized_shape`` dims."""
+        if torch.jit.is_scripting():
+            return self._forward_script(input)
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input, self._forward_script)
         n = len(self.normalized_shape)
         if input.dim() < n or tuple(input.shape[input.dim() - n :]) != self.normalized_shape:
             raise ValueError(
@@ -82,6 +55,10 @@ class RMSNorm(nn.Module):
             )
         eps = default_eps(input.dtype) if self.eps is None else self.eps
         return rms_norm(input, self.normalized_shape, self.weight, eps)
+
+    def _forward_script(self, input: Tensor) -> Tensor:
+        """torch.nn's RMSNorm forward, what ``torch.jit.script`` compiles for this layer."""
+        return torch.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return (
@@ -123,6 +100,10 @@ class RMSNorm2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize each position's channel vector by its RMS; keeps the input's layout."""
+        if torch.jit.is_scripting():
+            return self._forward_script(input)
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input)
         if input.dim() != 4 or input.shape[1] != self.num_channels:
             raise ValueError(
                 f"RMSNorm2d({self.num_channels}): expected (N, {self.num_channels}, H, W) "
@@ -130,6 +111,16 @@ class RMSNorm2d(nn.Module):
             )
         eps = default_eps(input.dtype) if self.eps is None else self.eps
         return rms_norm_2d(input, self.weight, eps)
+
+    def _forward_script(self, input: Tensor) -> Tensor:
+        """torch's RMSNorm on the NHWC view (the permute way), for TorchScript."""
+        # torch.rms_norm takes eps=None (torch.nn.RMSNorm's default), which _rms2d_torch does not
+        nhwc = input.permute(0, 2, 3, 1)
+        out = torch.rms_norm(nhwc, [input.shape[1]], self.weight, self.eps).permute(0, 3, 1, 2)
+        # the permute way returns a view; a copy in the input's layout, as the eager forward
+        if input.is_contiguous():
+            return out.contiguous()
+        return out.clone(memory_format=torch.channels_last)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._torch_tools import Proxy, fx_leaf
 from .batchnorm import BatchNorm2d, SmallBatch
 
 __all__ = ["SplitBatchNorm2d"]
@@ -20,6 +21,12 @@ class SplitBatchNorm2d(BatchNorm2d):
     outputs are concatenated in order. Eval mode uses the main BN alone. The main BN's state
     lives at the top level, so its keys are a BatchNorm2d's; the auxiliary BNs add
     ``aux_bn.<i>.*`` keys.
+
+    A ``torch.nn.BatchNorm2d`` (as normcore's BatchNorm2d is), with BatchNorm2d's auxiliary
+    layers: ``torch.optim.swa_utils.update_bn`` recomputes each split's statistics from its own
+    split; torch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns it (and each auxiliary BN)
+    into torch's plain SyncBatchNorm, which drops the splitting (normcore's ``convert_sync_norm``
+    leaves it alone).
     """
 
     def __init__(
@@ -56,6 +63,8 @@ class SplitBatchNorm2d(BatchNorm2d):
 
     def forward(self, input: Tensor) -> Tensor:
         """Training: normalize each split with its own BN; eval: the main BN alone."""
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input)
         if not self.training:
             return super().forward(input)
         n = input.shape[0]

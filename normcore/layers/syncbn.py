@@ -2,10 +2,24 @@
 
 Unlike ``torch.nn.SyncBatchNorm`` this works with gloo on CPU as well as NCCL on GPU: the
 statistics and gradient reductions are written with plain tensor ops and collectives.
+
+It is a subclass of ``nn.modules.batchnorm._BatchNorm``, so torch's batch-norm tools
+(``update_bn``, ``replace_all_batch_norm_modules_``, ``isinstance`` checks) see it, but not of
+``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses any ``nn.SyncBatchNorm`` in a CPU
+model ("SyncBatchNorm layers only work with GPU modules"), which would rule out the gloo/CPU
+synchronization this layer exists for.
+
+Converting a model: ``SyncBatchNorm.convert_sync_batchnorm(model)`` (normcore's, as
+``normcore.convert_sync_norm``) makes normcore's SyncBatchNorm of every plain batch norm, torch.nn's
+and normcore's. torch's own ``nn.SyncBatchNorm.convert_sync_batchnorm`` makes torch's class of
+every ``_BatchNorm`` it finds, normcore's included (GhostBatchNorm2d, BatchRenorm2d and
+SplitBatchNorm2d too, which then lose their own training rule): use normcore's for normcore
+models.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,7 +27,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from normcore.layers.batchnorm import SmallBatch, _BatchNorm
+from normcore._surgery import replace_modules
+from normcore.layers._torch_tools import Proxy, fx_leaf
+from normcore.layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, SmallBatch, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -181,9 +197,13 @@ def _world_group() -> Any:
 class SyncBatchNorm(_BatchNorm):
     """Batch norm whose training statistics span a process group (gloo/CPU and NCCL/GPU).
 
-    Same signature and state dict as ``torch.nn.SyncBatchNorm``; accepts 2D-5D input. In eval
-    mode, or without an initialized process group of more than one rank, it is exactly
-    ``BatchNorm``. Parameter gradients are local (sum them across ranks, as DDP does).
+    Same signature, state dict and repr as ``torch.nn.SyncBatchNorm``; a subclass of torch's
+    ``_BatchNorm`` but not of ``nn.SyncBatchNorm``, which DDP refuses on CPU (see the module
+    docstring); accepts 2D-5D input. In eval mode, or without an initialized process group of
+    more than one rank, it is exactly ``BatchNorm``. Parameter gradients are local (sum them
+    across ranks, as DDP does). Under ``torch.jit.script`` (which torch.nn's SyncBatchNorm does
+    not support) it is an eval-mode BatchNorm: TorchScript has no process groups, so a scripted
+    one raises in training mode.
     """
 
     _input_dims = (2, 3, 4, 5)
@@ -226,6 +246,15 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` (N, C, *) with statistics over every rank's batch when training."""
+        if torch.jit.is_scripting():
+            if self.training:
+                raise RuntimeError(
+                    "normcore.SyncBatchNorm under TorchScript normalizes in eval mode only "
+                    "(TorchScript has no process groups): call .eval() on it"
+                )
+            return self._forward_script(input)
+        if type(input) is not Tensor and isinstance(input, Proxy):  # torch.fx: a call_module
+            return fx_leaf(self, input, self._forward_script)
         target = self._sync_target()
         if target is None:
             return super().forward(input)
@@ -247,8 +276,84 @@ class SyncBatchNorm(_BatchNorm):
         )
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """Convert every BatchNorm in ``module`` to SyncBatchNorm (see ``convert_sync_norm``)."""
-        from normcore.convert import convert_sync_norm
+    def from_batchnorm(cls, bn: nn.Module, process_group: Any = None) -> SyncBatchNorm:
+        """A SyncBatchNorm on ``process_group`` holding ``bn``'s own parameters and buffers.
 
-        return convert_sync_norm(module, process_group)
+        ``bn`` is a batch norm of torch.nn or normcore (anything with BatchNorm's attributes);
+        device, dtype, requires_grad, the training flag, the small-batch policy and a
+        quantization ``qconfig`` are kept. ``bn`` itself is not changed.
+        """
+        affine = bool(bn.affine)
+        new = cls(
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            affine,
+            bn.track_running_stats,
+            process_group,
+            bias=not affine or bn.bias is not None,
+            device="meta",  # every tensor is replaced by the old layer's own below
+            small_batch=getattr(bn, "small_batch", "error"),
+        )
+        for name in ("weight", "bias"):
+            if name in new._parameters:
+                setattr(new, name, getattr(bn, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(bn, name))
+        if hasattr(bn, "qconfig"):
+            new.qconfig = bn.qconfig
+        # the input dims of the layer it replaces (normcore.convert.norm_dims reads it back)
+        norm_dims = getattr(bn, "norm_dims", None)
+        if norm_dims is None and isinstance(bn, nn.BatchNorm1d | nn.BatchNorm3d):
+            norm_dims = 1 if isinstance(bn, nn.BatchNorm1d) else 3
+        if norm_dims is not None:
+            new.norm_dims = norm_dims
+        return new.train(bn.training)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, giving normcore's SyncBatchNorm.
+
+        Every plain batch norm of ``module`` (torch.nn's and normcore's BatchNorm1d/2d/3d and
+        SyncBatchNorm, and the layers of every kind registered as syncable) becomes a
+        SyncBatchNorm on ``process_group`` sharing its parameters and buffers. GhostBatchNorm2d,
+        BatchRenorm2d and SplitBatchNorm2d keep their own training rule and are left alone, as
+        is any batch norm subclass normcore does not know (``normcore.convert_sync_norm`` warns
+        about those). Returns ``module``, or its replacement if it is a batch norm itself;
+        nothing is changed if a replacement cannot be built.
+        """
+        return replace_modules(
+            module,
+            lambda m: cls.from_batchnorm(m, process_group) if is_syncable(m) else None,
+        )
+
+
+# The plain batch norms (batch statistics and nothing else in the forward), by exact class:
+# what convert_sync_batchnorm replaces before normcore.registry is imported. The registry, whose
+# table says which kinds are syncable (these are its "bn" and "sync_bn"), installs its own rule
+# in is_syncable when imported; no kind of yours can exist before that.
+_PLAIN_BATCH_NORMS: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        BatchNorm1d,
+        BatchNorm2d,
+        BatchNorm3d,
+        SyncBatchNorm,
+    }
+)
+
+
+def _is_plain_batch_norm(module: nn.Module) -> bool:
+    return type(module) in _PLAIN_BATCH_NORMS
+
+
+is_syncable: Callable[[nn.Module], bool] = _is_plain_batch_norm
+
+
+def set_syncable_rule(rule: Callable[[nn.Module], bool]) -> None:
+    """Make ``convert_sync_batchnorm`` replace the modules ``rule`` accepts (normcore.registry)."""
+    global is_syncable
+    is_syncable = rule

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,14 +28,26 @@ VGG11_CONFIG: tuple[int | str, ...] = (
 )
 
 
+def small_input_max_pool(x: Tensor) -> Tensor:
+    """2x2 max pool of ``x``, or ``x`` itself when a side is already 1.
+
+    A leaf for torch.fx (``torch.fx.wrap``): the branch on the input's size becomes one
+    ``call_function`` node that decides when the traced model runs.
+    """
+    if x.shape[-1] < 2 or x.shape[-2] < 2:
+        return x
+    return F.max_pool2d(x, 2, 2)
+
+
+torch.fx.wrap("small_input_max_pool")
+
+
 class SmallInputMaxPool(nn.Module):
     """2x2 max pool that passes maps smaller than 2x2 through, so tiny inputs reach the head."""
 
     def forward(self, x: Tensor) -> Tensor:
         """Pool by 2, or return ``x`` when a side is already 1."""
-        if x.shape[-1] < 2 or x.shape[-2] < 2:
-            return x
-        return F.max_pool2d(x, 2, 2)
+        return small_input_max_pool(x)
 
 
 class VGG(nn.Module):

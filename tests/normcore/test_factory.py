@@ -50,6 +50,7 @@ def clean_registry():
     factory._REGISTRY.update(registry)
     factory._LOOKUP.clear()
     factory._LOOKUP.update(lookup)
+    factory.registry._index_classes()  # the class -> kind index follows the table
 
 
 def test_available_norms_lists_the_builtins() -> None:
