@@ -173,6 +173,10 @@ def _samples_per_s(store: Any, job_id: str, t0: float, t1: float) -> float | Non
     return JOB["data"]["batch_size"] * steps / (window[-1][0] - window[0][0])  # type: ignore[index]
 
 
+def _fmt(rate: float | None) -> str:
+    return "n/a (under 2 train rows in the window)" if rate is None else f"{rate:.0f}"
+
+
 def _report(title: str, runs: list[dict[str, Any]]) -> dict[str, float]:
     keys = ("rps", "p50_ms", "p99_ms", "cpu_ms")
     med = {k: statistics.median(r[k] for r in runs) for k in keys}
@@ -276,10 +280,13 @@ def main() -> int:
                 time.sleep(3)  # the worker writes rows in batches: let the window's rows land
                 quiet.append(_samples_per_s(store, job["id"], t0, t1))
                 loaded.append(_samples_per_s(store, job["id"], t1, t2))
-                print(f"    job samples/s: quiet {quiet[-1]:.0f}, under load {loaded[-1]:.0f}")
+                print(f"    job samples/s: quiet {_fmt(quiet[-1])}, under load {_fmt(loaded[-1])}")
             status = store.get_job(job["id"]).status  # type: ignore[union-attr]
             httpx.post(f"{url}/jobs/{job['id']}/cancel", headers=headers, timeout=30)
             _report(f"a job training (status {status})", busy_runs)
+            if all(x is None for x in quiet) or all(x is None for x in loaded):
+                print("job samples/s: too few train rows per window; use a longer --seconds")
+                return 0
             q = statistics.median(x for x in quiet if x is not None)
             ld = statistics.median(x for x in loaded if x is not None)
             print(
