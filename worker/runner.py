@@ -54,8 +54,6 @@ EXIT_OK = ExitCode.OK
 EXIT_FAILED = ExitCode.FAILED
 EXIT_STALE = ExitCode.STALE
 MAX_ERROR_CHARS = 4000
-# How long a job waits, unclaimed, for the worker's fork server to finish its imports.
-WARM_WAIT_S = 120.0
 
 
 def worker_id() -> str:
@@ -392,8 +390,6 @@ def run_job(
     """
     flags = flags or ShutdownFlags.new()
     me = worker_id()
-    if not warm.wait_ready(WARM_WAIT_S):
-        log.warning("job %s: the fork server is still importing after %gs", job_id, WARM_WAIT_S)
     claimed = claim(store, settings, job_id, me)
     if claimed is None:
         log.info("job %s: not claimable (duplicate delivery, running elsewhere or done)", job_id)
@@ -468,8 +464,10 @@ def _start_heartbeating(
     *,
     name: str,
 ) -> Any:
-    """``_start_child`` in a thread while this one keeps the lease: a fork server that has to
-    (re)start first takes seconds of imports, longer than a lease under load."""
+    """``_start_child`` in a thread while this one keeps the lease: a fork server still busy
+    with its imports (the worker just started) or restarting takes seconds, longer than a lease
+    under load. The job is claimed first all the same: left queued, it would be published again
+    (``republish_after_seconds``) and its duplicate message wake another worker for nothing."""
     box: dict[str, Any] = {}
 
     def start() -> None:

@@ -29,10 +29,6 @@ import threading
 import time
 
 log = logging.getLogger("worker.warm")
-# Set once start()'s warm-up has finished (or failed); set from the start where start() is not
-# called (a job then starts the server itself).
-_ready = threading.Event()
-_ready.set()
 
 # What a training process imports before it trains; a module that is not installed (the data
 # extra's scikit-learn, pillow) is skipped by the fork server.
@@ -79,7 +75,6 @@ def start(*, wait: bool = False) -> threading.Thread:
     A failure is logged; a job then starts the server itself or falls back to ``spawn``.
     """
     ctx = context()
-    _ready.clear()
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
     try:
@@ -101,8 +96,6 @@ def start(*, wait: bool = False) -> threading.Thread:
         except Exception as exc:
             log.warning("training fork server warm-up failed: %r", exc)
             return
-        finally:
-            _ready.set()
         log.info(
             "training fork server ready in %.1f s (torch, normcore imported)",
             time.monotonic() - t0,
@@ -113,15 +106,6 @@ def start(*, wait: bool = False) -> threading.Thread:
     if wait:
         thread.join()
     return thread
-
-
-def wait_ready(timeout: float) -> bool:
-    """Block until ``start()``'s fork server has finished its imports; False on timeout.
-
-    The worker calls it before it claims a job, so the job stays claimable by another worker
-    meanwhile and its claim -> training time does not include the server's imports.
-    """
-    return _ready.wait(timeout)
 
 
 def _noop() -> None:
