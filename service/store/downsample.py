@@ -11,71 +11,116 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
 
 from service.store.records import MetricRecord
 
+_MISSING = object()
 
-def _rank(value: object) -> float | None:
+
+def _rank(value: object) -> float:
     """The value's place on the axis: a number, +inf for a non-finite or null value (it must
-    stay visible, so it counts as the bucket's maximum), None for a non-numeric value."""
+    stay visible, so it counts as the bucket's maximum), NaN for a missing or non-numeric one
+    (not part of the series)."""
+    if type(value) is float:
+        return value if -math.inf < value < math.inf else math.inf
     if value is None:
         return math.inf
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return value if math.isfinite(value) else math.inf
+    if value is _MISSING or isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value)
 
 
-def downsample(rows: Sequence[MetricRecord], max_points: int) -> list[MetricRecord]:
-    """At most ``max_points`` points per series (split x value name), extremes kept.
+class SeriesRow(Protocol):
+    """What downsampling reads of a metric row."""
 
-    ``rows``: a job's live metric rows (any order). A split whose every series has at most
-    ``max_points`` points is returned whole. Otherwise its rows (ordered by step, then seq) are cut
-    into ``max_points // 2`` buckets of equal count and, per value name and bucket, the row of
-    the minimum and the row of the maximum are kept (the first one on ties). A kept row's
-    ``values`` holds only the names it was kept for, so every series stays within the budget.
-    Returns rows in seq order. Raises ValueError for ``max_points < 2``.
+    seq: int
+    step: int
+    split: str
+    values: Mapping[str, Any]
+
+
+def select_extremes(
+    rows: Sequence[SeriesRow], max_points: int
+) -> list[tuple[int, set[str] | None]]:
+    """``select_extremes_columns`` over rows with ``seq``, ``step``, ``split``, ``values``."""
+    return select_extremes_columns(
+        [r.seq for r in rows],
+        [r.step for r in rows],
+        [r.split for r in rows],
+        [r.values for r in rows],
+        max_points,
+    )
+
+
+def select_extremes_columns(
+    seqs: Sequence[int],
+    steps: Sequence[int],
+    splits: Sequence[str],
+    values: Sequence[Mapping[str, Any]],
+    max_points: int,
+) -> list[tuple[int, set[str] | None]]:
+    """Which rows to keep: ``(row index, the value names kept, None for all)``; row ``i`` is
+    ``(seqs[i], steps[i], splits[i], values[i])``.
+
+    A split whose every series (value name) has at most ``max_points`` points is kept whole.
+    Otherwise its rows, ordered by (step, seq), are cut into ``max_points // 2`` buckets of
+    equal count and, per value name and bucket, the row of the minimum and the row of the
+    maximum are kept (the first one on ties). Raises ValueError for ``max_points < 2``.
     """
     if max_points < 2:
         raise ValueError("max_points must be at least 2 (a bucket keeps its minimum and maximum)")
-    by_split: dict[str, list[MetricRecord]] = defaultdict(list)
-    for row in rows:
-        by_split[row.split].append(row)
-    out: list[MetricRecord] = []
-    for split_rows in by_split.values():
+    by_split: dict[str, list[int]] = defaultdict(list)
+    for i, split in enumerate(splits):
+        by_split[split].append(i)
+    out: list[tuple[int, set[str] | None]] = []
+    for indices in by_split.values():
         counts: dict[str, int] = defaultdict(int)
-        for row in split_rows:
-            for name in row.values:
+        for i in indices:
+            for name in values[i]:
                 counts[name] += 1
         if all(c <= max_points for c in counts.values()):
-            out.extend(split_rows)
+            out.extend((i, None) for i in indices)
             continue
-        split_rows.sort(key=lambda r: (r.step, r.seq))
-        n, buckets = len(split_rows), max_points // 2
-        # One pass: per (name, bucket) the (rank, index) of the minimum and of the maximum.
-        lows: dict[tuple[str, int], tuple[float, int]] = {}
-        highs: dict[tuple[str, int], tuple[float, int]] = {}
-        for i, row in enumerate(split_rows):
-            b = i * buckets // n
-            for name, value in row.values.items():
-                r = _rank(value)
-                if r is None:
-                    continue
-                key = (name, b)
-                low = lows.get(key)
-                if low is None or r < low[0]:
-                    lows[key] = (r, i)
-                high = highs.get(key)
-                if high is None or r > high[0]:
-                    highs[key] = (r, i)
-        keep: dict[int, set[str]] = defaultdict(set)  # index in split_rows -> value names
-        for picks in (lows, highs):
-            for (name, _), (_, i) in picks.items():
-                keep[i].add(name)
-        for i, names in keep.items():
-            row = split_rows[i]
-            out.append(
-                dataclasses.replace(row, values={k: v for k, v in row.values.items() if k in names})
+        indices.sort(key=lambda i: (steps[i], seqs[i]))
+        n, buckets = len(indices), max_points // 2
+        bucket = np.arange(n, dtype=np.int64) * buckets // n
+        keep: dict[int, set[str]] = defaultdict(set)  # row index -> value names
+        for name in counts:
+            ranks = np.fromiter(
+                (_rank(values[i].get(name, _MISSING)) for i in indices), np.float64, n
             )
+            present = np.flatnonzero(~np.isnan(ranks))  # NaN: no such value or not a number
+            if present.size == 0:
+                continue
+            r, bk = ranks[present], bucket[present]
+            # Sorted by (bucket, rank, position): the first of a bucket is its minimum; by
+            # (bucket, -rank, position) its maximum; ties go to the earliest row.
+            for order in (np.lexsort((present, r, bk)), np.lexsort((present, -r, bk))):
+                sorted_bk = bk[order]
+                first = order[np.flatnonzero(np.r_[True, sorted_bk[1:] != sorted_bk[:-1]])]
+                for pos in present[first].tolist():
+                    keep[indices[pos]].add(name)
+        out.extend(keep.items())
+    return out
+
+
+def downsample(rows: Sequence[MetricRecord], max_points: int) -> list[MetricRecord]:
+    """At most ``max_points`` points per series (split x value name), extremes kept
+    (``select_extremes``); a kept row's ``values`` holds only the names it was kept for, so
+    every series stays within the budget. Returns rows in seq order. Raises ValueError for
+    ``max_points < 2``.
+    """
+    out = []
+    for i, names in select_extremes(rows, max_points):
+        row = rows[i]
+        if names is not None:
+            row = dataclasses.replace(
+                row, values={k: v for k, v in row.values.items() if k in names}
+            )
+        out.append(row)
     out.sort(key=lambda r: r.seq)
     return out

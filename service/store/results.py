@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -11,7 +13,7 @@ from service.db import checkpoints, jobs, logs
 from service.db import metrics as metrics_t
 from service.status import FINISHED_STATUSES
 from service.store.database import Database
-from service.store.downsample import downsample
+from service.store.downsample import select_extremes_columns
 from service.store.records import (
     CheckpointRecord,
     LogRecord,
@@ -20,6 +22,9 @@ from service.store.records import (
     to_log,
     to_metric,
 )
+
+# Seqs per IN list (SQLite allows 32,766 bound parameters per statement).
+_IN_CHUNK = 5000
 
 
 class ResultStore(Database):
@@ -58,19 +63,41 @@ class ResultStore(Database):
         """All live rows with seq > after (``final`` as in ``get_metrics``), reduced to at most
         ``max_points`` points per (split, value name) keeping each bucket's minimum and maximum
         (``service.store.downsample``); returns (rows, the last seq read or after), so
-        ``after=next`` follows on from every row, kept or not."""
+        ``after=next`` follows on from every row, kept or not.
+
+        Reads the values as JSON text and builds records only for the kept rows (100,000 rows:
+        about 3x faster than ``get_metrics``' typed rows; benchmarks/ui_load.py).
+        """
+        cols = metrics_t.c
+        query = sa.select(
+            cols.seq, cols.step, cols.split, sa.cast(cols["values"], sa.Text).label("values")
+        ).where(cols.job_id == job_id, cols.seq > after, cols.discarded.is_(False))
         with self._read() as conn:
             bound = self._final_step(conn, job_id) if final else None
-            query = sa.select(metrics_t).where(
-                metrics_t.c.job_id == job_id,
-                metrics_t.c.seq > after,
-                metrics_t.c.discarded.is_(False),
-            )
             if bound is not None:
-                query = query.where(metrics_t.c.step <= bound)
-            rows = [to_metric(r) for r in conn.execute(query.order_by(metrics_t.c.seq)).all()]
-        nxt = rows[-1].seq if rows else after
-        return downsample(rows, max_points), nxt
+                query = query.where(cols.step <= bound)
+            fetched = conn.execute(query.order_by(cols.seq)).all()
+            # One decode of a JSON array: a third of the time of a json.loads per row.
+            parsed = json.loads("[" + ",".join(r[3] or "{}" for r in fetched) + "]")
+            seqs = [r[0] for r in fetched]
+            picks = select_extremes_columns(
+                seqs, [r[1] for r in fetched], [r[2] for r in fetched], parsed, max_points
+            )
+            wanted = [seqs[i] for i, _ in picks]
+            full: dict[int, MetricRecord] = {}
+            for k in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[k : k + _IN_CHUNK]
+                query = sa.select(metrics_t).where(cols.job_id == job_id, cols.seq.in_(chunk))
+                full.update((r.seq, to_metric(r)) for r in conn.execute(query))
+        out = []
+        for i, names in sorted(picks, key=lambda p: seqs[p[0]]):
+            row = full[seqs[i]]
+            if names is not None:
+                row = dataclasses.replace(
+                    row, values={k: v for k, v in row.values.items() if k in names}
+                )
+            out.append(row)
+        return out, (seqs[-1] if seqs else after)
 
     @staticmethod
     def _final_step(conn: Connection, job_id: str) -> int | None:
