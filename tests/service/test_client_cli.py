@@ -23,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from normcore.client import ApiError, ChecksumMismatch, Client, JobFailed
+from service.auth import TOKEN_CACHE_TTL_S
 from service.cli import app as cli_app
 from tests.harness import REPO, Proc, ServiceEnv, free_port, make_env, start_api
 
@@ -241,7 +242,13 @@ def test_cli_token_create_and_revoke(server: Server, cli: Any) -> None:
     assert cli("token", "create", "erin-cli").exit_code == 1  # names are unique
     revoked = cli("token", "revoke", "erin-cli")
     assert revoked.exit_code == 0, revoked.output
-    r = httpx.get(f"{server.url}/jobs", headers={"Authorization": f"Bearer {token}"})
+    # The API trusts a token lookup for TOKEN_CACHE_TTL_S, so a revocation lands within it.
+    deadline = time.monotonic() + TOKEN_CACHE_TTL_S + 2
+    while True:
+        r = httpx.get(f"{server.url}/jobs", headers={"Authorization": f"Bearer {token}"})
+        if r.status_code == 401 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert r.status_code == 401
     assert cli("token", "revoke", "erin-cli").exit_code == 1
     admin = cli("token", "create", "ops", "--admin")
