@@ -70,14 +70,23 @@ def env(tmp_path: Path) -> ServiceEnv:
         tmp_path / "nc",
         NORMCORE_TRAIN_MEMORY_LIMIT_BYTES=str(2 * 2**30),
         NORMCORE_TRAIN_THREADS="1",
+        # No memory budget at submit: the out-of-memory job must reach the worker, as one whose
+        # estimate was wrong would.
+        NORMCORE_JOB_MEMORY_BUDGET_BYTES="0",
     )
-    # A real .npz cut in half: its zip directory is gone.
+    (env.data_root / "sets").mkdir(parents=True)
+    (env.data_root / "sets" / "bad.npz").write_bytes(NPZ)
+    return env
+
+
+def _npz() -> bytes:
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
     np.savez(buf, x=rng.integers(0, 255, (64, 8, 8), dtype=np.uint8), y=np.arange(64) % 4)
-    (env.data_root / "sets").mkdir(parents=True)
-    (env.data_root / "sets" / "bad.npz").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    return env
+    return buf.getvalue()
+
+
+NPZ = _npz()
 
 
 def job(client: httpx.Client, job_id: str) -> dict[str, Any]:
@@ -98,6 +107,12 @@ def test_faults_fail_their_job_and_the_worker_takes_the_next(env: ServiceEnv) ->
             r = c.post("/jobs", json=body)
             assert r.status_code == 201, r.text
             ids[body["name"]] = r.json()["id"]
+        # The .npz is cut in half after its job was accepted (its zip directory is gone), so the
+        # worker meets it; a spec naming it now is refused at submit.
+        (env.data_root / "sets" / "bad.npz").write_bytes(NPZ[: len(NPZ) // 2])
+        refused = c.post("/jobs", json={**CORRUPT_DATA, "name": "bad-npz-again"})
+        assert refused.status_code == 422, refused.text
+        assert "sets/bad.npz" in refused.text and str(env.data_root) not in refused.text
         wait_for(
             lambda: all(job(c, i)["status"] in FINISHED for i in ids.values()),
             timeout=240,
