@@ -117,6 +117,13 @@ def test_jobs_list_filters_and_checkpoint_norm_stats(
 
         page.goto(f"/ui/jobs/{finished_jobs['bn']}")
         page.wait_for_selector("#checkpoints tbody tr")
+        page.wait_for_load_state("networkidle")
+        # Page weight: the document and every resource it loaded (assets and API answers).
+        weight = page.evaluate(
+            """() => performance.getEntriesByType("navigation")[0].decodedBodySize +
+            performance.getEntriesByType("resource").reduce((a, e) => a + e.decodedBodySize, 0)"""
+        )
+        assert 50_000 < weight < 500_000, weight
         page.locator("#checkpoints tbody tr").last.locator("button.stats").click()
         page.wait_for_selector("#layers figure")
         with stack.client() as c:
