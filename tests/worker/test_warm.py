@@ -6,6 +6,7 @@ warm path is the one taken, and that what a spawned child guaranteed still holds
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import os
 import re
 from collections.abc import Iterator
@@ -26,6 +27,13 @@ from tests.worker.test_runner import (
 )
 from worker.runner import run_job
 from worker.threads import cgroup_cpu_limit, choose_train_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_fork_server() -> None:
+    """Stop a fork server another test module of this process started (service.supervisor's):
+    the preload list is read only when a server starts, and these tests check worker.warm's."""
+    multiprocessing.forkserver._forkserver._stop()
 
 
 @pytest.fixture
