@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,3 +102,38 @@ def hostile_server(env: ServiceEnv) -> Iterator[HostileServer]:
         yield HostileServer(proc, url, token, job_id, name, env)
     finally:
         proc.stop()
+
+
+@contextlib.contextmanager
+def hostile_server_on(
+    backend: str, data_dir: Path, request: Any, **extra: str
+) -> Iterator[HostileServer]:
+    """``hostile_server`` on ``backend``: "sqlite" (embedded files) or "cluster" (a PostgreSQL
+    database of its own, created and dropped here, and a Redis database for this xdist worker)."""
+    from tests.harness import make_env
+
+    if backend == "sqlite":
+        with hostile_server(make_env(data_dir, **extra)) as running:
+            yield running
+        return
+    import psycopg
+
+    from tests.conftest import REDIS_PORT, _xdist_index
+
+    admin = request.getfixturevalue("postgres_server")
+    name = f"normcore_hostile_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        env = make_env(
+            data_dir,
+            mode="cluster",
+            postgres_url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+            redis_url=f"redis://127.0.0.1:{REDIS_PORT}/{1 + _xdist_index() % 15}",
+            **extra,
+        )
+        with hostile_server(env) as running:
+            yield running
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

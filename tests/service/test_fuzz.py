@@ -23,7 +23,6 @@ import base64
 import json
 import os
 import string
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +36,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.conftest import REDIS_PORT, _xdist_index
-from tests.harness import make_env
-from tests.service.hostile_server import SMALL_SPEC, HostileServer, hostile_server
+from tests.service.hostile_server import SMALL_SPEC, HostileServer, hostile_server_on
 
 pytestmark = pytest.mark.xdist_group("service-fuzz")
 
@@ -75,29 +72,9 @@ def server(
     # A low quota: valid specs still pass every check, then most get 429 instead of a row and a
     # broker message each, which keeps the run short.
     extra = {"NORMCORE_MAX_ACTIVE_JOBS_PER_USER": "3"}
-    if os.environ.get("NORMCORE_FUZZ_DB", "sqlite") != "postgresql":
-        with hostile_server(make_env(data_dir, **extra)) as running:
-            yield running
-        return
-    import psycopg
-
-    admin = request.getfixturevalue("postgres_server")
-    name = f"normcore_fuzz_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        env = make_env(
-            data_dir,
-            mode="cluster",
-            postgres_url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-            redis_url=f"redis://127.0.0.1:{REDIS_PORT}/{1 + _xdist_index() % 15}",
-            **extra,
-        )
-        with hostile_server(env) as running:
-            yield running
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    backend = "cluster" if os.environ.get("NORMCORE_FUZZ_DB") == "postgresql" else "sqlite"
+    with hostile_server_on(backend, data_dir, request, **extra) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REDIS_PORT, _xdist_index
-from tests.harness import make_env
-from tests.service.hostile_server import SMALL_SPEC, HostileServer, hostile_server
+from tests.service.hostile_server import SMALL_SPEC, HostileServer, hostile_server_on
 
 pytestmark = pytest.mark.xdist_group("service-hostile")
 
@@ -33,30 +31,8 @@ def server(
 ) -> Iterator[HostileServer]:
     data_dir = tmp_path_factory.mktemp(f"hostile-{request.param}") / "nc"
     extra = {"NORMCORE_MAX_ACTIVE_JOBS_PER_USER": "100000"}
-    if request.param == "sqlite":
-        env = make_env(data_dir, **extra)
-        with hostile_server(env) as running:
-            yield running
-        return
-    import psycopg
-
-    admin = request.getfixturevalue("postgres_server")
-    name = f"normcore_hostile_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        env = make_env(
-            data_dir,
-            mode="cluster",
-            postgres_url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-            redis_url=f"redis://127.0.0.1:{REDIS_PORT}/{1 + _xdist_index() % 15}",
-            **extra,
-        )
-        with hostile_server(env) as running:
-            yield running
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with hostile_server_on(request.param, data_dir, request, **extra) as running:
+        yield running
 
 
 @pytest.fixture
