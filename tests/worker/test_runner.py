@@ -8,7 +8,6 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,25 +40,6 @@ DIVERGING: dict[str, Any] = {
 def spec(epochs: int = 2, **changes: Any) -> dict[str, Any]:
     """TINY with another epoch count and top-level changes."""
     return {**TINY, "epochs": epochs, **changes}
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    (tmp_path / "nc" / "datasets").mkdir(parents=True)
-    return Settings(
-        data_dir=tmp_path / "nc",
-        heartbeat_seconds=0.5,
-        lease_seconds=10.0,
-        cancel_grace_seconds=5.0,
-    )
-
-
-@pytest.fixture
-def store(settings: Settings) -> Iterator[Store]:
-    s = Store.from_settings(settings)
-    s.upgrade()
-    yield s
-    s.dispose()
 
 
 def new_job(store: Store, job_spec: dict[str, Any]) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing.forkserver
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,25 +33,6 @@ def _fresh_fork_server() -> None:
     """Stop a fork server another test module of this process started (service.supervisor's):
     the preload list is read only when a server starts, and these tests check worker.warm's."""
     multiprocessing.forkserver._forkserver._stop()
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    (tmp_path / "nc" / "datasets").mkdir(parents=True)
-    return Settings(
-        data_dir=tmp_path / "nc",
-        heartbeat_seconds=0.5,
-        lease_seconds=10.0,
-        cancel_grace_seconds=5.0,
-    )
-
-
-@pytest.fixture
-def store(settings: Settings) -> Iterator[Store]:
-    s = Store.from_settings(settings)
-    s.upgrade()
-    yield s
-    s.dispose()
 
 
 WARM_LINE = re.compile(
