@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normcore.registry import kind_of
 from normcore.spec import OptimSpec
 
 __all__ = ["build_optimizer", "param_groups"]
 
-# torch.nn's normalization bases; normcore's layers keep 1-d weights, caught by the ndim rule.
+# torch.nn's normalization bases; every kind in normcore's registry (a user's register_norm too)
+# counts as well, whatever the shape of its parameters.
 _TORCH_NORMS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.GroupNorm,
@@ -29,7 +31,10 @@ def param_groups(
     torch.nn normalization module. Empty groups are left out.
     """
     no_decay_ids = {
-        id(p) for m in model.modules() if isinstance(m, _TORCH_NORMS) for p in m.parameters()
+        id(p)
+        for m in model.modules()
+        if isinstance(m, _TORCH_NORMS) or kind_of(m, exact=False) is not None
+        for p in m.parameters()
     }
     decay, no_decay = [], []
     for p in model.parameters():

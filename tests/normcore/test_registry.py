@@ -490,3 +490,24 @@ def test_ordinary_specs_still_parse() -> None:
     assert make_norm("bn(momentum=None)", 4).momentum is None
     spec = "bn(momentum=0.01, eps=1e-3, affine=True, track_running_stats=True, bias=True)"
     assert make_norm(spec, 4).momentum == 0.01
+
+
+class MatrixScaleNorm(nn.Module):
+    """A registered norm whose learnable scale is 2-d (out of the optimizer's ndim rule)."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(num_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+def test_registered_kind_gets_no_weight_decay(clean_registry) -> None:
+    from normcore.engine.optim import param_groups
+
+    register_norm("matrix_scale", batch_stats=False)(MatrixScaleNorm)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), MatrixScaleNorm(4))
+    decay, no_decay = param_groups(model, 5e-4)
+    assert any(p is model[1].scale for p in no_decay["params"])
+    assert [p for p in decay["params"]] == [model[0].weight]
