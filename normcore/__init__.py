@@ -62,7 +62,9 @@ _EXPORTS: dict[str, str] = {
     "train": "engine",
     "TrainResult": "engine",
     "Callback": "engine",
-    "load_model": "checkpoint",
+    "load_model": "inference",
+    "load_predictor": "inference",
+    "Predictor": "inference",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -308,7 +308,10 @@ def _model_header(
     """What model.safetensors carries in its own header so the file alone rebuilds its model.
 
     The service serves only this file; with the model spec inside it, ``load_model(file)`` works
-    on a download without meta.json.
+    on a download without meta.json, and ``normcore.inference.load_predictor(file)`` predicts
+    on raw images: ``input`` (``InputSpec.to_dict``: channels, image size, per-channel mean
+    and std, resizing) and ``classes`` (label names, or None) come from the engine's ``meta``,
+    ``data`` is the data spec trained on. Headers without ``input`` (older files) still load.
     """
     if not isinstance(spec_doc, dict) or "model" not in spec_doc or "in_channels" not in meta:
         return None
@@ -323,6 +326,11 @@ def _model_header(
         "step": step,
         "metrics": dict(metrics),
     }
+    for key in ("input", "classes"):
+        if meta.get(key) is not None:
+            doc[key] = meta[key]
+    if isinstance(spec_doc.get("data"), dict):
+        doc["data"] = spec_doc["data"]
     return {HEADER_KEY: json.dumps(doc, sort_keys=True)}
 
 

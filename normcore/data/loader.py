@@ -80,6 +80,7 @@ class DataBundle:
     augment: bool = False
     seed: int = 0
     notes: list[str] = field(default_factory=list)  # changes to the data the log should show
+    class_names: list[str] | None = None  # label i's name, when the data has names
 
     @property
     def num_train(self) -> int:
@@ -262,6 +263,7 @@ def _prepare(x: np.ndarray | Tensor, spec: DataSpec) -> Tensor:
 def _build_classification(spec: DataSpec, seed: int, data_root: str | Path | None) -> DataBundle:
     split_gen = T.generator("split", seed)
     notes: list[str] = []
+    class_names: list[str] | None = None
     if spec.dataset in ("synthetic", "brightness"):
         x, y, num_classes = _generate(spec, seed)
         train_idx, val_idx = T.split_indices(len(y), spec.val_fraction, split_gen, y)
@@ -277,6 +279,7 @@ def _build_classification(spec: DataSpec, seed: int, data_root: str | Path | Non
         raw = _read(spec, data_root)
         num_classes = raw.num_classes
         notes += raw.notes
+        class_names = raw.class_names
         if raw.test is not None:
             # the files' own test split is the val split; val_fraction is not used
             train_x, train_y = _prepare(raw.train.x, spec), torch.from_numpy(raw.train.y)
@@ -307,6 +310,7 @@ def _build_classification(spec: DataSpec, seed: int, data_root: str | Path | Non
         augment=spec.augment,
         seed=seed,
         notes=notes,
+        class_names=class_names,
     )
 
 

@@ -62,6 +62,8 @@ class RawData:
     num_classes: int
     # changes the reader made that the spec did not ask for in so many words (log lines)
     notes: list[str] = field(default_factory=list)
+    # the name of each label 0..K-1 when the files give one (image folders: the folder names)
+    class_names: list[str] | None = None
 
 
 T = TypeVar("T")
@@ -656,7 +658,7 @@ def load_imagefolder(
         found = ", ".join(f"{n} {m}" for m, n in sorted(converted.items()))
         why = " (data.channels unset: its default)" if "channels" in defaults else ""
         notes.append(f"{folder}: images converted to {mode} ({channels} channels){why}: {found}")
-    return RawData(train, None, num_classes, notes)
+    return RawData(train, None, num_classes, notes, class_names=[name for name, _ in listing])
 
 
 # --------------------------------------------------------------------------- npz

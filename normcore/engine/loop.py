@@ -44,10 +44,12 @@ from normcore.engine.callbacks import (
     TrainingDiverged,
     TrainResult,
 )
+from normcore.engine.normwatch import NormWatch
 from normcore.engine.optim import build_optimizer
 from normcore.engine.precision import Precision, determinism, resolve_device, setup_precision
 from normcore.engine.rng import capture_rng, restore_rng, seed_everything
 from normcore.engine.schedule import lr_at
+from normcore.inference import describe_input
 from normcore.models import build_model
 from normcore.spec import JobSpec, load_spec
 from normcore.stats import recalibrate_bn
@@ -215,6 +217,11 @@ def _run(
 
     every = 1 if dev.type == "cpu" else CUDA_SYNC_EVERY
     rows = _TrainRows(cbs, batch_size * world, every, ddp)
+    # norm telemetry, the train/eval gap probe and the non-finite check (one process only)
+    watch = None
+    if ddp is None:
+        watch = NormWatch(spec, bundle, model, prec, loss_fn, cbs, steps_per_epoch, every)
+        watch.start(step, completed)
     written: list[CheckpointInfo] = []
     status: Literal["succeeded", "cancelled", "timed_out"] = "succeeded"
     first_epoch = completed + 1
@@ -245,6 +252,8 @@ def _run(
             prec.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if watch is not None:
+                watch.after_step(step, epoch)
 
             meter.add(loss, out, y)
             rows.add(step, epoch, loss, lr)
@@ -289,6 +298,8 @@ def _run(
             **_evaluate(model, bundle, eval_batch_size, prec, loss_fn, spec.task, ddp),
         }
         cbs.metrics(MetricRow(step, epoch, "val", metrics, time.time()))
+        if watch is not None:
+            watch.at_eval(step, epoch)
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         cbs.log(
             f"epoch {epoch}/{spec.epochs} step {step}: {summary} "
@@ -604,6 +615,9 @@ def _save(
                 "mean": _floats(bundle.mean),
                 "std": _floats(bundle.std),
             },
+            # what inference needs from the data pipeline; also in model.safetensors' header
+            "input": describe_input(spec.data, bundle).to_dict(),
+            "classes": getattr(bundle, "class_names", None),
         },
         keep_last=spec.checkpoint.keep_last,
     )
