@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from normcore.spec import JobSpec
 from service import disk, queue
@@ -27,6 +27,10 @@ from service.store import (
     queue_gpus,
     waiting_reason,
 )
+
+if TYPE_CHECKING:
+    from normcore.data.check import DataInfo
+    from normcore.validate import ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +172,14 @@ def check_runtime(spec: JobSpec, settings: Settings) -> None:
         )
 
 
-def check_data_and_memory(spec: JobSpec, settings: Settings) -> None:
+def check_data_and_memory(spec: JobSpec, settings: Settings) -> DataInfo | None:
     """Check the spec against its data set and its memory estimate against the budget.
 
     ``normcore.data.check.check_data`` reads only headers and listings (batch larger than the
     train split, classes, channels, a reader pointed at another format, files that lie about
     their size); ``normcore.resources.estimate_memory`` counts data + model + activations on
-    the meta device. Raises InvalidInput naming the field, or OverMemoryBudget with the parts.
+    the meta device. Returns the data set's description (None when the estimate failed and
+    was skipped). Raises InvalidInput naming the field, or OverMemoryBudget with the parts.
     """
     from normcore.data.check import DataCheckError, check_data
     from normcore.resources import MB, estimate_memory, over_budget_message
@@ -188,13 +193,62 @@ def check_data_and_memory(spec: JobSpec, settings: Settings) -> None:
         log.warning(
             "memory estimate of a %s spec failed; not checked", spec.model.arch, exc_info=True
         )
-        return
+        return None
     budget = settings.job_memory_budget()
     if budget is not None and estimate.total_bytes > budget:
         raise OverMemoryBudget(
             over_budget_message(estimate, budget),
             {**estimate.as_mb(), "budget_mb": round(budget / MB, 1)},
         )
+    return info
+
+
+def run_checks(spec: JobSpec, settings: Settings) -> DataInfo | None:
+    """The spec checks of ``submit`` that need no store: data path, keep_last, model size,
+    runtime cap, data set and memory budget. Returns the data set's description (None when
+    the memory estimate failed). Raises what each check raises (InvalidInput, OverMemoryBudget).
+    """
+    check_data_path(spec, settings.data_root)
+    disk.check_keep_last(spec, settings)
+    check_model_size(spec, settings)
+    check_runtime(spec, settings)
+    return check_data_and_memory(spec, settings)
+
+
+def validate(spec: JobSpec, settings: Settings) -> ValidationReport:
+    """``POST /jobs/validate``: the submit checks, then ``normcore.validate.validate_spec``.
+
+    Raises InvalidInput (a bad field, or a model the shape trace cannot run) or
+    OverMemoryBudget, as ``submit`` would.
+    """
+    from normcore.data.check import DataCheckError
+    from normcore.validate import validate_spec
+
+    info = run_checks(spec, settings)
+    try:
+        return validate_spec(spec, settings.data_root, info=info)
+    except DataCheckError as exc:
+        raise InvalidInput(list(exc.loc), str(exc)) from None
+    except Exception as exc:  # a meta-device op the model lacks: say so, never a 5xx
+        log.warning("validation of a %s spec failed", spec.model.arch, exc_info=True)
+        raise InvalidInput(
+            ["model"], f"the spec cannot be traced without training: {exc}"
+        ) from None
+
+
+def submit_warnings(
+    spec: JobSpec, settings: Settings, info: DataInfo | None
+) -> list[dict[str, str]]:
+    """The warnings ``validate`` gives ``spec``, as stored on the job (``{"code", "message",
+    "source": "validate"}``); empty, with a log line, when the trace fails (advice only)."""
+    from normcore.validate import validate_spec
+
+    try:
+        report = validate_spec(spec, settings.data_root, info=info)
+    except Exception:
+        log.warning("submit-time validation of a %s spec failed", spec.model.arch, exc_info=True)
+        return []
+    return [w.stored() for w in report.warnings]
 
 
 def enqueue(store: Store, settings: Settings, job: JobRecord) -> None:
@@ -236,11 +290,7 @@ def submit(
     limit; the disk quota: used and quota, in bytes), Conflict (the key was used for another
     spec).
     """
-    check_data_path(spec, settings.data_root)
-    disk.check_keep_last(spec, settings)
-    check_model_size(spec, settings)
-    check_runtime(spec, settings)
-    check_data_and_memory(spec, settings)
+    run_checks(spec, settings)
     waiting = check_gpu_capacity(spec, store, settings)
     disk.check_disk_quota(store, settings, user)
     try:
