@@ -271,10 +271,32 @@ class Predictor:
 
     __call__ = predict
 
-    def onnx_module(self) -> nn.Module:
-        """The model with its preprocessing in front (raw uint8 or [0, 1] float NCHW input)."""
+    def export_onnx(
+        self, path: str | Path, example: Tensor, fold_bn: bool = True, **options: Any
+    ) -> float:
+        """Export the model with its preprocessing as the graph's first nodes.
+
+        ``example`` is a raw (N, C, H, W) batch, float in [0, 1] or uint8 (the graph takes
+        its dtype and shape); ``options`` go to ``normcore.export_onnx`` (``opset_version``,
+        ``optimize``). Returns onnxruntime's largest absolute difference from eager
+        ``model(preprocess(example))``.
+
+        Raises:
+            ValueError: no input description; or as ``normcore.export_onnx``.
+        """
+        from normcore.onnx_export import export_onnx
+
         spec = self._require_input()
-        return WithPreprocess(self.model, spec.mean, spec.std)
+        return export_onnx(
+            self.model,
+            example,
+            path,
+            fold_bn,
+            include_preprocessing=True,
+            mean=spec.mean,
+            std=spec.std,
+            **options,
+        )
 
 
 def _as_tensor(images: Any) -> Tensor:

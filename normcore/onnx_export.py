@@ -146,6 +146,30 @@ def _norm_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _with_preprocessing(
+    model: nn.Module,
+    folded: nn.Module,
+    args: tuple[Tensor, ...],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> tuple[nn.Module, nn.Module]:
+    """(eager reference, module to export), both taking raw images first."""
+    from normcore.inference import WithPreprocess
+
+    if mean is None or std is None:
+        raise ValueError(
+            "include_preprocessing needs the per-channel mean and std (a Predictor's .input "
+            "has them: predictor.export_onnx)"
+        )
+    if len(args) != 1 or args[0].ndim != 4 or args[0].shape[1] != len(mean):
+        shape = [tuple(t.shape) for t in args]
+        raise ValueError(
+            f"include_preprocessing takes one (N, C, H, W) raw image batch with C = "
+            f"{len(mean)} (one per mean), got {shape}"
+        )
+    return WithPreprocess(model, mean, std).eval(), WithPreprocess(folded, mean, std).eval()
+
+
 def export_onnx(
     model: nn.Module,
     example: Tensor | Sequence[Tensor],
@@ -154,6 +178,9 @@ def export_onnx(
     *,
     opset_version: int | None = None,
     optimize: bool = True,
+    include_preprocessing: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> float:
     """Export ``model`` to an ONNX file and return how far onnxruntime is from eager.
 
@@ -175,6 +202,13 @@ def export_onnx(
         opset_version: ONNX opset; default: torch's exporter's own (18 in torch 2.11-2.13).
         optimize: run the exporter's graph optimizer (constant folding, redundant casts
             removed); off exports faster with the same numbers.
+        include_preprocessing: put the training data's preprocessing in front of the graph
+            (``normcore.inference.Preprocess``: uint8 / 255, then ``(x - mean) / std`` per
+            channel), so the ONNX input is the raw image: (N, C, H, W) float in [0, 1], or
+            uint8 in [0, 255] when ``example`` is uint8 (the graph takes the example's dtype).
+            ``example`` is then raw images too. ``Predictor.export_onnx`` fills in
+            ``mean`` and ``std`` from a checkpoint.
+        mean, std: per-channel mean and std on the [0, 1] scale (``include_preprocessing``).
 
     Returns:
         The largest absolute difference between onnxruntime's outputs and eager's over every
@@ -185,7 +219,8 @@ def export_onnx(
         ImportError: if onnx, onnxscript or onnxruntime is missing: ``pip install
             'normcore[onnx]'``.
         ValueError: if ``model`` is in training mode (or a BN in it; folding needs running
-            statistics), or ``example`` is bfloat16.
+            statistics), ``example`` is bfloat16, or ``include_preprocessing`` lacks ``mean``
+            or ``std`` (or their lengths differ from the example's channels).
         TypeError: if ``example`` is not a tensor or a sequence of tensors.
         RuntimeError: if torch's exporter fails (the message names the model's normcore norm
             layers and carries torch's error), or onnxruntime cannot run the written file (a
@@ -198,9 +233,11 @@ def export_onnx(
             raise ValueError("export_onnx checks in onnxruntime, which takes no bfloat16 inputs")
     if model.training:
         raise ValueError("export_onnx exports inference graphs: call model.eval() first")
+    to_export = fuse_conv_bn(model) if fold_bn else model
+    if include_preprocessing:
+        model, to_export = _with_preprocessing(model, to_export, args, mean, std)
     with torch.no_grad():
         expected = model(*args)
-    to_export = fuse_conv_bn(model) if fold_bn else model
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
