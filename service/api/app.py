@@ -21,6 +21,8 @@ from service.api import routes_checkpoints, routes_health, routes_jobs, routes_w
 from service.api.deps import NoUnknownQuery
 from service.api.examples import UNKNOWN_PARAMETER
 from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
+from service.api.routes_diff import router as diff_router
+from service.api.routes_validate import router as validate_router
 from service.errors import Conflict, InvalidInput, LimitExceeded, ServiceError
 from service.reaper import Reaper
 from service.settings import Settings, get_settings
@@ -248,8 +250,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ServiceError, domain_error_handler)
     app.include_router(routes_health.router)
+    # before routes_jobs: /jobs/validate is a path of its own, never a job id
+    app.include_router(validate_router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_checkpoints.router)
+    app.include_router(diff_router)
     app.include_router(routes_workers.router)
     ui_routes.mount(app)
     _document_unknown_parameter(app)
