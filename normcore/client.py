@@ -211,6 +211,29 @@ class Client:
         """Ask the job to stop (cancelled at once if still queued); returns the job."""
         return self._request("POST", f"/jobs/{job_id}/cancel")
 
+    def label(
+        self,
+        job_id: str,
+        *,
+        tags: list[str] | None = None,
+        add: list[str] | tuple[str, ...] = (),
+        remove: list[str] | tuple[str, ...] = (),
+        note: str | None = None,
+    ) -> dict[str, Any]:
+        """Change a job's tags and/or note (``PATCH /jobs/{id}``); returns the job.
+
+        ``tags`` replaces the whole list; ``add``/``remove`` edit the current one (read first).
+        ``note`` None leaves the note alone, "" removes it. Raises ApiError (422 for a tag or
+        note the server refuses, 404 for an unknown job).
+        """
+        body: dict[str, Any] = {}
+        if tags is not None or add or remove:
+            current = tags if tags is not None else self.get(job_id)["spec"].get("tags", [])
+            body["tags"] = [t for t in [*current, *add] if t not in set(remove)]
+        if note is not None:
+            body["note"] = note
+        return self._request("PATCH", f"/jobs/{job_id}", json=body)
+
     def delete(self, job_id: str) -> None:
         """Delete a job with its rows and files (a running job is stopped first); 404 raises."""
         self._check(self._http.request("DELETE", f"/jobs/{job_id}"))
@@ -251,6 +274,27 @@ class Client:
             )
         partial.replace(target)
         return target
+
+    def validate(self, spec: dict[str, Any] | str | Path) -> dict[str, Any]:
+        """What a spec (a dict or a JSON/YAML file) would do to its norm layers, without
+        training or storing it (``POST /jobs/validate``): per layer the batch its statistics
+        come from, per device and globally, the momentum's half-life in steps, steps per epoch,
+        parameters, a memory estimate and warnings. Raises ApiError (422 where a submit would
+        be refused)."""
+        body = spec if isinstance(spec, dict) else _read_spec(Path(spec))
+        return self._request("POST", "/jobs/validate", json=body)
+
+    def checkpoint_diff(
+        self, job_id: str, name: str, against_job: str, against_name: str
+    ) -> dict[str, Any]:
+        """Per module, per tensor: the change from checkpoint ``against_job/against_name`` to
+        ``job_id/name`` (relative L2, max and mean absolute change, float64). Raises ApiError
+        (404 for a job or checkpoint the caller cannot see, 422 for another architecture)."""
+        return self._request(
+            "GET",
+            f"/jobs/{job_id}/checkpoints/{name}/diff",
+            params={"against": f"{against_job}/{against_name}"},
+        )
 
     def stats(self, job_id: str, name: str) -> dict[str, Any]:
         """Running statistics of every norm layer of a checkpoint."""

@@ -525,6 +525,73 @@ def submit(
 
 
 @app.command()
+def validate(
+    spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON or YAML spec.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 1 when there are warnings.")] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Check a spec without training: each norm layer's effective batch, the running-stats
+    momentum's half-life, steps, parameters, memory, and warnings with their reasons."""
+    client, creds = _client(url, token)
+    with _api_errors(creds):
+        try:
+            report = client.validate(spec)
+        except ValueError as exc:
+            raise _fail(f"{spec}: {exc}") from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_validation(report)
+    if strict and report["warnings"]:
+        raise typer.Exit(1)
+
+
+def _print_validation(report: dict[str, Any]) -> None:
+    """The validate report as a table of norm layers, a summary and the warnings."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("layer", "kind", "map", "batch/device", "stats batch", "values", "half-life"):
+        table.add_column(column, no_wrap=True)
+    for row in report["layers"]:
+        h = row["half_life_steps"]
+        table.add_row(
+            row["name"],
+            row["kind"] + (" (sync)" if row["synced"] else ""),
+            "x".join(map(str, row["map_size"] or [1])),
+            str(row["per_device_batch"]),
+            "-" if row["norm_batch"] is None else str(row["norm_batch"]),
+            str(row["values_per_stat"]),
+            "-" if h is None else f"{h:.2f} steps",
+        )
+    console.print(table)
+    stats = report["running_stats"]
+    memory = (report.get("memory_mb") or {}).get("total_mb")
+    lines = [
+        f"{report['world_size']} process(es) x {report['per_device_batch']} = global batch "
+        f"{report['global_batch']}; {report['steps_per_epoch']} steps/epoch, "
+        f"{report['total_steps']} in the run",
+        f"{report['parameters']:,} parameters"
+        + (f", about {memory:.1f} MB" if memory is not None else ""),
+    ]
+    if stats.get("half_life_steps") is not None:
+        lines.append(
+            f"momentum {stats['momenta'][0]:g}: half-life {stats['half_life_steps']:.2f} steps, "
+            f"{stats['half_lives_in_run']:.1f} half-lives in the run"
+        )
+    if stats.get("cumulative_meaning"):
+        lines.append(stats["cumulative_meaning"])
+    lines.extend(report["notes"])
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning[/yellow] {warning['code']}: ", end="")
+        console.print(warning["message"], highlight=False, markup=False)
+    if not report["warnings"]:
+        console.print("[green]no warnings[/green]")
+
+
+@app.command()
 def jobs(
     status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many jobs.")] = 50,
@@ -610,6 +677,27 @@ def cancel(
         job = client.cancel(job_id)
     state = "cancel requested" if job["status"] == "running" else job["status"]
     console.print(f"job {job_id}: {state}")
+
+
+@app.command()
+def tag(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    add: Annotated[list[str] | None, typer.Option("--add", help="Add this tag.")] = None,
+    remove: Annotated[list[str] | None, typer.Option("--remove", help="Remove this tag.")] = None,
+    note: Annotated[str | None, typer.Option(help='Set the job\'s note ("" removes it).')] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Add or remove a job's tags and set its note (PATCH /jobs/{id})."""
+    if not add and not remove and note is None:
+        raise _fail("nothing to change: give --add, --remove or --note")
+    client, creds = _client(url, token)
+    with _api_errors(creds):
+        job = client.label(job_id, add=add or (), remove=remove or (), note=note)
+    tags = ", ".join(job["spec"].get("tags", [])) or "(none)"
+    console.print(f"job {job_id}: tags {tags}", highlight=False, markup=False)
+    if job.get("note"):
+        console.print(f"note: {job['note']}", highlight=False, markup=False)
 
 
 @app.command()

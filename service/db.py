@@ -133,6 +133,8 @@ class Job(Base):
     # message went out or a worker claimed the job): the "enqueue failed" state.
     enqueue_error: Mapped[str | None] = mapped_column(sa.Text, default=None)
     enqueue_failed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A free-text note for people (PATCH /jobs/{id}); None: no note.
+    note: Mapped[str | None] = mapped_column(sa.Text, default=None)
 
 
 class JobTag(Base):

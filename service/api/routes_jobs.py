@@ -44,6 +44,7 @@ from service.api.schemas import (
     JobDetail,
     JobOut,
     JobPage,
+    JobPatch,
     LogOut,
     LogPage,
     MetricOut,
@@ -196,6 +197,32 @@ def get_job(job: OwnedJob, store: StoreDep) -> Any:
 def cancel_job(job: OwnedJob, store: StoreDep) -> Any:
     """Cooperative cancel: a queued job is cancelled at once, a running one is asked to stop."""
     return job_detail(store, store.request_cancel(job.id))
+
+
+@router.patch(
+    "/jobs/{job_id}",
+    response_model=JobDetail,
+    summary="Set a job's tags and note",
+    responses={
+        200: {"content": {"application/json": {"example": {**EXAMPLE_DETAIL, "note": "lr sweep"}}}},
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+    },
+)
+def patch_job(job: OwnedJob, store: StoreDep, patch: JobPatch) -> Any:
+    """Replace the tags (``tags``: the whole new list) and/or the note (``note``; null or ""
+    removes it) of a job, in any status; a field left out is unchanged.
+
+    Tags follow the submit rules (at most 16, 1 to 64 characters of letters, digits and
+    ``._:+-``) and show in the spec's ``tags`` and in ``GET /jobs?tag=``. 422 names the field
+    that breaks a rule; 404 for another user's job.
+    """
+    return job_detail(
+        store,
+        store.set_labels(
+            job.id, tags=patch.tags, note=patch.note, set_note="note" in patch.model_fields_set
+        ),
+    )
 
 
 @router.delete(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from normcore.spec import TAG_PATTERN
 from service.status import FINISHED_STATUSES, JobStatus
 
 FINISHED = FINISHED_STATUSES  # the terminal states, for older imports
@@ -68,6 +69,9 @@ class JobOut(_Out):
         default_factory=list, description="One entry per attempt: worker, times, outcome."
     )
     spec: dict[str, Any]
+    note: str | None = Field(
+        default=None, description="A free-text note for people (PATCH /jobs/{id}); null: none."
+    )
 
 
 class JobDetail(JobOut):
@@ -75,6 +79,46 @@ class JobDetail(JobOut):
 
     last_metrics: dict[str, Any] | None = None
     checkpoints: list[CheckpointOut] = Field(default_factory=list)
+
+
+NOTE_MAX_CHARS = 2000
+MAX_TAGS = 16
+Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=TAG_PATTERN)]
+
+
+class JobPatch(BaseModel):
+    """``PATCH /jobs/{id}``: new tags and/or a new note; a field left out is left unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: Annotated[list[Tag], Field(max_length=MAX_TAGS)] | None = Field(
+        default=None,
+        description="The job's tags, replacing the old ones (as at submit: at most 16, 1 to 64 "
+        "characters each, letters, digits and `._:+-`; duplicates dropped); [] removes all.",
+    )
+    note: str | None = Field(
+        default=None,
+        max_length=NOTE_MAX_CHARS,
+        description=f"A note for people, at most {NOTE_MAX_CHARS} characters (newlines and tabs "
+        "allowed, no other control characters); null or an empty string removes it.",
+    )
+
+    @field_validator("note")
+    @classmethod
+    def _printable(cls, note: str | None) -> str | None:
+        if note is not None and any(
+            (ord(c) < 32 and c not in "\n\t") or 127 <= ord(c) < 160 for c in note
+        ):
+            raise ValueError("a note may hold newlines and tabs but no other control characters")
+        return note
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> JobPatch:
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: give 'tags', 'note' or both")
+        if "tags" in self.model_fields_set and self.tags is None:
+            raise ValueError("tags must be a list ([] removes every tag), not null")
+        return self
 
 
 class JobPage(BaseModel):

@@ -229,6 +229,44 @@ class JobStore(Database):
 
         return self._write(tx)
 
+    def set_labels(
+        self,
+        job_id: str,
+        *,
+        tags: Sequence[str] | None = None,
+        note: str | None = None,
+        set_note: bool = False,
+    ) -> JobRecord:
+        """Replace a job's tags (``tags`` not None) and/or its note (``set_note``; ``note``
+        None or "" clears it), in one transaction; returns the job after the change.
+
+        The tags go to the spec's ``tags`` (duplicates dropped, order kept) and to the job_tags
+        table that ``list_jobs(tag=)`` reads. Validation (length, charset, count) is the
+        caller's: the API checks them as at submit. Raises NotFound for an unknown job.
+        """
+
+        def tx(conn: Connection) -> JobRecord:
+            row = conn.execute(
+                sa.select(jobs.c.spec).where(jobs.c.id == job_id).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"job {job_id} not found")
+            values: dict[str, Any] = {"updated_at": utcnow()}
+            if tags is not None:
+                tag_list = list(dict.fromkeys(tags))
+                values["spec"] = {**(row.spec or {}), "tags": tag_list}
+                conn.execute(sa.delete(job_tags).where(job_tags.c.job_id == job_id))
+                if tag_list:
+                    conn.execute(
+                        sa.insert(job_tags), [{"job_id": job_id, "tag": t} for t in tag_list]
+                    )
+            if set_note:
+                values["note"] = note or None
+            conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(**values))
+            return to_job(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
+
+        return self._write(tx)
+
     def set_status_reason(self, job_id: str, reason: str | None) -> None:
         """Set the human-readable reason shown beside the status (None clears it).
 

@@ -59,6 +59,7 @@ class JobRecord:
     enqueues: int = 0
     enqueue_error: str | None = None
     enqueue_failed_at: datetime | None = None
+    note: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -170,6 +171,7 @@ def to_job(row: Any) -> JobRecord:
         enqueues=int(m["enqueues"] or 0),
         enqueue_error=enqueue_error,
         enqueue_failed_at=m["enqueue_failed_at"],
+        note=m.get("note"),  # absent from a row that selects named columns only
     )
 
 

@@ -1,4 +1,4 @@
-"""A note on a job, set by PATCH /jobs/{id} (placeholder until the feature lands).
+"""A free-text note on a job, set with PATCH /jobs/{id} (the tags live in job_tags since 0004).
 
 Revision ID: 0007
 Revises: 0006
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
+from alembic import op
+
 revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
@@ -16,8 +19,11 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    """Nothing yet: the schema change lands with its feature."""
+    """Add ``jobs.note`` (nullable text; null: no note)."""
+    op.add_column("jobs", sa.Column("note", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
-    """Nothing yet."""
+    """Drop ``jobs.note`` (batch mode: SQLite rebuilds the table)."""
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("note")
