@@ -124,6 +124,9 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(sa.String(128), default=None)
+    # The sweep that made this job, and its cell: {"run", "cell", "seed", "values"}.
+    sweep_id: Mapped[str | None] = mapped_column(sa.String(32), default=None, index=True)
+    sweep_cell: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, default=None)
     # When the job's message was last handed to the broker (None: the last publish failed), and
     # how many messages it got since it was last queued; the reaper republishes a queued job
     # whose message may be lost, backing off by that count.
@@ -135,6 +138,34 @@ class Job(Base):
     enqueue_failed_at: Mapped[datetime | None] = mapped_column(default=None)
     # A free-text note for people (PATCH /jobs/{id}); None: no note.
     note: Mapped[str | None] = mapped_column(sa.Text, default=None)
+
+
+class Sweep(Base):
+    """A grid of job specs times seeds; its runs become ordinary jobs, ``concurrency`` at a time.
+
+    ``released`` runs (in run order) have been handed to the submit path; ``releasing`` stays
+    True until every run has its job (the releaser's work list).
+    """
+
+    __tablename__ = "sweeps"
+    __table_args__ = (
+        sa.Index("ix_sweeps_owner_id_created_at_id", "owner_id", "created_at", "id"),
+        sa.Index("ix_sweeps_releasing", "releasing"),
+        sa.UniqueConstraint("owner_id", "idempotency_key"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(sa.String(200))
+    request: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    runs: Mapped[int] = mapped_column(sa.Integer)
+    released: Mapped[int] = mapped_column(sa.Integer, default=0)
+    releasing: Mapped[bool] = mapped_column(sa.Boolean, default=True)
+    cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), default=None)
+    request_hash: Mapped[str | None] = mapped_column(sa.String(128), default=None)
 
 
 class JobTag(Base):
@@ -250,6 +281,7 @@ metadata = Base.metadata
 users = User.__table__
 tokens = Token.__table__
 jobs = Job.__table__
+sweeps = Sweep.__table__
 job_tags = JobTag.__table__
 metrics = Metric.__table__
 checkpoints = Checkpoint.__table__
@@ -269,6 +301,7 @@ __all__ = [
     "logs",
     "metadata",
     "metrics",
+    "sweeps",
     "tokens",
     "users",
     "utcnow",

@@ -21,12 +21,14 @@ from service.api import routes_checkpoints, routes_health, routes_jobs, routes_w
 from service.api.deps import NoUnknownQuery
 from service.api.examples import UNKNOWN_PARAMETER
 from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
+from service.api.routes_sweeps import router as sweeps_router
 from service.api.routes_diff import router as diff_router
 from service.api.routes_validate import router as validate_router
 from service.errors import Conflict, InvalidInput, LimitExceeded, ServiceError
 from service.reaper import Reaper
 from service.settings import Settings, get_settings
 from service.store import Store
+from service.sweeps.releaser import Releaser
 from service.ui import routes as ui_routes
 
 log = logging.getLogger(__name__)
@@ -220,9 +222,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reaper = Reaper(settings, store) if settings.api_reaper else None
         if reaper is not None:
             reaper.start()
+        # Sweeps: submits a sweep's next runs as its children finish (service.sweeps).
+        releaser = Releaser(settings, store)
+        releaser.start()
         try:
             yield
         finally:
+            releaser.stop()
             if reaper is not None:
                 reaper.stop()
             store.dispose()
@@ -256,6 +262,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_checkpoints.router)
     app.include_router(diff_router)
     app.include_router(routes_workers.router)
+    app.include_router(sweeps_router)
     ui_routes.mount(app)
     _document_unknown_parameter(app)
 

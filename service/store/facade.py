@@ -13,6 +13,7 @@ from service.store.jobs import JobStore
 from service.store.recovery import RecoveryStore
 from service.store.results import ResultStore
 from service.store.scheduling import SchedulingStore
+from service.store.sweeps import SweepStore
 from service.store.users import UserStore
 from service.store.workers import WorkerStore
 
@@ -20,6 +21,7 @@ from service.store.workers import WorkerStore
 class Store(
     UserStore,
     JobStore,
+    SweepStore,
     AttemptStore,
     RecoveryStore,
     ResultStore,
