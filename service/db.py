@@ -277,6 +277,42 @@ class GpuQueueSeen(Base):
     first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Artifact(Base):
+    """A file or checkpoint a worker builds from a checkpoint: an ONNX export or a recalibration.
+
+    Cached by (job, kind, the checkpoint's sha256, options): a second request with the same
+    options finds this row instead of starting a worker task. ``status`` runs queued -> running
+    -> succeeded | failed; a running row whose lease expired may be claimed again.
+    """
+
+    __tablename__ = "artifacts"
+    __table_args__ = (
+        sa.UniqueConstraint("job_id", "kind", "checkpoint_sha256", "options_key"),
+        sa.Index("ix_artifacts_job_id_created_at", "job_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    checkpoint: Mapped[str] = mapped_column(sa.String(255))
+    checkpoint_sha256: Mapped[str] = mapped_column(sa.String(64))
+    options_key: Mapped[str] = mapped_column(sa.String(255))
+    options: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    status: Mapped[str] = mapped_column(sa.String(16), default="queued")
+    error: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    result: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, default=None)
+    path: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    sha256: Mapped[str | None] = mapped_column(sa.String(64), default=None)
+    bytes: Mapped[int | None] = mapped_column(sa.BigInteger, default=None)
+    enqueues: Mapped[int] = mapped_column(sa.Integer, default=0)
+    runs: Mapped[int] = mapped_column(sa.Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 metadata = Base.metadata
 users = User.__table__
 tokens = Token.__table__
@@ -288,6 +324,7 @@ checkpoints = Checkpoint.__table__
 logs = Log.__table__
 workers = Worker.__table__
 gpu_queues_seen = GpuQueueSeen.__table__
+artifacts = Artifact.__table__
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -295,6 +332,7 @@ __all__ = [
     "JOB_STATUSES",
     "Base",
     "UTCDateTime",
+    "artifacts",
     "checkpoints",
     "job_tags",
     "jobs",

@@ -26,6 +26,8 @@ from normcore.spec import JobSpec
 from service.settings import Settings
 
 TASK_NAME = "normcore.run_job"
+# Exports and recalibrations (worker/artifacts.py): small CPU tasks on the cpu queue.
+ARTIFACT_TASK_NAME = "normcore.run_artifact"
 MAX_GPUS = 16  # JobSpec's bound on resources.gpus
 GPU_QUEUES = ("gpu", *(f"gpu{k}" for k in range(2, MAX_GPUS + 1)))
 QUEUES = ("cpu", *GPU_QUEUES)
@@ -180,6 +182,18 @@ def enqueue(job_id: str, queue: str, settings: Settings) -> str:
         raise ValueError(f"unknown queue {queue!r}; one of {', '.join(QUEUES)}")
     result = _publisher(settings).send_task(
         TASK_NAME, args=[job_id], queue=queue, routing_key=queue, ignore_result=True
+    )
+    return str(result.id)
+
+
+def enqueue_artifact(artifact_id: str, settings: Settings) -> str:
+    """Publish ``normcore.run_artifact(artifact_id)`` to the cpu queue; the Celery task id.
+
+    Raises the broker's error when it is down (the artifact row stays queued; the next request
+    for it publishes again).
+    """
+    result = _publisher(settings).send_task(
+        ARTIFACT_TASK_NAME, args=[artifact_id], queue="cpu", routing_key="cpu", ignore_result=True
     )
     return str(result.id)
 

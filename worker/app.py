@@ -1,4 +1,4 @@
-"""The worker's Celery app and its one task, ``normcore.run_job``.
+"""The worker's Celery app and its tasks, ``normcore.run_job`` and ``normcore.run_artifact``.
 
 Design choices (see ../shared/notes/celery-long-jobs.md for the pitfalls behind them):
 
@@ -27,7 +27,7 @@ from celery.concurrency.solo import TaskPool as SoloPool
 from service.queue import make_celery
 from service.settings import get_settings
 from service.store import Store
-from worker import runner
+from worker import artifacts, runner
 
 log = logging.getLogger("worker.app")
 
@@ -82,3 +82,9 @@ def get_store() -> Store:
 def run_job(job_id: str) -> str:
     """Claim the job, train it in a supervised child process, record the final status."""
     return runner.run_job(job_id, settings, get_store(), flags=SHUTDOWN, api_beside=API_BESIDE)
+
+
+@app.task(name="normcore.run_artifact", acks_late=False, ignore_result=True)
+def run_artifact(artifact_id: str) -> str:
+    """Claim an export or recalibration and build it in a child process (worker/artifacts.py)."""
+    return artifacts.run_artifact(artifact_id, settings, get_store(), flags=SHUTDOWN)

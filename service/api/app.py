@@ -17,7 +17,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import normcore
 from service import auth, queue
-from service.api import routes_checkpoints, routes_health, routes_jobs, routes_workers
+from service.api import (
+    routes_checkpoints,
+    routes_exports,
+    routes_health,
+    routes_jobs,
+    routes_workers,
+)
 from service.api.deps import NoUnknownQuery
 from service.api.examples import UNKNOWN_PARAMETER
 from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
@@ -260,6 +266,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(validate_router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_checkpoints.router)
+    app.include_router(routes_exports.router)
     app.include_router(diff_router)
     app.include_router(routes_workers.router)
     app.include_router(sweeps_router)

@@ -92,8 +92,22 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
     },
 )
 def list_checkpoints(job: OwnedJob, store: StoreDep) -> Any:
-    """Name, epoch, step, size, sha256 and metrics of every recorded checkpoint."""
-    return [CheckpointOut.model_validate(c) for c in store.list_checkpoints(job.id)]
+    """Name, epoch, step, size, sha256 and metrics of every recorded checkpoint; a recalibrated
+    one also names its original and carries the original's metrics (``recalibration``)."""
+    from service.artifacts import recalibrations_by_name
+
+    recal = recalibrations_by_name(store, job.id)
+    out = []
+    for c in store.list_checkpoints(job.id):
+        item = CheckpointOut.model_validate(c)
+        art = recal.get(c.name)
+        if art is not None and art.result is not None:
+            item.recalibrated_from = art.checkpoint
+            item.recalibration = {
+                k: art.result.get(k) for k in ("batches", "batches_used", "original_metrics")
+            }
+        out.append(item)
+    return out
 
 
 @router.get(

@@ -41,6 +41,16 @@ class CheckpointOut(_Out):
     sha256: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime | None = None
+    recalibrated_from: str | None = Field(
+        default=None,
+        description="For a recalibrated checkpoint: the checkpoint its BN statistics were "
+        "recomputed from (POST .../recalibrate)",
+    )
+    recalibration: dict[str, Any] | None = Field(
+        default=None,
+        description="For a recalibrated checkpoint: batches asked for and used, and the "
+        "original's validation metrics measured the same way (``original_metrics``)",
+    )
 
 
 class JobOut(_Out):
@@ -229,3 +239,41 @@ class WorkerList(BaseModel):
     """Every registered worker, live or not, by name."""
 
     items: list[WorkerOut]
+
+
+class RecalibrateIn(BaseModel):
+    """``POST .../recalibrate``: how many training batches the BN statistics are averaged over."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batches: int = Field(
+        default=50,
+        ge=1,
+        le=10_000,
+        description="Training batches of data.batch_size (at most one pass over the train split)",
+    )
+
+
+class ArtifactOut(_Out):
+    """An export or recalibration a worker builds from a checkpoint, and where it stands."""
+
+    id: str
+    job_id: str
+    kind: Literal["export", "recalibrate"]
+    checkpoint: str
+    checkpoint_sha256: str
+    options: dict[str, Any]
+    status: Literal["queued", "running", "succeeded", "failed"]
+    error: str | None = None
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="export: the equivalence certificate; recalibrate: the new checkpoint's "
+        "name and metrics beside the original's",
+    )
+    sha256: str | None = None
+    bytes: int | None = None
+    enqueues: int = Field(description="Worker tasks published for it (a cache hit adds none)")
+    runs: int = Field(description="Times a worker started building it")
+    created_at: datetime
+    finished_at: datetime | None = None
+    status_url: str | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from service.store.attempts import AttemptStore
 from service.store.deletion import DeletionStore
+from service.store.exports import ArtifactStore
 from service.store.jobs import JobStore
 from service.store.recovery import RecoveryStore
 from service.store.results import ResultStore
@@ -28,6 +29,7 @@ class Store(
     WorkerStore,
     DeletionStore,
     SchedulingStore,
+    ArtifactStore,
 ):
     """All service state: users and tokens, jobs, attempts, metrics, checkpoints, logs, workers.
 

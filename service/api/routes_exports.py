@@ -1,0 +1,305 @@
+"""Export and recalibration routes: ONNX files with their equivalence certificate, recalibrated
+checkpoints, and the status of each artifact a worker builds (``service/artifacts.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Header, HTTPException, Query, status
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import artifacts as artifact_service
+from service.api.deps import OwnedJob, SettingsDep, StoreDep
+from service.api.examples import NOT_FOUND, UNAUTHORIZED, error_response
+from service.api.routes_checkpoints import CheckpointName, _checkpoint_or_404, _etag_matches
+from service.api.schemas import ArtifactOut, RecalibrateIn
+from service.store.exports import ArtifactKind, ArtifactRecord, ArtifactStatus
+
+router = APIRouter(tags=["exports"])
+
+CERTIFICATE_HEADER = "X-Normcore-Certificate"
+CACHE_HEADER = "X-Normcore-Cache"
+POLL_SECONDS = 0.25
+MAX_WAIT_SECONDS = 30.0
+
+Wait = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=MAX_WAIT_SECONDS,
+        description="Seconds to wait for the worker before answering 202 (0: answer at once)",
+    ),
+]
+FoldBn = Annotated[bool, Query(description="Fold each BN into the conv or linear layer before it")]
+Format = Annotated[Literal["onnx"], Query(description="The export format (onnx only)")]
+
+_ACCEPTED = {
+    202: {
+        "model": ArtifactOut,
+        "description": "Being built by a worker: poll the Location (or repeat the request)",
+    }
+}
+_FAILED = {
+    422: error_response(
+        "Invalid option, or the worker could not build it (the detail says why)",
+        "export of checkpoint 'epoch-0001' failed: ...",
+    )
+}
+
+
+def _status_url(art: ArtifactRecord) -> str:
+    return f"/jobs/{art.job_id}/artifacts/{art.id}"
+
+
+def _out(art: ArtifactRecord) -> ArtifactOut:
+    out = ArtifactOut.model_validate(art)
+    out.status_url = _status_url(art)
+    return out
+
+
+def _accepted(art: ArtifactRecord, cached: bool) -> JSONResponse:
+    return JSONResponse(
+        _out(art).model_dump(mode="json"),
+        status_code=status.HTTP_202_ACCEPTED,
+        headers={
+            "Location": _status_url(art),
+            "Retry-After": "1",
+            CACHE_HEADER: "hit" if cached else "miss",
+        },
+    )
+
+
+def _failed(art: ArtifactRecord) -> HTTPException:
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+        detail=f"{art.kind} of checkpoint {art.checkpoint!r} failed: {art.error}",
+    )
+
+
+async def _wait(store: Any, art: ArtifactRecord, wait: float) -> ArtifactRecord:
+    """The artifact once it is finished, or as it is after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while art.status not in (ArtifactStatus.SUCCEEDED, ArtifactStatus.FAILED):
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(POLL_SECONDS)
+        art = await run_in_threadpool(store.get_artifact, art.id) or art
+    return art
+
+
+async def _export(
+    job: Any, name: str, fmt: str, fold_bn: bool, wait: float, store: Any, settings: Any
+) -> tuple[ArtifactRecord, bool]:
+    record = await run_in_threadpool(_checkpoint_or_404, store, job.id, name)
+    art, cached = await run_in_threadpool(
+        artifact_service.request_artifact,
+        store,
+        settings,
+        job.id,
+        record,
+        ArtifactKind.EXPORT,
+        artifact_service.export_options(fmt, fold_bn),
+    )
+    return await _wait(store, art, wait), cached
+
+
+def _export_file(settings: Any, art: ArtifactRecord) -> Path:
+    """The export's file, confined to its job's folder (404 when gone)."""
+    job_root = settings.job_dir(art.job_id).resolve()
+    path = (Path(settings.artifact_dir) / str(art.path)).resolve()
+    if not art.path or not path.is_relative_to(job_root) or not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="the export's file is gone")
+    return path
+
+
+@router.get(
+    "/jobs/{job_id}/checkpoints/{name}/export",
+    summary="A checkpoint exported to ONNX (built by a worker, cached)",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The ONNX file; ETag is its quoted sha256; X-Normcore-Certificate "
+            "holds the equivalence certificate as JSON",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        },
+        304: {"description": "If-None-Match matched the ETag"},
+        **_ACCEPTED,
+        **_FAILED,
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+    },
+)
+async def export_checkpoint(
+    job: OwnedJob,
+    name: CheckpointName,
+    store: StoreDep,
+    settings: SettingsDep,
+    format: Format = "onnx",
+    fold_bn: FoldBn = True,
+    wait: Wait = 0.0,
+    if_none_match: Annotated[str | None, Header(max_length=1000)] = None,
+) -> Response:
+    """The first request starts a worker task and answers 202 with a Location to poll (or waits
+    up to ``wait`` seconds for it); once built, the ONNX file (graph input: one image,
+    normalized as in training) with its certificate. The same options again are served from
+    the cache (``X-Normcore-Cache: hit``), without a new worker task."""
+    art, cached = await _export(job, name, format, fold_bn, wait, store, settings)
+    if art.status == ArtifactStatus.FAILED:
+        raise _failed(art)
+    if art.status != ArtifactStatus.SUCCEEDED:
+        return _accepted(art, cached)
+    etag = f'"{art.sha256}"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": "private, max-age=0, must-revalidate",
+        CACHE_HEADER: "hit" if cached else "miss",
+        CERTIFICATE_HEADER: json.dumps(art.result, separators=(",", ":")),
+    }
+    if if_none_match and _etag_matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    path = await run_in_threadpool(_export_file, settings, art)
+    suffix = "-folded" if fold_bn else ""
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{job.id}-{art.checkpoint}{suffix}.onnx",
+        headers=headers,
+    )
+
+
+@router.get(
+    "/jobs/{job_id}/checkpoints/{name}/export/certificate",
+    summary="The equivalence certificate of a checkpoint's ONNX export",
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "format": "onnx",
+                        "checkpoint": "epoch-0001",
+                        "fold_bn": True,
+                        "max_abs_diff": 1.4e-06,
+                        "tolerance": 0.0001,
+                        "within_tolerance": True,
+                        "probe": {"size": 64, "split": "val", "dataset": "digits"},
+                        "onnxruntime": "1.32.0",
+                        "opset": 20,
+                        "folded_layers": ["conv1.norm", "conv2.norm"],
+                        "kept_norm_layers": [],
+                        "batch_norm_nodes": 0,
+                    }
+                }
+            }
+        },
+        **_ACCEPTED,
+        **_FAILED,
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+    },
+)
+async def export_certificate(
+    job: OwnedJob,
+    name: CheckpointName,
+    store: StoreDep,
+    settings: SettingsDep,
+    format: Format = "onnx",
+    fold_bn: FoldBn = True,
+    wait: Wait = 0.0,
+) -> Any:
+    """Largest absolute logit difference of onnxruntime from eager on a probe batch of the
+    job's validation images, the probe's size, onnxruntime's version, the opset and the folded
+    layers. Requests the export (202) if it is not built yet."""
+    art, cached = await _export(job, name, format, fold_bn, wait, store, settings)
+    if art.status == ArtifactStatus.FAILED:
+        raise _failed(art)
+    if art.status != ArtifactStatus.SUCCEEDED:
+        return _accepted(art, cached)
+    return JSONResponse(art.result, headers={CACHE_HEADER: "hit" if cached else "miss"})
+
+
+@router.post(
+    "/jobs/{job_id}/checkpoints/{name}/recalibrate",
+    summary="Recompute a checkpoint's BN statistics over K training batches (precise BN)",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ArtifactOut,
+    responses={
+        200: {"model": ArtifactOut, "description": "Already done (the same batches before)"},
+        **_FAILED,
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+    },
+)
+async def recalibrate_checkpoint(
+    job: OwnedJob,
+    name: CheckpointName,
+    store: StoreDep,
+    settings: SettingsDep,
+    body: Annotated[RecalibrateIn, Body()],
+    wait: Wait = 0.0,
+) -> Any:
+    """A worker recomputes every BN layer's running mean and variance as exact averages over
+    ``batches`` training batches and writes ``<name>-recal<K>`` beside the checkpoint with its
+    validation metrics (the list of checkpoints shows both). 202 with a Location to poll; 200
+    with the result once it is built."""
+    record = await run_in_threadpool(_checkpoint_or_404, store, job.id, name)
+    art, cached = await run_in_threadpool(
+        artifact_service.request_artifact,
+        store,
+        settings,
+        job.id,
+        record,
+        ArtifactKind.RECALIBRATE,
+        artifact_service.recalibrate_options(body.batches),
+    )
+    art = await _wait(store, art, wait)
+    if art.status == ArtifactStatus.FAILED:
+        raise _failed(art)
+    if art.status != ArtifactStatus.SUCCEEDED:
+        return _accepted(art, cached)
+    return JSONResponse(
+        _out(art).model_dump(mode="json"), headers={CACHE_HEADER: "hit" if cached else "miss"}
+    )
+
+
+@router.get(
+    "/jobs/{job_id}/artifacts",
+    response_model=list[ArtifactOut],
+    summary="The job's exports and recalibrations",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+def list_artifacts(
+    job: OwnedJob,
+    store: StoreDep,
+    kind: Annotated[Literal["export", "recalibrate"] | None, Query()] = None,
+) -> Any:
+    """Every export and recalibration requested for the job, oldest first, with status and
+    result (certificates included)."""
+    return [_out(a) for a in store.list_artifacts(job.id, kind=kind)]
+
+
+@router.get(
+    "/jobs/{job_id}/artifacts/{artifact_id}",
+    response_model=ArtifactOut,
+    summary="One export or recalibration: its status and result",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+def get_artifact(
+    job: OwnedJob,
+    artifact_id: Annotated[str, PathParam(min_length=1, max_length=64)],
+    store: StoreDep,
+) -> Any:
+    """Where the worker stands (queued, running, succeeded, failed), with the result."""
+    art = store.get_artifact(artifact_id) if artifact_id.isalnum() else None
+    if art is None or art.job_id != job.id:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail=f"artifact {artifact_id[:80]!r} not found"
+        )
+    return _out(art)

@@ -1,0 +1,84 @@
+"""Requesting exports and recalibrations: find the cached artifact or create it, and make sure a
+worker task is on its way. The API side of ``worker/artifacts.py``; no torch here.
+
+Cache key: (job, kind, checkpoint sha256, options). A request that finds a succeeded or failed
+artifact publishes nothing. A queued artifact whose message may be lost (publish failed, or
+older than ``REPUBLISH_AFTER_S`` unclaimed) and a running one whose worker's lease expired are
+published again; the worker's claim drops any duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from service import queue
+from service.db import utcnow
+from service.settings import Settings
+from service.store import CheckpointRecord, Store
+from service.store.exports import ArtifactKind, ArtifactRecord, ArtifactStatus
+
+log = logging.getLogger(__name__)
+
+REPUBLISH_AFTER_S = 30.0
+
+
+def export_options(fmt: str, fold_bn: bool) -> dict[str, Any]:
+    """The cache options of an export."""
+    return {"format": fmt, "fold_bn": bool(fold_bn)}
+
+
+def recalibrate_options(batches: int) -> dict[str, Any]:
+    """The cache options of a recalibration."""
+    return {"batches": int(batches)}
+
+
+def _needs_publish(art: ArtifactRecord) -> bool:
+    now = utcnow()
+    if art.status == ArtifactStatus.QUEUED:
+        return art.enqueues == 0 or now - art.updated_at > timedelta(seconds=REPUBLISH_AFTER_S)
+    if art.status == ArtifactStatus.RUNNING:
+        return art.lease_expires_at is not None and art.lease_expires_at < now
+    return False
+
+
+def request_artifact(
+    store: Store,
+    settings: Settings,
+    job_id: str,
+    checkpoint: CheckpointRecord,
+    kind: ArtifactKind,
+    options: dict[str, Any],
+) -> tuple[ArtifactRecord, bool]:
+    """The artifact for (checkpoint, kind, options), created and published if new; returns
+    (it, cached) where ``cached`` means the request found it already (no new row).
+
+    A broker that is down leaves the artifact queued with no message counted; the next request
+    publishes again. Raises NotFound if the job is gone.
+    """
+    art, created = store.request_artifact(
+        job_id,
+        kind=kind.value,
+        checkpoint=checkpoint.name,
+        checkpoint_sha256=checkpoint.sha256,
+        options=options,
+    )
+    if created or _needs_publish(art):
+        try:
+            queue.enqueue_artifact(art.id, settings)
+        except Exception as exc:
+            log.warning("artifact %s: publish failed: %r", art.id, exc)
+        else:
+            store.mark_artifact_enqueued(art.id)
+        art = store.get_artifact(art.id) or art
+    return art, not created
+
+
+def recalibrations_by_name(store: Store, job_id: str) -> dict[str, ArtifactRecord]:
+    """The succeeded recalibrations of a job, by the name of the checkpoint each wrote."""
+    out: dict[str, ArtifactRecord] = {}
+    for art in store.list_artifacts(job_id, kind=ArtifactKind.RECALIBRATE.value):
+        if art.status == ArtifactStatus.SUCCEEDED and art.result and art.result.get("name"):
+            out[str(art.result["name"])] = art
+    return out

@@ -1,0 +1,308 @@
+"""Exports and recalibrations, worker side and store side (issue 16 items 2 and 3).
+
+The worker-side builders (``worker/builds.py``) run here in-process on checkpoints written by
+``save_checkpoint`` from freshly built models (no training: the norms' affine parameters and
+running statistics are randomized, so folding has something to fold); the API and the worker
+task are exercised once, end to end, in tests/e2e/test_exports_e2e.py.
+
+``NORMCORE_TEST_ONNX_ALL=1`` exports every pair of {lenet, resnet20} x {bn, gn, ln, in}; the
+default runs a subset that covers folding on and off and both models (each export takes
+seconds: torch's exporter traces the model and onnxscript optimizes the graph).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from normcore.checkpoint import load_model, save_checkpoint, verify_checkpoint
+from normcore.models import build_model
+from normcore.spec import JobSpec
+from service.db import utcnow
+from service.settings import Settings
+from service.store import Store
+from service.store.exports import ArtifactStatus, options_key
+
+F64 = torch.float64
+ALL = os.environ.get("NORMCORE_TEST_ONNX_ALL") == "1"
+
+
+def _spec(arch: str, norm: str, batch_size: int = 16) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": f"{arch}-{norm.split('(')[0]}",
+            "model": {"arch": arch, "norm": norm, "num_classes": 10},
+            "data": {"dataset": "digits", "batch_size": batch_size, "val_fraction": 0.2},
+            "epochs": 1,
+            "seed": 3,
+        }
+    )
+
+
+def _checkpoint(root: Path, spec: JobSpec, seed: int = 0) -> Path:
+    """A checkpoint folder of a freshly built model whose norm parameters and statistics are
+    randomized (a running variance far from the data's: stale statistics)."""
+    torch.manual_seed(seed)
+    model = build_model(spec.model, in_channels=1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1:
+                m.weight.uniform_(0.5, 1.5)
+            if isinstance(getattr(m, "bias", None), torch.Tensor) and m.bias.dim() == 1:
+                m.bias.uniform_(-0.2, 0.2)
+            if isinstance(getattr(m, "running_var", None), torch.Tensor):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    info = save_checkpoint(
+        root / "checkpoints",
+        epoch=1,
+        step=10,
+        model=model,
+        spec=spec,
+        metrics={"val_accuracy": 0.1},
+        meta={
+            "in_channels": 1,
+            "num_classes": 10,
+            "task": "classification",
+            "data": {"image_size": [8, 8], "mean": [0.3], "std": [0.4]},
+        },
+    )
+    return info.path
+
+
+PAIRS = [
+    ("lenet", "bn", True),
+    ("lenet", "bn", False),
+    ("resnet20", "bn", True),
+]
+if ALL:
+    PAIRS += [
+        ("lenet", "in", True),
+        ("lenet", "gn:2", True),
+        ("lenet", "ln", True),
+        ("resnet20", "gn:2", True),
+        ("resnet20", "ln", True),
+        ("resnet20", "in", True),
+    ]
+
+
+@pytest.mark.parametrize(("arch", "norm", "fold_bn"), PAIRS, ids=lambda v: str(v))
+def test_export_certificate_matches_onnxruntime(
+    tmp_path: Path, arch: str, norm: str, fold_bn: bool
+) -> None:
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+
+    from normcore import registry
+    from normcore.data import build_data
+    from worker.builds import export_checkpoint, onnx_op_counts
+
+    spec = _spec(arch, norm)
+    folder = _checkpoint(tmp_path, spec)
+    out = tmp_path / "model.onnx"
+    cert = export_checkpoint(folder, out, fold_bn=fold_bn, data_root=tmp_path, probe_size=16)
+
+    # The probe: the first 16 validation images of the job's own data, as the engine splits it.
+    bundle = build_data(spec.data, seed=spec.seed, task=spec.task)
+    probe = bundle.val_x[:16]
+    assert cert["probe"]["size"] == 16 and cert["probe"]["split"] == "val"
+    model = load_model(folder)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(None, {"x": probe[i : i + 1].numpy()})[0] for i in range(16)])
+    with torch.no_grad():
+        want = model.double()(probe.double()).numpy()
+    own = float(np.abs(got.astype(np.float64) - want).max())
+    assert own < 1e-4
+    assert cert["max_abs_diff"] < 1e-4 and cert["within_tolerance"] is True
+    assert cert["onnxruntime"] == ort.__version__
+    assert isinstance(cert["opset"], int) and cert["opset"] >= 17
+    assert cert["input"]["shape"] == [1, 1, 8, 8]
+
+    bn_layers = [
+        n
+        for n, m in model.named_modules()
+        if registry.kind_of(m) is not None and registry.kind_of(m).foldable
+    ]
+    counts = onnx_op_counts(out)
+    assert cert["batch_norm_nodes"] == counts.get("BatchNormalization", 0)
+    if fold_bn:
+        assert sorted(cert["folded_layers"]) == sorted(bn_layers)
+        assert counts.get("BatchNormalization", 0) == 0
+    else:
+        assert cert["folded_layers"] == []
+        assert sorted(cert["kept_norm_layers"]) == sorted(bn_layers)
+    if norm != "bn":
+        assert cert["folded_layers"] == [] and cert["kept_norm_layers"]
+
+
+def _exact_bn_averages(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """Per BN layer, in float64: the mean over the batches of its batch mean and of its
+    unbiased batch variance, over (N, H, W) (Ioffe & Szegedy 2015, Algorithm 2), with every
+    BN using batch statistics as in training."""
+    net = load_model_copy(model).double().train()
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    hooks = []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+
+            def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+                x = args[0]
+                dims = [0, *range(2, x.dim())]
+                seen.setdefault(name, []).append((x.mean(dims), x.var(dims, correction=1)))
+
+            hooks.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            net(b.double())
+    for h in hooks:
+        h.remove()
+    return {
+        name: (torch.stack([m for m, _ in v]).mean(0), torch.stack([s for _, s in v]).mean(0))
+        for name, v in seen.items()
+    }
+
+
+def load_model_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_recalibration_writes_exact_averages_beside_the_original(tmp_path: Path) -> None:
+    from normcore.checkpoint import read_meta
+    from normcore.data import build_data
+    from worker.builds import recalibrate_checkpoint, recalibration_batches
+
+    spec = _spec("lenet", "bn(momentum=0.01)", batch_size=32)
+    folder = _checkpoint(tmp_path, spec)
+    original = load_model(folder)
+    result = recalibrate_checkpoint(folder, batches=6, data_root=tmp_path)
+
+    assert result["name"] == "epoch-0001-recal6" and result["batches_used"] == 6
+    new_folder = folder.parent / result["name"]
+    verify_checkpoint(new_folder)  # meta.json lists the model file with its sha256
+    assert read_meta(new_folder)["recalibrated_from"]["checkpoint"] == "epoch-0001"
+    recal = load_model(new_folder)
+
+    bundle = build_data(spec.data, seed=spec.seed, task=spec.task)
+    batches = list(recalibration_batches(bundle, spec, 6))
+    assert len(batches) == 6 and all(len(b) == 32 for b in batches)
+    expected = _exact_bn_averages(original, batches)
+    modules = dict(recal.named_modules())
+    assert expected, "lenet/bn has BN layers"
+    for name, (mean, var) in expected.items():
+        torch.testing.assert_close(modules[name].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(modules[name].running_var.double(), var, rtol=1e-5, atol=1e-5)
+        # The stale statistics are gone.
+        assert not torch.allclose(
+            modules[name].running_var, dict(original.named_modules())[name].running_var
+        )
+    # Weights are the original's: only the statistics moved.
+    for (k, a), b in zip(original.state_dict().items(), recal.state_dict().values(), strict=True):
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(a, b), k
+
+    # Both metrics are measured the same way, here and in the result.
+    from worker.builds import evaluate
+
+    assert result["original_metrics"] == pytest.approx(evaluate(original, bundle, 32))
+    assert result["metrics"] == pytest.approx(evaluate(recal, bundle, 32))
+
+
+def test_recalibrating_a_norm_without_statistics_is_a_clear_error(tmp_path: Path) -> None:
+    from worker.builds import recalibrate_checkpoint
+
+    folder = _checkpoint(tmp_path, _spec("lenet", "gn:2"))
+    with pytest.raises(ValueError, match="no running statistics"):
+        recalibrate_checkpoint(folder, batches=2, data_root=tmp_path)
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    settings = Settings(data_dir=tmp_path / "nc")
+    s = Store.from_settings(settings)
+    s.upgrade()
+    yield s
+    s.dispose()
+
+
+def _job(store: Store) -> str:
+    store.create_token("alice", "alice-t")
+    owner = store.get_user("alice")
+    assert owner is not None
+    spec = _spec("lenet", "bn").model_dump(mode="json")
+    created = store.create_job(owner_id=owner.id, spec=spec, name=spec["name"], queue="cpu")
+    return created[0].id if isinstance(created, tuple) else created.id
+
+
+def test_artifacts_are_cached_by_checkpoint_hash_and_options(store: Store) -> None:
+    job_id = _job(store)
+    first, created = store.request_artifact(
+        job_id,
+        kind="export",
+        checkpoint="epoch-0001",
+        checkpoint_sha256="a" * 64,
+        options={"format": "onnx", "fold_bn": True},
+    )
+    assert created and first.status == ArtifactStatus.QUEUED
+    again, created = store.request_artifact(
+        job_id,
+        kind="export",
+        checkpoint="epoch-0001",
+        checkpoint_sha256="a" * 64,
+        options={"fold_bn": True, "format": "onnx"},  # same options, another key order
+    )
+    assert not created and again.id == first.id
+    other, created = store.request_artifact(
+        job_id,
+        kind="export",
+        checkpoint="epoch-0001",
+        checkpoint_sha256="a" * 64,
+        options={"format": "onnx", "fold_bn": False},
+    )
+    assert created and other.id != first.id
+    rewritten, created = store.request_artifact(
+        job_id,
+        kind="export",
+        checkpoint="epoch-0001",
+        checkpoint_sha256="b" * 64,  # the checkpoint was written again: a new export
+        options={"format": "onnx", "fold_bn": True},
+    )
+    assert created and rewritten.id != first.id
+    assert options_key({"b": 1, "a": 2}) == '{"a":2,"b":1}'
+
+
+def test_claims_are_leased_and_only_the_holder_finishes(store: Store) -> None:
+    job_id = _job(store)
+    art, _ = store.request_artifact(
+        job_id,
+        kind="recalibrate",
+        checkpoint="e",
+        checkpoint_sha256="c" * 64,
+        options={"batches": 2},
+    )
+    held = store.claim_artifact(art.id, worker_id="w1", lease_seconds=30)
+    assert held is not None and held.runs == 1 and held.status == ArtifactStatus.RUNNING
+    assert store.claim_artifact(art.id, worker_id="w2", lease_seconds=30) is None
+    assert not store.finish_artifact(art.id, worker_id="w2", status=ArtifactStatus.SUCCEEDED)
+    assert store.renew_artifact(art.id, worker_id="w1", lease_seconds=-1)  # expire it now
+    taken = store.claim_artifact(art.id, worker_id="w2", lease_seconds=30)
+    assert taken is not None and taken.runs == 2
+    assert not store.finish_artifact(art.id, worker_id="w1", status=ArtifactStatus.FAILED)
+    assert store.finish_artifact(
+        art.id, worker_id="w2", status=ArtifactStatus.SUCCEEDED, result={"name": "e-recal2"}
+    )
+    done = store.get_artifact(art.id)
+    assert done is not None and done.status == ArtifactStatus.SUCCEEDED
+    assert done.finished_at is not None and utcnow() - done.finished_at < timedelta(minutes=1)
+    assert store.claim_artifact(art.id, worker_id="w3", lease_seconds=30) is None
