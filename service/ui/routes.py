@@ -61,6 +61,12 @@ def compare_page() -> FileResponse:
     return _page("compare.html")
 
 
+@router.get("/ui/validate")
+def validate_page() -> FileResponse:
+    """Validate a spec before submitting it: effective batch per norm layer, half-life, warnings."""
+    return _page("validate.html")
+
+
 @router.get("/ui/workers")
 def workers_page() -> FileResponse:
     """The workers (admins)."""
