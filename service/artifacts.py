@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 REPUBLISH_AFTER_S = 30.0
 
 
-def export_options(fmt: str, fold_bn: bool) -> dict[str, Any]:
+def export_options(fmt: str, fold_bn: bool, preprocessing: bool = False) -> dict[str, Any]:
     """The cache options of an export."""
-    return {"format": fmt, "fold_bn": bool(fold_bn)}
+    return {"format": fmt, "fold_bn": bool(fold_bn), "preprocessing": bool(preprocessing)}
 
 
 def recalibrate_options(batches: int) -> dict[str, Any]:

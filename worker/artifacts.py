@@ -70,6 +70,7 @@ def _child_main(config_json: str, conn: multiprocessing.connection.Connection) -
                 cfg["out_path"],
                 fold_bn=bool(cfg["options"].get("fold_bn", True)),
                 data_root=cfg["data_root"],
+                include_preprocessing=bool(cfg["options"].get("preprocessing", False)),
             )
         else:
             result = builds.recalibrate_checkpoint(

@@ -80,11 +80,15 @@ def export_checkpoint(
     fold_bn: bool,
     data_root: str | Path,
     probe_size: int = PROBE_SIZE,
+    include_preprocessing: bool = False,
 ) -> dict[str, Any]:
     """Export a checkpoint folder to ONNX at ``out_path``; returns the equivalence certificate.
 
     The graph takes one image ``[1, C, H, W]`` normalized as in training (``input.mean`` /
-    ``input.std`` in the certificate: ``(x - mean) / std`` per channel) and returns the logits.
+    ``input.std`` in the certificate: ``(x - mean) / std`` per channel) and returns the logits;
+    with ``include_preprocessing`` it takes the raw image (float in [0, 1]) and does that
+    normalization in its first nodes (``normcore.export_onnx(include_preprocessing=True)``),
+    and the probe is the validation images before normalization.
     Certificate keys: ``max_abs_diff`` (largest |onnxruntime - eager| over the probe's logits,
     float64), ``tolerance`` and ``within_tolerance``, ``probe`` (size, split), ``onnxruntime``,
     ``onnx`` and ``torch`` versions, ``opset``, ``fold_bn``, ``folded_layers`` (the BN layers
@@ -107,7 +111,7 @@ def export_checkpoint(
     from normcore.onnx_export import export_onnx
 
     folder, out_path = Path(folder), Path(out_path)
-    spec, meta, bundle = _spec_and_data(folder, data_root)
+    spec, _, bundle = _spec_and_data(folder, data_root)
     model = _model_of(load_model(folder)).float().eval()
     probe = bundle.val_x[: max(1, min(probe_size, bundle.num_val))].float()
     norm_layers = [n for n, m in model.named_modules() if registry.kind_of(m) is not None]
@@ -115,9 +119,26 @@ def export_checkpoint(
     exported = dict(to_export.named_modules())
     folded = [n for n in norm_layers if isinstance(exported.get(n), torch.nn.Identity)]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Hook for issue 16 item 1: once export_onnx takes include_preprocessing, pass it here and
-    # feed the probe's raw images; until then the graph's input is normalized.
-    export_onnx(to_export, probe[:1], out_path, fold_bn=False)
+    mean, std = [float(v) for v in bundle.mean], [float(v) for v in bundle.std]
+    reference: torch.nn.Module = model
+    if include_preprocessing:
+        from normcore.inference import WithPreprocess
+
+        # the validation images as the reader gave them: undo build_data's normalization
+        shape = (1, -1, 1, 1)
+        probe = probe * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+        reference = WithPreprocess(model, mean, std).eval()
+        export_onnx(
+            to_export,
+            probe[:1],
+            out_path,
+            fold_bn=False,
+            include_preprocessing=True,
+            mean=mean,
+            std=std,
+        )
+    else:
+        export_onnx(to_export, probe[:1], out_path, fold_bn=False)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(
@@ -128,11 +149,10 @@ def export_checkpoint(
         [session.run(None, {name: probe[i : i + 1].numpy()})[0] for i in range(len(probe))]
     )
     with torch.no_grad():
-        want = model(probe).double().numpy()
+        want = reference(probe).double().numpy()
     diff = np.abs(got.astype(np.float64) - want)
     max_diff = float("nan") if np.isnan(diff).any() else float(diff.max())
     counts = onnx_op_counts(out_path)
-    data_meta = meta.get("data") or {}
     return {
         "format": "onnx",
         "checkpoint": folder.name,
@@ -151,9 +171,11 @@ def export_checkpoint(
         "input": {
             "name": name,
             "shape": [1, *probe.shape[1:]],
-            "normalized": True,
-            "mean": data_meta.get("mean"),
-            "std": data_meta.get("std"),
+            "normalized": not include_preprocessing,
+            "preprocessing_in_graph": include_preprocessing,
+            "value_range": [0.0, 1.0] if include_preprocessing else None,
+            "mean": mean,
+            "std": std,
         },
         "outputs": [o.name for o in session.get_outputs()],
     }

@@ -38,6 +38,13 @@ Wait = Annotated[
 ]
 FoldBn = Annotated[bool, Query(description="Fold each BN into the conv or linear layer before it")]
 Format = Annotated[Literal["onnx"], Query(description="The export format (onnx only)")]
+Preprocessing = Annotated[
+    bool,
+    Query(
+        description="Put the training data's normalization in the graph's first nodes: the "
+        "input is then the raw image, float in [0, 1] (default: the normalized image)"
+    ),
+]
 
 _ACCEPTED = {
     202: {
@@ -94,7 +101,12 @@ async def _wait(store: Any, art: ArtifactRecord, wait: float) -> ArtifactRecord:
 
 
 async def _export(
-    job: Any, name: str, fmt: str, fold_bn: bool, wait: float, store: Any, settings: Any
+    job: Any,
+    name: str,
+    options: dict[str, Any],
+    wait: float,
+    store: Any,
+    settings: Any,
 ) -> tuple[ArtifactRecord, bool]:
     record = await run_in_threadpool(_checkpoint_or_404, store, job.id, name)
     art, cached = await run_in_threadpool(
@@ -104,7 +116,7 @@ async def _export(
         job.id,
         record,
         ArtifactKind.EXPORT,
-        artifact_service.export_options(fmt, fold_bn),
+        options,
     )
     return await _wait(store, art, wait), cached
 
@@ -144,6 +156,7 @@ async def export_checkpoint(
     settings: SettingsDep,
     format: Format = "onnx",
     fold_bn: FoldBn = True,
+    preprocessing: Preprocessing = False,
     wait: Wait = 0.0,
     if_none_match: Annotated[str | None, Header(max_length=1000)] = None,
 ) -> Response:
@@ -151,7 +164,8 @@ async def export_checkpoint(
     up to ``wait`` seconds for it); once built, the ONNX file (graph input: one image,
     normalized as in training) with its certificate. The same options again are served from
     the cache (``X-Normcore-Cache: hit``), without a new worker task."""
-    art, cached = await _export(job, name, format, fold_bn, wait, store, settings)
+    options = artifact_service.export_options(format, fold_bn, preprocessing)
+    art, cached = await _export(job, name, options, wait, store, settings)
     if art.status == ArtifactStatus.FAILED:
         raise _failed(art)
     if art.status != ArtifactStatus.SUCCEEDED:
@@ -166,7 +180,7 @@ async def export_checkpoint(
     if if_none_match and _etag_matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     path = await run_in_threadpool(_export_file, settings, art)
-    suffix = "-folded" if fold_bn else ""
+    suffix = ("-folded" if fold_bn else "") + ("-raw-input" if preprocessing else "")
     return FileResponse(
         path,
         media_type="application/octet-stream",
@@ -212,12 +226,14 @@ async def export_certificate(
     settings: SettingsDep,
     format: Format = "onnx",
     fold_bn: FoldBn = True,
+    preprocessing: Preprocessing = False,
     wait: Wait = 0.0,
 ) -> Any:
     """Largest absolute logit difference of onnxruntime from eager on a probe batch of the
     job's validation images, the probe's size, onnxruntime's version, the opset and the folded
     layers. Requests the export (202) if it is not built yet."""
-    art, cached = await _export(job, name, format, fold_bn, wait, store, settings)
+    options = artifact_service.export_options(format, fold_bn, preprocessing)
+    art, cached = await _export(job, name, options, wait, store, settings)
     if art.status == ArtifactStatus.FAILED:
         raise _failed(art)
     if art.status != ArtifactStatus.SUCCEEDED:

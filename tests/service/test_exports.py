@@ -77,24 +77,24 @@ def _checkpoint(root: Path, spec: JobSpec, seed: int = 0) -> Path:
 
 
 PAIRS = [
-    ("lenet", "bn", True),
-    ("lenet", "bn", False),
-    ("resnet20", "bn", True),
+    ("lenet", "bn", True, True),
+    ("lenet", "bn", False, False),
+    ("resnet20", "bn", True, False),
 ]
 if ALL:
     PAIRS += [
-        ("lenet", "in", True),
-        ("lenet", "gn:2", True),
-        ("lenet", "ln", True),
-        ("resnet20", "gn:2", True),
-        ("resnet20", "ln", True),
-        ("resnet20", "in", True),
+        ("lenet", "in", True, False),
+        ("lenet", "gn:2", True, False),
+        ("lenet", "ln", True, False),
+        ("resnet20", "gn:2", True, False),
+        ("resnet20", "ln", True, False),
+        ("resnet20", "in", True, False),
     ]
 
 
-@pytest.mark.parametrize(("arch", "norm", "fold_bn"), PAIRS, ids=lambda v: str(v))
+@pytest.mark.parametrize(("arch", "norm", "fold_bn", "preprocessing"), PAIRS, ids=str)
 def test_export_certificate_matches_onnxruntime(
-    tmp_path: Path, arch: str, norm: str, fold_bn: bool
+    tmp_path: Path, arch: str, norm: str, fold_bn: bool, preprocessing: bool
 ) -> None:
     pytest.importorskip("onnxruntime")
     import numpy as np
@@ -107,17 +107,30 @@ def test_export_certificate_matches_onnxruntime(
     spec = _spec(arch, norm)
     folder = _checkpoint(tmp_path, spec)
     out = tmp_path / "model.onnx"
-    cert = export_checkpoint(folder, out, fold_bn=fold_bn, data_root=tmp_path, probe_size=16)
+    cert = export_checkpoint(
+        folder,
+        out,
+        fold_bn=fold_bn,
+        data_root=tmp_path,
+        probe_size=16,
+        include_preprocessing=preprocessing,
+    )
 
-    # The probe: the first 16 validation images of the job's own data, as the engine splits it.
+    # The probe: the first 16 validation images of the job's own data, as the engine splits it
+    # (normalized), or as the reader gave them (raw, in [0, 1]) when the graph normalizes.
     bundle = build_data(spec.data, seed=spec.seed, task=spec.task)
-    probe = bundle.val_x[:16]
+    probe = bundle.val_x[:16].double()
+    mean = torch.tensor(bundle.mean, dtype=F64).view(1, -1, 1, 1)
+    std = torch.tensor(bundle.std, dtype=F64).view(1, -1, 1, 1)
+    feed = probe * std + mean if preprocessing else probe
     assert cert["probe"]["size"] == 16 and cert["probe"]["split"] == "val"
+    assert cert["input"]["preprocessing_in_graph"] is preprocessing
     model = load_model(folder)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = np.concatenate([session.run(None, {"x": probe[i : i + 1].numpy()})[0] for i in range(16)])
+    rows = [feed[i : i + 1].float().numpy() for i in range(16)]
+    got = np.concatenate([session.run(None, {session.get_inputs()[0].name: r})[0] for r in rows])
     with torch.no_grad():
-        want = model.double()(probe.double()).numpy()
+        want = model.double()(probe).numpy()
     own = float(np.abs(got.astype(np.float64) - want).max())
     assert own < 1e-4
     assert cert["max_abs_diff"] < 1e-4 and cert["within_tolerance"] is True
