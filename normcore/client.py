@@ -207,6 +207,56 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
             time.sleep(poll)
 
+    def submit_sweep(
+        self, sweep: dict[str, Any] | str | Path, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Submit a sweep (a dict or a JSON/YAML file: base spec, grid, seeds, metric, ...);
+        returns the sweep with its cells. A cell that fails a submit check: ApiError 422."""
+        body = sweep if isinstance(sweep, dict) else _read_spec(Path(sweep))
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._request("POST", "/sweeps", json=body, headers=headers)
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
+        """One sweep: status, counts per job status, cells with their jobs."""
+        return self._request("GET", f"/sweeps/{sweep_id}")
+
+    def list_sweeps(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The caller's sweeps, newest first."""
+        return self._request("GET", "/sweeps", params={"limit": limit})["items"]
+
+    def wait_sweep(
+        self, sweep_id: str, timeout: float | None = None, poll: float = 1.0
+    ) -> dict[str, Any]:
+        """Poll until every run of the sweep ended (or it was cancelled); return the sweep.
+
+        Raises TimeoutError after ``timeout`` seconds (None: wait for ever).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            sweep = self.get_sweep(sweep_id)
+            if sweep["status"] in ("succeeded", "failed", "cancelled"):
+                return sweep
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"sweep {sweep_id} still {sweep['status']} after {timeout}s")
+            time.sleep(poll)
+
+    def sweep_report(self, sweep_id: str, format: str = "json") -> Any:
+        """The sweep's report: a dict for "json", text for "csv", bytes for "svg" and "png"."""
+        response = self._check(
+            self._http.get(f"/sweeps/{sweep_id}/report", params={"format": format})
+        )
+        if format == "json":
+            return response.json()
+        return response.text if format == "csv" else response.content
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        """Release no more runs and cancel every queued or running job of the sweep."""
+        return self._request("POST", f"/sweeps/{sweep_id}/cancel")
+
+    def delete_sweep(self, sweep_id: str) -> None:
+        """Delete the sweep and every job it made."""
+        self._check(self._http.delete(f"/sweeps/{sweep_id}"))
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask the job to stop (cancelled at once if still queued); returns the job."""
         return self._request("POST", f"/jobs/{job_id}/cancel")

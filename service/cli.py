@@ -738,6 +738,134 @@ def train(ctx: typer.Context) -> None:
     normcore_app(args=["train", *ctx.args], prog_name="normcore")
 
 
+SWEEP_ACTIONS = ("report", "show", "cancel")
+
+
+def _sweep_table(report: dict[str, Any]) -> Table:
+    """The report's table: one row per cell, its axis values, n, final and best mean ± sd."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=report["name"])
+    for axis in report["axes"]:
+        table.add_column(axis, no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column(f"final {report['metric']}", justify="right")
+    table.add_column(f"best {report['metric']}", justify="right")
+    table.add_column("best epochs", justify="right")
+
+    def pm(mean: float | None, std: float | None) -> str:
+        if mean is None:
+            return "-"
+        return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+    for cell in report["cells"]:
+        table.add_row(
+            *(_fmt(cell["values"][a]) for a in report["axes"]),
+            str(cell["n"]),
+            pm(cell["final_mean"], cell["final_std"]),
+            pm(cell["best_mean"], cell["best_std"]),
+            ",".join(str(e) for e in cell["best_epochs"]) or "-",
+        )
+    return table
+
+
+def _watch_sweep(client: Any, sweep: dict[str, Any]) -> dict[str, Any]:
+    """A progress bar over the sweep's runs (ended / all) until every run ended."""
+    ended = ("succeeded", "failed", "cancelled", "timed_out")
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=20),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} runs"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(sweep["name"], total=sweep["runs"], info="")
+        while True:
+            counts = sweep["counts"]
+            info = " ".join(f"{k} {v}" for k, v in counts.items() if v)
+            progress.update(task, completed=sum(counts.get(k, 0) for k in ended), info=info)
+            if sweep["status"] in ("succeeded", "failed", "cancelled"):
+                return sweep
+            time.sleep(1.0)
+            sweep = client.get_sweep(sweep["id"])
+
+
+@app.command()
+def sweep(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A sweep file (JSON or YAML: base, grid, seeds, metric, ...), or one of "
+            "report, show, cancel followed by a sweep id."
+        ),
+    ],
+    sweep_id: Annotated[
+        str | None, typer.Argument(help="The sweep id (with report, show, cancel).")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the runs with a progress bar; print the table.")
+    ] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="report: table, json, csv, svg or png.")
+    ] = "table",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="report: write to this file.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retry-safe submission key.", show_default=False)
+    ] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Submit a sweep (`normcore sweep FILE [--wait]`), or read one: `normcore sweep report ID
+    --format csv|svg`, `normcore sweep show ID`, `normcore sweep cancel ID`."""
+    client, creds = _client(url, token)
+    with _api_errors(creds):
+        if target in SWEEP_ACTIONS:
+            if not sweep_id:
+                raise _fail(f"normcore sweep {target} needs a sweep id", 2)
+            if target == "cancel":
+                done = client.cancel_sweep(sweep_id)
+                console.print(f"sweep {sweep_id} cancel requested ({done['status']})")
+                return
+            if target == "show" or fmt == "table":
+                if target == "show":
+                    s = client.get_sweep(sweep_id)
+                    console.print(f"sweep {s['id']} {s['status']}: {s['counts']}")
+                console.print(_sweep_table(client.sweep_report(sweep_id)))
+                return
+            if fmt not in ("json", "csv", "svg", "png"):
+                raise _fail(f"--format must be table, json, csv, svg or png, not {fmt!r}", 2)
+            body = client.sweep_report(sweep_id, format=fmt)
+            data = json.dumps(body, indent=1) if fmt == "json" else body
+            if output is not None:
+                mode = "wb" if isinstance(data, bytes) else "w"
+                with open(output, mode) as fh:
+                    fh.write(data)
+                console.print(f"wrote {output}")
+            elif isinstance(data, bytes):
+                sys.stdout.buffer.write(data)
+            else:
+                sys.stdout.write(data)
+            return
+        path = Path(target)
+        if not path.is_file():
+            raise _fail(f"{target}: no such sweep file (or use report, show, cancel)", 2)
+        try:
+            created = client.submit_sweep(path, idempotency_key=idempotency_key)
+        except ValueError as exc:
+            raise _fail(f"{path}: {exc}") from None
+        if not wait:
+            print(created["id"])
+            return
+        console.print(f"submitted sweep {created['id']} ({created['runs']} runs)")
+        done = _watch_sweep(client, created)
+        console.print(_sweep_table(client.sweep_report(done["id"])))
+    style = {"succeeded": "green", "failed": "red"}.get(done["status"], "yellow")
+    console.print(f"sweep {done['id']} [{style}]{done['status']}[/{style}]")
+    if done["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
 @app.command()
 def delete(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
