@@ -311,6 +311,18 @@ class CheckpointSpec(_Strict):
     )
 
 
+class TelemetrySpec(_Strict):
+    """Norm telemetry (``normcore.telemetry``): recorded at the start and at every evaluation;
+    ``every_steps`` adds a record every that many steps (0: off)."""
+
+    every_steps: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Also record the norm layers every this many steps (0: only at evaluations).",
+    )
+
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._:+-]*$"
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$"
 
@@ -352,6 +364,9 @@ class JobSpec(_Strict):
     )
     checkpoint: CheckpointSpec = Field(
         default_factory=CheckpointSpec, description="See **checkpoint** below."
+    )
+    telemetry: TelemetrySpec = Field(
+        default_factory=TelemetrySpec, description="See **telemetry** below."
     )
 
     @model_validator(mode="after")

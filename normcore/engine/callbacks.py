@@ -14,6 +14,8 @@ __all__ = [
     "Callback",
     "CallbackList",
     "MetricRow",
+    "NormRecord",
+    "NormStatsNonFinite",
     "TrainResult",
     "TrainingDiverged",
 ]
@@ -38,6 +40,19 @@ class MetricRow:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the keys the service stores."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class NormRecord:
+    """One norm-telemetry record: a dict per norm layer (``normcore.telemetry.NormTelemetry``)
+    at global ``step`` (0: before the first step) of ``epoch`` (0 before the first epoch ends);
+    ``trigger`` is "start", "eval" or "steps" (every ``spec.telemetry.every_steps``)."""
+
+    step: int
+    epoch: int
+    trigger: str
+    layers: list[dict[str, Any]]
+    time: float
 
 
 @dataclass
@@ -65,6 +80,23 @@ class TrainingDiverged(ValueError):
         )
 
 
+class NormStatsNonFinite(TrainingDiverged):
+    """A running statistic or gamma of a norm layer became NaN or infinite.
+
+    ``layers`` maps each layer's name to its non-finite tensors ("running_var", "gamma", ...).
+    """
+
+    def __init__(self, step: int, epoch: int, layers: dict[str, list[str]]) -> None:
+        self.step, self.epoch, self.value, self.layers = step, epoch, float("nan"), layers
+        named = "; ".join(f"{name} ({', '.join(t)})" for name, t in layers.items())
+        ValueError.__init__(
+            self,
+            f"training diverged: non-finite norm statistics at step {step} (epoch {epoch}) in "
+            f"{named}. Check the input data for extreme values, lower optim.lr, or clip "
+            "gradients (optim.grad_clip).",
+        )
+
+
 class Callback:
     """Hooks the engine calls; every method is a no-op, override the ones you need.
 
@@ -76,6 +108,12 @@ class Callback:
 
     def on_metrics(self, row: MetricRow) -> None:
         """Called for every metric row (train rows each step, a val row each epoch)."""
+
+    def on_norms(self, record: NormRecord) -> None:
+        """Called with each norm-telemetry record (at the start, each evaluation, every K steps)."""
+
+    def on_warning(self, warning: dict[str, str]) -> None:
+        """Called with a warning about the run: {"code", "message", "source"} (also logged)."""
 
     def on_checkpoint(self, ckpt: CheckpointInfo) -> None:
         """Called after a checkpoint folder is completely written and renamed into place."""
@@ -113,6 +151,15 @@ class CallbackList:
     def metrics(self, row: MetricRow) -> None:
         for cb in self.callbacks:
             cb.on_metrics(row)
+
+    def norms(self, record: NormRecord) -> None:
+        for cb in self.callbacks:
+            cb.on_norms(record)
+
+    def warning(self, warning: dict[str, str]) -> None:
+        self.log(f"warning: {warning['message']}", logging.WARNING)
+        for cb in self.callbacks:
+            cb.on_warning(warning)
 
     def checkpoint(self, ckpt: CheckpointInfo) -> None:
         for cb in self.callbacks:
