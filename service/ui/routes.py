@@ -67,6 +67,13 @@ def validate_page() -> FileResponse:
     return _page("validate.html")
 
 
+@router.get("/ui/sweeps")
+@router.get("/ui/sweeps/{sweep_id}")
+def sweep_page(sweep_id: str | None = None) -> FileResponse:
+    """The sweeps (list), or one sweep: its heatmap over the grid, its figure, its jobs."""
+    return _page("sweep.html")
+
+
 @router.get("/ui/workers")
 def workers_page() -> FileResponse:
     """The workers (admins)."""
