@@ -36,6 +36,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "Preprocess",
+    "WithPreprocess",
     "describe_input",
     "load_model",
     "load_predictor",
