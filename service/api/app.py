@@ -27,6 +27,7 @@ from service.api import (
 from service.api.deps import NoUnknownQuery
 from service.api.examples import UNKNOWN_PARAMETER
 from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
+from service.api.poll import PollFastPath, find_route
 from service.api.routes_sweeps import router as sweeps_router
 from service.api.routes_diff import router as diff_router
 from service.api.routes_validate import router as validate_router
@@ -253,6 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.local_user = None if settings.auth else auth.local_admin(store)
+    app.state.token_cache = auth.TokenCache()
     metrics = Metrics()
     metrics.add_collector(
         ServiceCollector(store.count_by_status, lambda: queue.queue_depth(settings))
@@ -274,7 +276,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_unknown_parameter(app)
 
     # The last added is the outermost: metrics see every answer, 413 and 403 included, and the
-    # body limit runs before anything reads the body.
+    # body limit runs before anything reads the body. The poll fast path is the innermost: a
+    # poll it answers has passed the loopback rule and is counted like any other.
+    metrics_route = find_route(routes_jobs.router.routes)
+    app.add_middleware(PollFastPath, state=app.state, route=metrics_route)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if not settings.auth:
         app.add_middleware(LoopbackOnlyMiddleware)

@@ -82,6 +82,10 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Labelled children by label values: ``labels()`` takes a lock and checks its arguments
+        # on every call, a measurable share of a fast request.
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._requests: dict[tuple[str, str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request through, recording latency and the status code."""
@@ -103,5 +107,14 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
             method = scope.get("method", "GET")
-            self.metrics.latency.labels(template, method).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(template, method, str(code)).inc()
+            elapsed = time.perf_counter() - start
+            key = (template, method)
+            latency = self._latency.get(key)
+            if latency is None:
+                latency = self._latency[key] = self.metrics.latency.labels(template, method)
+            latency.observe(elapsed)
+            counted = (template, method, str(code))
+            counter = self._requests.get(counted)
+            if counter is None:
+                counter = self._requests[counted] = self.metrics.requests.labels(*counted)
+            counter.inc()

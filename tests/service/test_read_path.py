@@ -20,6 +20,7 @@ from service.auth import TOKEN_CACHE_TTL_S, TokenCache
 from service.db import metadata
 from service.db import metrics as metrics_t
 from service.store import Store
+from service.store.poll import PollStatements
 from tests.harness import make_env, start_api
 from tests.service.store_backends import BACKENDS, pg_database
 
@@ -32,26 +33,26 @@ def pg_url(postgres_server: str) -> Iterator[str]:
 
 
 class Counter:
-    """Counts transactions begun and DBAPI connections opened on an engine."""
+    """Counts pool checkouts and DBAPI connections opened on an engine."""
 
     def __init__(self, engine: sa.Engine) -> None:
-        self.begins = 0
+        self.checkouts = 0
         self.connects = 0
         self.engine = engine
-        event.listen(engine, "begin", self._begin)
+        event.listen(engine, "checkout", self._checkout)
         event.listen(engine, "connect", self._connect)
 
-    def _begin(self, _conn: Any) -> None:
-        self.begins += 1
+    def _checkout(self, _dbapi: Any, _record: Any, _proxy: Any) -> None:
+        self.checkouts += 1
 
     def _connect(self, _dbapi: Any, _record: Any) -> None:
         self.connects += 1
 
     def reset(self) -> None:
-        self.begins = self.connects = 0
+        self.checkouts = self.connects = 0
 
     def close(self) -> None:
-        event.remove(self.engine, "begin", self._begin)
+        event.remove(self.engine, "checkout", self._checkout)
         event.remove(self.engine, "connect", self._connect)
 
 
@@ -103,19 +104,19 @@ def test_a_metrics_poll_is_one_read_transaction_on_a_pooled_connection(
         first = client.get(f"/jobs/{job_id}/metrics", params={"after": 0})
         assert first.status_code == 200
         assert [r["step"] for r in first.json()["items"]] == [1, 2, 3]
-        assert counter.begins == 2  # the token (now cached), then the job and its rows
+        assert counter.checkouts == 2  # the token (now cached), then the job and its rows
         counter.reset()
         after = first.json()["next"]
         for _ in range(5):
             r = client.get(f"/jobs/{job_id}/metrics", params={"after": after})
             assert r.status_code == 200 and r.json() == {"items": [], "next": after}
-        assert counter.begins == 5
+        assert counter.checkouts == 5
         assert counter.connects == 0  # every poll reused a pooled connection
-        # Final rows: the job's status and checkpoints are read in the same transaction.
+        # Final rows: the job's status and checkpoints are read on the same connection.
         counter.reset()
         r = client.get(f"/jobs/{job_id}/metrics", params={"final": "true"})
         assert r.status_code == 200 and r.json()["items"] == []
-        assert counter.begins == 1
+        assert counter.checkouts == 1
     finally:
         counter.close()
 
@@ -227,15 +228,20 @@ def test_metric_pages_use_the_job_seq_index(
             .order_by(metrics_t.c.seq)
             .limit(1000)
         )
+        # The route's Core query, and the poll fast path's plain statement (service.store.poll).
+        fast = PollStatements(store.engine).rows
+        fast = fast.replace("?", "{}") if backend == "sqlite" else fast.replace("%s", "{}")
         with store.engine.connect() as conn:
             sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-            if backend == "sqlite":
-                plan = " ".join(str(r) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
-                assert "USING INDEX ix_metrics_job_id_seq (job_id=? AND seq>?)" in plan, plan
-            else:
-                # An empty table is cheapest to scan; ask what the planner does past that.
-                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-                plan = " ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql))
-                assert "ix_metrics_job_id_seq" in plan and "Sort" not in plan, plan
+            for text in (sql, fast.format("'j'", 10, 1000)):
+                if backend == "sqlite":
+                    explain = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + text)
+                    plan = " ".join(str(r) for r in explain)
+                    assert "USING INDEX ix_metrics_job_id_seq (job_id=? AND seq>?)" in plan, plan
+                else:
+                    # An empty table is cheapest to scan; ask what the planner does past that.
+                    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                    plan = " ".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + text))
+                    assert "ix_metrics_job_id_seq" in plan and "Sort" not in plan, plan
     finally:
         store.dispose()
