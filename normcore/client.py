@@ -357,3 +357,104 @@ class Client:
     def jobspec_schema(self) -> dict[str, Any]:
         """The JSON schema the server validates job specs against."""
         return self._request("GET", "/schema/jobspec")
+
+    def _newest_checkpoint(self, job_id: str) -> str:
+        points = [c for c in self.checkpoints(job_id) if not c.get("recalibrated_from")]
+        if not points:
+            raise ApiError(404, f"job {job_id} has no checkpoints yet")
+        return max(points, key=lambda c: (c.get("epoch") or 0, c.get("step") or 0))["name"]
+
+    def export(
+        self,
+        job_id: str,
+        name: str | None = None,
+        path: str | Path | None = None,
+        *,
+        format: str = "onnx",
+        fold_bn: bool = True,
+        preprocessing: bool = False,
+        timeout: float = 600.0,
+    ) -> tuple[Path, dict[str, Any]]:
+        """Export a checkpoint (default: the newest) to ONNX and save it to ``path`` (a file or
+        folder; default: the current folder); returns (the file, its equivalence certificate).
+
+        A worker builds the file (``GET .../export``); this waits for it up to ``timeout``
+        seconds, then streams it and checks its sha256 against the ETag. ``fold_bn`` folds BN
+        into the conv or linear before it; ``preprocessing`` puts the training normalization in
+        the graph (its input is then the raw image in [0, 1]). Raises ApiError (422 when the
+        worker could not export it, 404 for an unknown job or checkpoint), TimeoutError, or
+        ChecksumMismatch.
+        """
+        name = name or self._newest_checkpoint(job_id)
+        target = Path(path) if path is not None else Path.cwd()
+        if target.is_dir():
+            target = target / f"{job_id}-{name}.{format}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.part")
+        params = {"format": format, "fold_bn": fold_bn, "preprocessing": preprocessing}
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, min(20.0, deadline - time.monotonic()))
+            url = f"/jobs/{job_id}/checkpoints/{name}/export"
+            with self._http.stream("GET", url, params={**params, "wait": wait}) as response:
+                if response.status_code == 202:
+                    response.read()
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"export of {job_id}/{name} not ready after {timeout}s")
+                    continue
+                if response.status_code >= 400:
+                    response.read()
+                    self._check(response)
+                certificate = json.loads(response.headers.get("x-normcore-certificate", "{}"))
+                etag = response.headers.get("etag", "").removeprefix("W/").strip('"')
+                digest = hashlib.sha256()
+                with open(partial, "wb") as fh:
+                    for chunk in response.iter_bytes():
+                        digest.update(chunk)
+                        fh.write(chunk)
+                break
+        if etag and digest.hexdigest() != etag:
+            partial.unlink(missing_ok=True)
+            raise ChecksumMismatch(f"export of {job_id}/{name}: sha256 != ETag {etag}")
+        partial.replace(target)
+        return target, certificate
+
+    def export_certificate(
+        self, job_id: str, name: str, *, fold_bn: bool = True, preprocessing: bool = False
+    ) -> dict[str, Any]:
+        """The equivalence certificate of a checkpoint's ONNX export (largest logit difference
+        from eager on a probe of validation images, probe size, onnxruntime version, opset,
+        folded layers); waits up to 20 s for the worker and returns the artifact's status
+        (``{"status": "queued"|"running", ...}``) if it is still being built."""
+        return self._request(
+            "GET",
+            f"/jobs/{job_id}/checkpoints/{name}/export/certificate",
+            params={"fold_bn": fold_bn, "preprocessing": preprocessing, "wait": 20},
+        )
+
+    def recalibrate(
+        self, job_id: str, name: str, batches: int = 50, *, timeout: float = 600.0
+    ) -> dict[str, Any]:
+        """Recompute a checkpoint's BN statistics over ``batches`` training batches on a worker
+        (precise BN) and wait for it; returns the finished artifact, whose ``result`` names the
+        new checkpoint (``<name>-recal<batches>``) and holds its validation ``metrics`` beside
+        the original's (``original_metrics``). Raises ApiError (422 for a norm without running
+        statistics or a bad ``batches``) or TimeoutError."""
+        deadline = time.monotonic() + timeout
+        url = f"/jobs/{job_id}/checkpoints/{name}/recalibrate"
+        while True:
+            wait = max(0.0, min(20.0, deadline - time.monotonic()))
+            response = self._check(
+                self._http.post(url, json={"batches": batches}, params={"wait": wait})
+            )
+            body = response.json()
+            if response.status_code != 202:
+                return body
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"recalibration of {job_id}/{name} not done after {timeout}s")
+
+    def artifacts(self, job_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        """The job's exports and recalibrations (``kind``: "export" or "recalibrate"), with
+        status, result and certificate."""
+        params = {"kind": kind} if kind else {}
+        return self._request("GET", f"/jobs/{job_id}/artifacts", params=params)

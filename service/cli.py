@@ -666,6 +666,86 @@ def download(
 
 
 @app.command()
+def export(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    name: Annotated[str | None, typer.Argument(help="Checkpoint (default: the newest).")] = None,
+    format: Annotated[str, typer.Option("--format", help="Export format.")] = "onnx",
+    fold_bn: Annotated[
+        bool, typer.Option("--fold-bn/--no-fold-bn", help="Fold BN into the conv before it.")
+    ] = True,
+    preprocessing: Annotated[
+        bool,
+        typer.Option(
+            "--preprocessing/--no-preprocessing",
+            help="Normalize in the graph: its input is the raw image in [0, 1].",
+        ),
+    ] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File or folder.")] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Export a checkpoint to ONNX (built by a worker) and print its equivalence certificate."""
+    from normcore.client import ChecksumMismatch
+
+    client, creds = _client(url, token)
+    with _api_errors(creds):
+        try:
+            path, cert = client.export(
+                job_id,
+                name,
+                output,
+                format=format,
+                fold_bn=fold_bn,
+                preprocessing=preprocessing,
+            )
+        except (ChecksumMismatch, TimeoutError) as exc:
+            raise _fail(str(exc)) from None
+    console.print(f"saved {path}", highlight=False, markup=False)
+    verdict = "within" if cert.get("within_tolerance") else "NOT within"
+    probe = cert.get("probe") or {}
+    console.print(
+        f"max |onnxruntime - eager| = {_fmt(cert.get('max_abs_diff'))} over "
+        f"{probe.get('size')} {probe.get('split')} images ({verdict} {cert.get('tolerance')}); "
+        f"onnxruntime {cert.get('onnxruntime')}, opset {cert.get('opset')}",
+        highlight=False,
+        markup=False,
+    )
+    folded = cert.get("folded_layers") or []
+    console.print(
+        f"folded BN layers ({len(folded)}): {', '.join(folded) or '(none)'}",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command()
+def recalibrate(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    name: Annotated[str, typer.Argument(help="Checkpoint.")],
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Training batches.")] = 50,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Recompute a checkpoint's BN statistics over training batches (precise BN, on a worker);
+    prints the new checkpoint's validation metrics beside the original's."""
+    client, creds = _client(url, token)
+    with _api_errors(creds):
+        try:
+            art = client.recalibrate(job_id, name, batches)
+        except TimeoutError as exc:
+            raise _fail(str(exc)) from None
+    result = art.get("result") or {}
+    console.print(f"checkpoint {result.get('name')}", highlight=False, markup=False)
+    before = result.get("original_metrics") or {}
+    for key, value in (result.get("metrics") or {}).items():
+        console.print(
+            f"  {key}: {_fmt(value)} (was {_fmt(before.get(key))} in {name})",
+            highlight=False,
+            markup=False,
+        )
+
+
+@app.command()
 def cancel(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
     url: UrlOpt = None,

@@ -198,3 +198,43 @@ def test_recalibration_reports_both_metrics_and_exact_statistics(
     for name, (mean, var) in expected.items():
         torch.testing.assert_close(modules[name].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(modules[name].running_var.double(), var, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_and_client_export_and_recalibrate(
+    stack: Stack, job: dict[str, Any], tmp_path: Path
+) -> None:
+    """``normcore export`` and ``normcore recalibrate`` (and the Client methods under them),
+    with the options the tests above used: served from the cache, so no worker time."""
+    from typer.testing import CliRunner
+
+    from normcore.client import ApiError, Client
+    from service.cli import app as cli_app
+
+    env = {
+        **stack.env.env,
+        "NORMCORE_URL": stack.url,
+        "NORMCORE_TOKEN": stack.token,
+        "XDG_CONFIG_HOME": str(tmp_path / "config-home"),
+    }
+    runner = CliRunner()
+    out = tmp_path / "model.onnx"
+    done = runner.invoke(
+        cli_app, ["export", job["id"], "--format", "onnx", "--fold-bn", "-o", str(out)], env=env
+    )
+    assert done.exit_code == 0, done.output
+    assert out.is_file() and "folded BN layers (4)" in done.output
+    assert "within 0.0001" in done.output
+    done = runner.invoke(
+        cli_app, ["recalibrate", job["id"], "epoch-0001", "--batches", str(BATCHES)], env=env
+    )
+    assert done.exit_code == 0, done.output
+    assert f"epoch-0001-recal{BATCHES}" in done.output and "val_accuracy" in done.output
+
+    with Client(stack.url, stack.token) as client:
+        path, cert = client.export(job["id"], "epoch-0001", tmp_path)
+        assert path.read_bytes() == out.read_bytes() and cert["batch_norm_nodes"] == 0
+        assert client.export_certificate(job["id"], "epoch-0001") == cert
+        assert [a["kind"] for a in client.artifacts(job["id"])] == ["export", "recalibrate"]
+        with pytest.raises(ApiError) as err:
+            client.recalibrate(job["id"], "epoch-0001", batches=0)
+        assert err.value.status == 422
