@@ -138,6 +138,9 @@ class Job(Base):
     enqueue_failed_at: Mapped[datetime | None] = mapped_column(default=None)
     # A free-text note for people (PATCH /jobs/{id}); None: no note.
     note: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    # Warnings about the job, [{"code", "message", "source"}]: submit-time checks ("validate")
+    # and what norm telemetry saw while it trained ("telemetry"). None on jobs from before 0009.
+    warnings: Mapped[list[dict[str, Any]] | None] = mapped_column(sa.JSON, default=list)
 
 
 class Sweep(Base):
@@ -208,6 +211,29 @@ class Metric(Base):
     discarded: Mapped[bool] = mapped_column(
         sa.Boolean, default=False, server_default=sa.false(), nullable=False
     )
+
+
+class NormTelemetryRow(Base):
+    """One norm layer in one telemetry record of a job (normcore.telemetry); ``seq`` is global
+    and monotone like metrics' seq, a row is unique per (job, step, layer)."""
+
+    __tablename__ = "norm_telemetry"
+    __table_args__ = (
+        sa.Index("ix_norm_telemetry_job_id_seq", "job_id", "seq"),
+        sa.UniqueConstraint("job_id", "step", "layer"),
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    step: Mapped[int] = mapped_column(sa.BigInteger)
+    epoch: Mapped[int] = mapped_column(sa.Integer)
+    # "start", "eval" or "steps" (normcore.engine.NormRecord.trigger)
+    trigger: Mapped[str] = mapped_column(sa.String(16))
+    layer: Mapped[str] = mapped_column(sa.String(255))
+    values: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    time: Mapped[float] = mapped_column(sa.Float)
 
 
 class Checkpoint(Base):
@@ -321,6 +347,7 @@ sweeps = Sweep.__table__
 job_tags = JobTag.__table__
 metrics = Metric.__table__
 checkpoints = Checkpoint.__table__
+norm_telemetry = NormTelemetryRow.__table__
 logs = Log.__table__
 workers = Worker.__table__
 gpu_queues_seen = GpuQueueSeen.__table__
@@ -339,6 +366,7 @@ __all__ = [
     "logs",
     "metadata",
     "metrics",
+    "norm_telemetry",
     "sweeps",
     "tokens",
     "users",

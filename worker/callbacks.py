@@ -102,6 +102,7 @@ class StoreCallback(Callback):
         self._cancel_poll = cancel_poll
         self._metrics: list[dict[str, Any]] = []
         self._logs: list[tuple[str, str]] = []
+        self._norms: list[dict[str, Any]] = []  # norm telemetry records (normcore.telemetry)
         self._buffer_lock = threading.Lock()  # guards the two buffers
         self._write_lock = threading.Lock()  # one writer at a time, so rows keep their order
         self._last_epoch: int | None = None
@@ -181,15 +182,20 @@ class StoreCallback(Callback):
             with self._buffer_lock:
                 metrics, self._metrics = self._metrics, []
                 logs, self._logs = self._logs, []
+                norms, self._norms = self._norms, []
             try:
                 if metrics:
                     self._write(self.store.add_metrics, rows=metrics)
                     metrics = []
+                if norms:
+                    self._write(self.store.add_norms, records=norms)
+                    norms = []
                 if logs:
                     self._write(self.store.add_logs, lines=logs)
             except BaseException:
                 with self._buffer_lock:  # put back what was not written, in order
                     self._metrics[:0] = metrics
+                    self._norms[:0] = norms
                     self._logs[:0] = logs
                 raise
 
@@ -207,6 +213,7 @@ class StoreCallback(Callback):
         self.log(f"training started (attempt {self.attempt}) at step {start} of {total}")
         if self.attempt > 1:
             dropped = self._write(self.store.discard_metrics_after, step=int(start))
+            self._write(self.store.discard_norms_after, step=int(start))
             if dropped:
                 self.log(
                     f"discarded {dropped} metric rows of earlier attempts past step {start}; "
@@ -231,6 +238,25 @@ class StoreCallback(Callback):
             self._metrics.append(record)
         if record["split"] != "train" or epoch_changed:
             self.flush()
+
+    def on_norms(self, record: Any) -> None:
+        """Buffer one norm telemetry record (written with the next flush)."""
+        layers = [_finite(dict(layer)) for layer in record.layers]
+        with self._buffer_lock:
+            self._norms.append(
+                {
+                    "step": int(record.step),
+                    "epoch": int(record.epoch),
+                    "trigger": str(record.trigger),
+                    "time": float(record.time),
+                    "layers": layers,
+                }
+            )
+
+    def on_warning(self, warning: dict[str, str]) -> None:
+        """Store a warning on the job at once (GET /jobs/{id} shows it while the job runs)."""
+        self.flush()
+        self._write(self.store.add_job_warning, warning=dict(warning))
 
     def on_checkpoint(self, ckpt: Any) -> None:
         """Flush metrics and record the checkpoint with its path relative to the artifact dir."""

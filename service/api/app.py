@@ -28,8 +28,9 @@ from service.api.deps import NoUnknownQuery
 from service.api.examples import UNKNOWN_PARAMETER
 from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
 from service.api.poll import PollFastPath, find_route
-from service.api.routes_sweeps import router as sweeps_router
 from service.api.routes_diff import router as diff_router
+from service.api.routes_norms import router as norms_router
+from service.api.routes_sweeps import router as sweeps_router
 from service.api.routes_validate import router as validate_router
 from service.errors import Conflict, InvalidInput, LimitExceeded, ServiceError
 from service.reaper import Reaper
@@ -270,6 +271,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_checkpoints.router)
     app.include_router(routes_exports.router)
     app.include_router(diff_router)
+    app.include_router(norms_router)
     app.include_router(routes_workers.router)
     app.include_router(sweeps_router)
     ui_routes.mount(app)

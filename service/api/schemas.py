@@ -82,6 +82,12 @@ class JobOut(_Out):
     note: str | None = Field(
         default=None, description="A free-text note for people (PATCH /jobs/{id}); null: none."
     )
+    warnings: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description='Warnings about the job, each {"code", "message", "source"}: source '
+        '"validate" (submit-time checks) or "telemetry" (what the norm layers showed while it '
+        "trained).",
+    )
 
 
 class JobDetail(JobOut):
@@ -153,6 +159,26 @@ class MetricOut(_Out):
         description="The seq of the row of the same (split, step) this one supersedes (a "
         "resumed attempt rewrote it); null for a first write.",
     )
+
+
+class NormRowOut(_Out):
+    """One norm layer in one telemetry record (see ``normcore.telemetry.NormTelemetry``)."""
+
+    seq: int
+    step: int
+    epoch: int
+    trigger: str = Field(description='"start", "eval" or "steps" (spec.telemetry.every_steps).')
+    layer: str
+    values: dict[str, Any]
+    time: float
+    attempt: int | None = None
+
+
+class NormPage(BaseModel):
+    """Norm telemetry rows after ``?after=``; poll again with ``after=next``."""
+
+    items: list[NormRowOut]
+    next: int
 
 
 class MetricPage(BaseModel):

@@ -11,6 +11,7 @@ from service.store.attempts import AttemptStore
 from service.store.deletion import DeletionStore
 from service.store.exports import ArtifactStore
 from service.store.jobs import JobStore
+from service.store.norms import NormStore
 from service.store.recovery import RecoveryStore
 from service.store.results import ResultStore
 from service.store.scheduling import SchedulingStore
@@ -30,6 +31,7 @@ class Store(
     DeletionStore,
     SchedulingStore,
     ArtifactStore,
+    NormStore,
 ):
     """All service state: users and tokens, jobs, attempts, metrics, checkpoints, logs, workers.
 

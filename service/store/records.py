@@ -60,6 +60,8 @@ class JobRecord:
     enqueue_error: str | None = None
     enqueue_failed_at: datetime | None = None
     note: str | None = None
+    # [{"code", "message", "source"}]: submit-time checks and norm telemetry
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -172,6 +174,7 @@ def to_job(row: Any) -> JobRecord:
         enqueue_error=enqueue_error,
         enqueue_failed_at=m["enqueue_failed_at"],
         note=m.get("note"),  # absent from a row that selects named columns only
+        warnings=list(m.get("warnings") or []),
     )
 
 

@@ -1,0 +1,70 @@
+"""``GET /jobs/{id}/norms``: the norm telemetry of a job (normcore.telemetry), per record and layer.
+
+Same paging contract as ``GET /jobs/{id}/metrics``: rows with ``seq > after`` in seq order,
+``next`` the last seq read; ``max_points`` downsamples per (layer, value name) keeping each
+bucket's extremes. Another user's job is a 404.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import CurrentUser, StoreDep, check_owned_job
+from service.api.examples import NOT_FOUND, UNAUTHORIZED
+from service.api.schemas import NormPage, NormRowOut
+
+router = APIRouter(tags=["jobs"])
+
+MAX_SEQ = 2**62
+
+
+@router.get(
+    "/jobs/{job_id}/norms",
+    response_model=NormPage,
+    summary="Norm telemetry rows (per record and norm layer) after a sequence number",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+async def get_norms(
+    job_id: str,
+    user: CurrentUser,
+    store: StoreDep,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    layer: Annotated[
+        str | None,
+        Query(min_length=1, max_length=255, description="Only this layer (e.g. conv1.norm)."),
+    ] = None,
+    max_points: Annotated[
+        int | None,
+        Query(
+            ge=2,
+            le=100_000,
+            description="Downsample for plotting: every row after ``after`` (``limit`` is "
+            "ignored), at most this many points per (layer, value name), each bucket keeping "
+            "its minimum and maximum. ``next`` is the last seq read.",
+        ),
+    ] = None,
+) -> Any:
+    """Rows with ``seq > after``, oldest first; poll again with ``after=next``.
+
+    Each row is one norm layer at one record (``trigger`` "start" before the first step,
+    "eval" at each evaluation, "steps" every ``spec.telemetry.every_steps``); ``values`` holds
+    the per-channel summaries, drift, dead channels, gamma/beta norms and
+    ``num_batches_tracked`` (README, "Norm telemetry").
+    """
+
+    def read() -> NormPage:
+        with store.read_transaction():
+            check_owned_job(store, user, job_id)
+            if max_points is not None:
+                rows, nxt = store.get_norms_downsampled(
+                    job_id, max_points=max_points, after=after, layer=layer
+                )
+            else:
+                rows, nxt = store.get_norms(job_id, after=after, limit=limit, layer=layer)
+        return NormPage(items=[NormRowOut.model_validate(r) for r in rows], next=nxt)
+
+    return await run_in_threadpool(read)
