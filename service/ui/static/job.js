@@ -43,7 +43,13 @@
       + (st.status_reason ? ` - ${NC.esc(st.status_reason)}` : "") + (st.error ? ` - <span class="error">${NC.esc(st.error)}</span>` : "");
     $("#history").append(li);
   }
-  async function refresh() { const job = await NC.api(base); showJob(job); return job; }
+  async function refresh() {
+    const job = await NC.api(base);
+    showJob(job);
+    // the deploy panel (exports.js): checkpoints with their exports and recalibrations
+    if (typeof Exports !== "undefined") Exports.refresh(job).catch((e) => { $("#error").textContent = e.message; });
+    return job;
+  }
 
   let job;
   try { job = await refresh(); } catch (e) { $("#error").textContent = e.message; return; }
