@@ -56,6 +56,23 @@ def select_extremes(
     )
 
 
+_FAST_TYPES = frozenset({float, int, type(None)})
+
+
+def _ranks(column: list[Any]) -> np.ndarray:
+    """``_rank`` of every value of ``column`` as float64 (a name's values over a split's rows).
+
+    The common column (every value a float, an int or None) is converted by numpy in one call
+    (None -> NaN -> +inf, as ``_rank``); a column with another type (a bool, a string, a missing
+    value) goes value by value.
+    """
+    if set(map(type, column)) <= _FAST_TYPES:
+        ranks = np.array(column, dtype=np.float64)
+        ranks[~np.isfinite(ranks)] = np.inf
+        return ranks
+    return np.fromiter(map(_rank, column), np.float64, len(column))
+
+
 def select_extremes_columns(
     seqs: Sequence[int],
     steps: Sequence[int],
@@ -70,40 +87,46 @@ def select_extremes_columns(
     Otherwise its rows, ordered by (step, seq), are cut into ``max_points // 2`` buckets of
     equal count and, per value name and bucket, the row of the minimum and the row of the
     maximum are kept (the first one on ties). Raises ValueError for ``max_points < 2``.
+
+    Cost: a few C-level passes over the rows per value name (numpy conversions and sorts);
+    a column of floats, ints and None is converted in one numpy call (``_ranks``).
     """
     if max_points < 2:
         raise ValueError("max_points must be at least 2 (a bucket keeps its minimum and maximum)")
-    by_split: dict[str, list[int]] = defaultdict(list)
-    for i, split in enumerate(splits):
-        by_split[split].append(i)
+    split_of = np.array(splits, dtype=object)
     out: list[tuple[int, set[str] | None]] = []
-    for indices in by_split.values():
-        counts: dict[str, int] = defaultdict(int)
-        for i in indices:
-            for name in values[i]:
-                counts[name] += 1
-        if all(c <= max_points for c in counts.values()):
-            out.extend((i, None) for i in indices)
+    for split in sorted(set(splits)):
+        idx = np.flatnonzero(split_of == split)
+        if idx.size <= max_points:  # no series can be over the budget
+            out.extend((i, None) for i in idx.tolist())
             continue
-        indices.sort(key=lambda i: (steps[i], seqs[i]))
-        n, buckets = len(indices), max_points // 2
+        split_steps = np.array([steps[i] for i in idx.tolist()], dtype=np.int64)
+        split_seqs = np.array([seqs[i] for i in idx.tolist()], dtype=np.int64)
+        order = np.lexsort((split_seqs, split_steps))
+        if not np.array_equal(order, np.arange(order.size)):
+            idx = idx[order]
+        rows = [values[i] for i in idx.tolist()]
+        n, buckets = len(rows), max_points // 2
+        columns = {name: [v.get(name, _MISSING) for v in rows] for name in set().union(*rows)}
+        counts = {name: n - column.count(_MISSING) for name, column in columns.items()}
+        if all(c <= max_points for c in counts.values()):
+            out.extend((i, None) for i in idx.tolist())
+            continue
         bucket = np.arange(n, dtype=np.int64) * buckets // n
         keep: dict[int, set[str]] = defaultdict(set)  # row index -> value names
-        for name in counts:
-            ranks = np.fromiter(
-                (_rank(values[i].get(name, _MISSING)) for i in indices), np.float64, n
-            )
+        for name, column in columns.items():
+            ranks = _ranks(column)
             present = np.flatnonzero(~np.isnan(ranks))  # NaN: no such value or not a number
             if present.size == 0:
                 continue
             r, bk = ranks[present], bucket[present]
             # Sorted by (bucket, rank, position): the first of a bucket is its minimum; by
             # (bucket, -rank, position) its maximum; ties go to the earliest row.
-            for order in (np.lexsort((present, r, bk)), np.lexsort((present, -r, bk))):
-                sorted_bk = bk[order]
-                first = order[np.flatnonzero(np.r_[True, sorted_bk[1:] != sorted_bk[:-1]])]
-                for pos in present[first].tolist():
-                    keep[indices[pos]].add(name)
+            for by_rank in (np.lexsort((present, r, bk)), np.lexsort((present, -r, bk))):
+                sorted_bk = bk[by_rank]
+                first = by_rank[np.flatnonzero(np.r_[True, sorted_bk[1:] != sorted_bk[:-1]])]
+                for row in idx[present[first]].tolist():
+                    keep[row].add(name)
         out.extend(keep.items())
     return out
 

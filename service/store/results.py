@@ -65,8 +65,9 @@ class ResultStore(Database):
         (``service.store.downsample``); returns (rows, the last seq read or after), so
         ``after=next`` follows on from every row, kept or not.
 
-        Reads the values as JSON text and builds records only for the kept rows (100,000 rows:
-        about 3x faster than ``get_metrics``' typed rows; benchmarks/ui_load.py).
+        Reads the values as JSON text in seq order straight from the driver's
+        cursor (no Row per row), decodes them as one JSON array and builds records only for the
+        kept rows; 100,000 rows: benchmarks/ui_load.py.
         """
         cols = metrics_t.c
         query = sa.select(
@@ -76,13 +77,17 @@ class ResultStore(Database):
             bound = self._final_step(conn, job_id) if final else None
             if bound is not None:
                 query = query.where(cols.step <= bound)
-            fetched = conn.execute(query.order_by(cols.seq)).all()
+            result = conn.execute(query.order_by(cols.seq))
+            # Plain tuples from the DBAPI cursor: no column here has a result processor (the
+            # values come as text), and a Row per row cost as much as the read itself.
+            fetched = result.cursor.fetchall() if result.cursor is not None else []
+            result.close()
+            seqs = [r[0] for r in fetched]
+            steps = [r[1] for r in fetched]
+            splits = [r[2] for r in fetched]
             # One decode of a JSON array: a third of the time of a json.loads per row.
             parsed = json.loads("[" + ",".join(r[3] or "{}" for r in fetched) + "]")
-            seqs = [r[0] for r in fetched]
-            picks = select_extremes_columns(
-                seqs, [r[1] for r in fetched], [r[2] for r in fetched], parsed, max_points
-            )
+            picks = select_extremes_columns(seqs, steps, splits, parsed, max_points)
             wanted = [seqs[i] for i, _ in picks]
             full: dict[int, MetricRecord] = {}
             for k in range(0, len(wanted), _IN_CHUNK):
@@ -97,7 +102,7 @@ class ResultStore(Database):
                     row, values={k: v for k, v in row.values.items() if k in names}
                 )
             out.append(row)
-        return out, (seqs[-1] if seqs else after)
+        return out, (max(seqs) if seqs else after)
 
     @staticmethod
     def _final_step(conn: Connection, job_id: str) -> int | None:
@@ -113,23 +118,27 @@ class ResultStore(Database):
         return -1 if newest is None else int(newest)
 
     def last_metrics(self, job_id: str) -> dict[str, Any] | None:
-        """The latest row of each split: {split: {seq, step, epoch, values, time}}, or None."""
-        latest = (
-            sa.select(metrics_t.c.split, sa.func.max(metrics_t.c.step).label("step"))
-            .where(metrics_t.c.job_id == job_id, metrics_t.c.discarded.is_(False))
-            .group_by(metrics_t.c.split)
-            .subquery()
-        )
+        """The latest row of each split: {split: {seq, step, epoch, values, time}}, or None.
+
+        One index probe per split (its live row of the highest step, read backwards along the
+        (job_id, split, step) index) after listing the splits from that index alone: a
+        GROUP BY over the job's rows took 0.1-0.2 s at 100,000 rows.
+        """
+        cols = metrics_t.c
         with self._read() as conn:
-            rows = conn.execute(
-                sa.select(metrics_t)
-                .join(
-                    latest,
-                    sa.and_(metrics_t.c.split == latest.c.split, metrics_t.c.step == latest.c.step),
-                )
-                .where(metrics_t.c.job_id == job_id, metrics_t.c.discarded.is_(False))
-                .order_by(metrics_t.c.split)
-            ).all()
+            splits = conn.execute(
+                sa.select(cols.split).where(cols.job_id == job_id).distinct()
+            ).scalars()
+            rows = []
+            for split in sorted(splits):
+                row = conn.execute(
+                    sa.select(metrics_t)
+                    .where(cols.job_id == job_id, cols.split == split, cols.discarded.is_(False))
+                    .order_by(cols.step.desc())
+                    .limit(1)
+                ).first()
+                if row is not None:
+                    rows.append(row)
         if not rows:
             return None
         out: dict[str, Any] = {}

@@ -17,6 +17,7 @@ from service.store import Store
 from service.store.downsample import downsample
 from service.store.records import MetricRecord
 from tests.harness import make_env
+from tests.service.store_backends import BACKENDS, open_store, pg_database
 
 SPIKE_STEP, DIP_STEP = 7_777, 3_333
 
@@ -133,3 +134,45 @@ def test_metrics_route_downsamples_and_keeps_spikes(
     assert client.get(f"/jobs/{job_id}/metrics", params={"max_points": 1}).status_code == 422
     after = client.get(f"/jobs/{job_id}/metrics", params={"max_points": 50, "after": 20_000})
     assert {i["split"] for i in after.json()["items"]} <= {"train", "val"}
+
+
+@pytest.fixture(scope="module")
+def pg_url(postgres_server: str) -> Iterator[str]:
+    yield from pg_database(postgres_server)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    yield from open_store(request, tmp_path, "pg_url")
+
+
+def test_store_downsamples_on_both_backends(backend_store: Store) -> None:
+    """The store's read (driver rows, one JSON decode, numpy selection) on SQLite and
+    PostgreSQL: the planted spike and dip survive, mixed columns (a string, a bool, a null, a
+    missing value) take the slow path, and the result equals ``downsample`` of every row."""
+    store = backend_store
+    store.create_token("carol", "carol-token")
+    user = store.get_user("carol")
+    assert user is not None
+    job, _ = store.create_job(owner_id=user.id, spec={}, name="ds", queue="cpu")
+    attempt = store.claim_job(job.id, worker_id="w", lease_seconds=600)
+    rows = _series(4_000)  # the dip planted at DIP_STEP; a spike at step 1,500 too
+    spike = next(r for r in rows if r["step"] == 1_500 and r["split"] == "train")
+    spike["values"]["loss"] = 50.0
+    rows[10]["values"] = {"loss": None, "lr": 0.1, "note": "text", "flag": True}
+    rows[20]["values"] = {"lr": 0.1}  # no loss: a gap in that series only
+    for i in range(0, len(rows), 5_000):
+        store.add_metrics(job.id, attempt=attempt, rows=rows[i : i + 5_000])
+    got, nxt = store.get_metrics_downsampled(job.id, max_points=100)
+    every, _ = store.get_metrics(job.id, limit=10_000)
+    assert len(every) == len(rows) and nxt == every[-1].seq
+    want = downsample(every, 100)
+    assert [(r.seq, r.values) for r in got] == [(r.seq, r.values) for r in want]
+    loss = _points(got, "train", "loss")
+    assert len(loss) <= 100
+    assert loss[1_500] == 50.0 and loss[DIP_STEP] == -5.0
+    assert loss[11] is None  # a null counts as its bucket's maximum
+    assert 21 not in loss  # no loss value in that row
+    # The last row of each split comes from an index probe per split.
+    last = store.last_metrics(job.id)
+    assert last is not None and last["train"]["step"] == 4_000 and last["val"]["step"] == 4_000
