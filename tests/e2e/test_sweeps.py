@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -40,14 +41,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         mode="sqlite",
         NORMCORE_MAX_ACTIVE_JOBS_PER_USER="100",
         NORMCORE_REAPER_INTERVAL_SECONDS="0.3",
+        NORMCORE_TRAIN_THREADS="1",
     )
     with running_stack(env, workers=0) as running:
         yield running
 
 
-def _ensure_worker(stack: Stack) -> None:
-    if not stack.workers:
-        stack.add_worker()
+def _ensure_workers(stack: Stack, n: int) -> None:
+    while sum(w.alive() for w in stack.workers) < n:
+        stack.add_worker(name=f"worker{len(stack.workers)}")
 
 
 def test_a_sweep_does_not_hold_another_users_job_and_cancel_stops_it(stack: Stack) -> None:
@@ -67,7 +69,7 @@ def test_a_sweep_does_not_hold_another_users_job_and_cancel_stops_it(stack: Stac
     r = ann.post("/jobs", json={**BASE, "name": "single"})
     assert r.status_code == 201
     single = r.json()["id"]
-    _ensure_worker(stack)  # one worker: everything queued before it started
+    _ensure_workers(stack, 1)  # one worker: everything queued before it started
 
     job = wait_for(
         lambda: (j := ann.get(f"/jobs/{single}").json())["status"] == "succeeded" and j,
@@ -104,7 +106,7 @@ def _final_values(client: httpx.Client, job_id: str, metric: str) -> list[float]
 
 
 def test_acceptance_sweep_through_cli_api_and_worker(stack: Stack, tmp_path: Path) -> None:
-    _ensure_worker(stack)
+    _ensure_workers(stack, 2)
     body = {
         "name": "accept",
         "base": BASE,
@@ -145,4 +147,41 @@ def test_acceptance_sweep_through_cli_api_and_worker(stack: Stack, tmp_path: Pat
     root = ET.fromstring(svg)
     lines = {g.get("id") for g in root.iter(f"{SVG_NS}g") if g.get("id", "").startswith("series-")}
     assert lines == {"series-bn", "series-gn:4", "series-none"}
+    c.close()
+
+
+def test_a_killed_worker_loses_no_cell(stack: Stack) -> None:
+    _ensure_workers(stack, 2)  # the other worker takes the job over once its lease expires
+    base = {**BASE, "data": {**BASE["data"], "num_samples": 1024}, "epochs": 3}
+    body = {"name": "kill", "base": base, "grid": {"model.norm": ["bn", "gn:4"]}, "concurrency": 2}
+    c = stack.client()
+    r = c.post("/sweeps", json=body)
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    ids = [j["job_id"] for cell in r.json()["cells"] for j in cell["jobs"]]
+
+    def checkpointed_and_running() -> str | None:
+        for job_id in ids:
+            job = c.get(f"/jobs/{job_id}").json()
+            if job["status"] == "running" and job["checkpoints"]:
+                return job_id
+        return None
+
+    victim_job = wait_for(checkpointed_and_running, timeout=180, interval=0.1, what="a checkpoint")
+    owner = c.get(f"/jobs/{victim_job}").json()["attempts"][-1]["worker"]  # host:pid
+    group = os.getpgid(int(owner.rsplit(":", 1)[1]))  # each worker runs in a session of its own
+    victim = next(w for w in stack.workers if w.alive() and w.pid == group)
+    victim.kill_group(signal.SIGKILL)
+    victim.popen.wait(10)
+    done = wait_for(
+        lambda: (s := c.get(f"/sweeps/{sid}").json())["status"] in ("succeeded", "failed") and s,
+        timeout=240,
+        interval=0.5,
+        what="the sweep to end after the kill",
+    )
+    assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 2
+    job = c.get(f"/jobs/{victim_job}").json()
+    assert job["attempt"] >= 2 and len(job["checkpoints"]) >= 1
+    report = c.get(f"/sweeps/{sid}/report").json()
+    assert [cell["n"] for cell in report["cells"]] == [1, 1]
     c.close()
