@@ -37,6 +37,7 @@ __all__ = [
     "GAP_ACCURACY",
     "GAP_LOSS_RATIO",
     "GAP_PROBE_SAMPLES",
+    "GAP_PROBE_SAMPLES_LARGE",
     "SMALL_BATCH",
     "FiniteCheck",
     "NormTelemetry",
@@ -66,10 +67,12 @@ SMALL_BATCH = 16
 # where accuracy says little).
 GAP_ACCURACY = 0.05
 GAP_LOSS_RATIO = 1.5
-# Validation samples the gap probe runs (rounded down to whole training batches, at least one):
-# two forward passes over 128 samples are ~1% of a resnet20 digits epoch
-# (benchmarks/telemetry_cost.py).
+# Validation samples the gap probe runs (rounded down to whole training batches, at least one).
+# Below SMALL_BATCH, where the warning reads the gap, 128 (the noise argument above); at larger
+# batches the gap is only a series, and 64 keeps the probe within the cost goal of 5% of a
+# resnet20 digits epoch (benchmarks/telemetry_cost.py).
 GAP_PROBE_SAMPLES = 128
+GAP_PROBE_SAMPLES_LARGE = 64
 # A layer's variance has collapsed when its median running (or probe) variance is below this
 # many times its eps: then eps, not the data, sets the scale the layer divides by.
 COLLAPSE_EPS_FACTOR = 1.0
@@ -285,8 +288,8 @@ def collapsed_layers(records: Iterable[dict[str, Any]]) -> list[str]:
 class FiniteCheck:
     """A per-step check that every running statistic and gamma of the model is finite.
 
-    :meth:`flag` sums each tensor (one reduction per tensor, no host sync) and returns a 0-d
-    bool tensor, True when all sums are finite; when it is False, :meth:`bad_layers` finds the
+    :meth:`flag` sums each running_var and gamma (one reduction per tensor, no host sync) and
+    returns a 0-d bool tensor, True when all sums are finite; when it is False, :meth:`bad_layers` finds the
     layers with non-finite values (the engine then fails the run naming them). A sum can
     overflow to inf in float32 without a non-finite entry (values over ~1e34): the slow path
     then finds no layer and the run goes on.
@@ -294,8 +297,12 @@ class FiniteCheck:
 
     def __init__(self, model: nn.Module) -> None:
         self.tensors: list[tuple[str, str, Tensor]] = []
-        for name, module in norm_layers(model):
-            for attr in ("running_mean", "running_var", "weight"):
+        self.layers = norm_layers(model)
+        for name, module in self.layers:
+            # not running_mean: a non-finite batch mean makes that step's batch variance
+            # non-finite too (var = mean((x - mean)^2)), so running_var catches it in the same
+            # step, and a third fewer tensors to sum each step
+            for attr in ("running_var", "weight"):
                 t = getattr(module, attr, None)
                 if isinstance(t, Tensor) and t.is_floating_point():
                     self.tensors.append((name, attr, t))
@@ -309,11 +316,14 @@ class FiniteCheck:
             return torch.isfinite(sums).all()
 
     def bad_layers(self) -> dict[str, list[str]]:
-        """{layer: [non-finite tensor names]} by an element-wise check (the slow path)."""
+        """{layer: [non-finite tensor names]} by an element-wise check of running_mean,
+        running_var and gamma (the slow path)."""
         bad: dict[str, list[str]] = {}
-        for name, attr, t in self.tensors:
-            if not bool(torch.isfinite(t.detach()).all()):
-                bad.setdefault(name, []).append("gamma" if attr == "weight" else attr)
+        for name, module in self.layers:
+            for attr in ("running_mean", "running_var", "weight"):
+                t = getattr(module, attr, None)
+                if isinstance(t, Tensor) and not bool(torch.isfinite(t.detach()).all()):
+                    bad.setdefault(name, []).append("gamma" if attr == "weight" else attr)
         return bad
 
 
@@ -361,21 +371,26 @@ def gap_probe(
     modes = {m: m.training for m in model.modules()}
     try:
         with torch.no_grad():
-            for x, y in batches:
-                x = inputs(x)
+            kept = [(inputs(x), y) for x, y in batches]
+            if not kept:
+                return None
+            # eval mode does not depend on how samples are batched: one forward over all
+            model.eval()
+            x_all, y_all = torch.cat([x for x, _ in kept]), torch.cat([y for _, y in kept])
+            out = model(x_all).float()
+            count = int(y_all.shape[0])
+            # the mean loss over all samples (a per-batch mean weighted by batch size is the same)
+            sums["eval_loss"] = float(loss_fn(out, y_all)) * count
+            if classification:
+                sums["eval_hit"] = float((out.argmax(1) == y_all).sum())
+            for x, y in kept:
                 n = int(y.shape[0])
-                model.eval()
-                out = model(x).float()
-                sums["eval_loss"] += float(loss_fn(out, y)) * n
-                if classification:
-                    sums["eval_hit"] += float((out.argmax(1) == y).sum())
                 _batch_stats_mode(model)
                 buffers = {k: b.clone() for k, b in model.named_buffers()}
                 out = torch.func.functional_call(model, (params, buffers), (x,)).float()
                 sums["batch_loss"] += float(loss_fn(out, y)) * n
                 if classification:
                     sums["batch_hit"] += float((out.argmax(1) == y).sum())
-                count += n
     finally:
         for m, mode in modes.items():
             m.training = mode

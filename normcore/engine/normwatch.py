@@ -28,6 +28,8 @@ from normcore.spec import JobSpec
 from normcore.telemetry import (
     ACT_PROBE_SAMPLES,
     GAP_PROBE_SAMPLES,
+    GAP_PROBE_SAMPLES_LARGE,
+    SMALL_BATCH,
     FiniteCheck,
     NormTelemetry,
     collapsed_layers,
@@ -68,7 +70,8 @@ class NormWatch:
         self._flag: Tensor | None = None
         # the gap probe's fixed validation batches: whole training batches only (BatchNorm in
         # train mode needs more than one sample, and every batch is then the training size)
-        wanted = max(1, GAP_PROBE_SAMPLES // self.batch_size)
+        samples = GAP_PROBE_SAMPLES if self.batch_size < SMALL_BATCH else GAP_PROBE_SAMPLES_LARGE
+        wanted = max(1, samples // self.batch_size)
         self.gap_batches: list[tuple[Tensor, Tensor]] = []
         for x, y in bundle.val_batches(self.batch_size, prec.device):
             if len(self.gap_batches) >= wanted:

@@ -43,7 +43,7 @@ def _summary(v: np.ndarray) -> dict[str, float]:
 def _spec(norm: str, **extra: Any) -> dict[str, Any]:
     return {
         "model": {"arch": "convblock", "norm": norm, "num_classes": 4},
-        "data": {"dataset": "synthetic", "batch_size": 8, "num_samples": 96, "num_classes": 4},
+        "data": {"dataset": "synthetic", "batch_size": 8, "num_samples": 64, "num_classes": 4},
         "epochs": 2,
         "seed": 0,
         **extra,
