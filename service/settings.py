@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     auth: bool = Field(default=True, description="False is only allowed on a loopback host.")
     max_body_bytes: int = Field(default=1_000_000, ge=1)
+    access_log: bool = Field(
+        default=False,
+        description="uvicorn's access log (one line per request) in `normcore serve`'s API; off "
+        "by default: at a thousand polls a second the lines cost more CPU than the answers.",
+    )
     # Recovery after a worker dies takes lease_seconds + reaper_interval_seconds + a broker poll
     # (~1 s on SQLite). The lease must still outlast a few missed heartbeats: a heartbeat is one
     # short write, but on SQLite it can queue behind other writers (a WAL checkpoint, a burst of

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -208,6 +210,24 @@ def _document_unknown_parameter(app: FastAPI) -> None:
             route.responses = {**route.responses, **UNKNOWN_PARAMETER}
 
 
+# Spec validation needs the norm factory and the models (a parameter count), and so torch:
+# seconds of imports on a busy machine. The app imports them on a thread once it runs, so it
+# answers (/healthz, polls) without waiting for them, and the first POST rarely does.
+SPEC_MODULES = ("normcore.factory", "normcore.models")
+
+
+def import_spec_modules() -> None:
+    """Import ``SPEC_MODULES`` (torch with them); a failure is logged, the first POST retries."""
+    started = time.monotonic()
+    for name in SPEC_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            log.exception("importing %s failed; the first submit will try again", name)
+            return
+    log.info("spec modules imported in %.1f s", time.monotonic() - started)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API: migrate the store, wire routes, auth, body limit and metrics.
 
@@ -216,10 +236,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     auth.check_auth_allowed(settings.auth, settings.host)
-    # Spec validation needs the norm factory and the models (parameter count): import them now,
-    # not on the first POST.
-    importlib.import_module("normcore.factory")
-    importlib.import_module("normcore.models")
     store = Store.from_settings(settings)
     store.upgrade()
 
@@ -233,6 +249,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Sweeps: submits a sweep's next runs as its children finish (service.sweeps).
         releaser = Releaser(settings, store)
         releaser.start()
+        threading.Thread(target=import_spec_modules, name="spec-imports", daemon=True).start()
         try:
             yield
         finally:

@@ -6,9 +6,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from safetensors.torch import load_file
 
-from normcore.checkpoint_diff import ArchitectureMismatch, diff_state_dicts, summarize
 from service.api.deps import CurrentUser, SettingsDep, StoreDep, owned_job
 from service.api.examples import UNAUTHORIZED, error_response
 from service.api.routes_checkpoints import CheckpointName, _checkpoint_or_404, model_file
@@ -51,6 +49,9 @@ def _split_against(against: str) -> tuple[str, str]:
 
 def _load(path: Any, label: str) -> dict[str, Any]:
     """A model.safetensors read as tensors (never a pickle); a 500 naming it if it is corrupt."""
+    # torch is imported here, not with the module: the API answers before it has loaded torch.
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except Exception as exc:  # a corrupt file on disk is the server's fault: say so plainly
@@ -100,6 +101,8 @@ def checkpoint_diff(
     Both jobs must be visible to the caller (404 otherwise, as for any job of another user);
     checkpoints whose tensors differ in names or shapes are refused with 422 naming them.
     """
+    from normcore.checkpoint_diff import ArchitectureMismatch, diff_state_dicts, summarize
+
     other_id, other_name = _split_against(against)
     with store.read_transaction():
         job = owned_job(store, user, job_id)
