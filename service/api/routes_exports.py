@@ -46,10 +46,74 @@ Preprocessing = Annotated[
     ),
 ]
 
+EXAMPLE_CERTIFICATE: dict[str, Any] = {
+    "format": "onnx",
+    "checkpoint": "epoch-0001",
+    "fold_bn": True,
+    "max_abs_diff": 1.4e-06,
+    "tolerance": 0.0001,
+    "within_tolerance": True,
+    "probe": {"size": 64, "split": "val", "dataset": "digits"},
+    "onnxruntime": "1.32.0",
+    "onnx": "1.23.2",
+    "torch": "2.13.0",
+    "opset": 20,
+    "folded_layers": ["conv1.norm", "conv2.norm", "norm1.norm", "norm2.norm"],
+    "kept_norm_layers": [],
+    "batch_norm_nodes": 0,
+    "input": {
+        "name": "x",
+        "shape": [1, 1, 8, 8],
+        "normalized": True,
+        "preprocessing_in_graph": False,
+        "value_range": None,
+        "mean": [0.3047],
+        "std": [0.3755],
+    },
+    "outputs": ["linear_2"],
+}
+EXAMPLE_ARTIFACT: dict[str, Any] = {
+    "id": "5b0c2f7e9d8a4c1b8e7f6a5d4c3b2a19",
+    "job_id": "3f2c1e0d9b8a47c6a5e4d3c2b1a09f8e",
+    "kind": "export",
+    "checkpoint": "epoch-0001",
+    "checkpoint_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "options": {"format": "onnx", "fold_bn": True, "preprocessing": False},
+    "status": "succeeded",
+    "error": None,
+    "result": EXAMPLE_CERTIFICATE,
+    "sha256": "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+    "bytes": 262144,
+    "enqueues": 1,
+    "runs": 1,
+    "created_at": "2026-11-30T04:00:00Z",
+    "finished_at": "2026-11-30T04:00:09Z",
+    "status_url": "/jobs/3f2c1e0d9b8a47c6a5e4d3c2b1a09f8e/artifacts/5b0c2f7e9d8a4c1b8e7f6a5d4c3b2a19",
+}
+EXAMPLE_RECALIBRATION: dict[str, Any] = {
+    **EXAMPLE_ARTIFACT,
+    "kind": "recalibrate",
+    "options": {"batches": 50},
+    "result": {
+        "name": "epoch-0001-recal50",
+        "epoch": 1,
+        "step": 45,
+        "bytes": 260384,
+        "sha256": "ec7257faf4b78f811f84e23a787ff054ffe630150caa4ddef8623e58cc3e25de",
+        "metrics": {"val_loss": 0.19, "val_accuracy": 0.955},
+        "original_metrics": {"val_loss": 1.22, "val_accuracy": 0.540},
+        "batches": 50,
+        "batches_used": 44,
+    },
+    "sha256": None,
+    "bytes": None,
+}
+_QUEUED = {**EXAMPLE_ARTIFACT, "status": "queued", "result": None, "sha256": None, "bytes": None}
 _ACCEPTED = {
     202: {
         "model": ArtifactOut,
         "description": "Being built by a worker: poll the Location (or repeat the request)",
+        "content": {"application/json": {"example": {**_QUEUED, "finished_at": None}}},
     }
 }
 _FAILED = {
@@ -89,8 +153,21 @@ def _failed(art: ArtifactRecord) -> HTTPException:
     )
 
 
-async def _wait(store: Any, art: ArtifactRecord, wait: float) -> ArtifactRecord:
-    """The artifact once it is finished, or as it is after ``wait`` seconds."""
+def _cpu_worker_live(store: Any, settings: Any) -> bool:
+    workers = store.list_workers(live_within_seconds=settings.worker_live_seconds)
+    return any("cpu" in w.queues for w in workers)
+
+
+async def _wait(store: Any, settings: Any, art: ArtifactRecord, wait: float) -> ArtifactRecord:
+    """The artifact once it is finished, or as it is after ``wait`` seconds; at once when no
+    cpu worker is live to build it (nothing would change while we wait)."""
+    done = (ArtifactStatus.SUCCEEDED, ArtifactStatus.FAILED)
+    if (
+        wait > 0
+        and art.status not in done
+        and not await run_in_threadpool(_cpu_worker_live, store, settings)
+    ):
+        return art
     deadline = time.monotonic() + wait
     while art.status not in (ArtifactStatus.SUCCEEDED, ArtifactStatus.FAILED):
         if time.monotonic() >= deadline:
@@ -118,7 +195,7 @@ async def _export(
         ArtifactKind.EXPORT,
         options,
     )
-    return await _wait(store, art, wait), cached
+    return await _wait(store, settings, art, wait), cached
 
 
 def _export_file(settings: Any, art: ArtifactRecord) -> Path:
@@ -193,26 +270,7 @@ async def export_checkpoint(
     "/jobs/{job_id}/checkpoints/{name}/export/certificate",
     summary="The equivalence certificate of a checkpoint's ONNX export",
     responses={
-        200: {
-            "content": {
-                "application/json": {
-                    "example": {
-                        "format": "onnx",
-                        "checkpoint": "epoch-0001",
-                        "fold_bn": True,
-                        "max_abs_diff": 1.4e-06,
-                        "tolerance": 0.0001,
-                        "within_tolerance": True,
-                        "probe": {"size": 64, "split": "val", "dataset": "digits"},
-                        "onnxruntime": "1.32.0",
-                        "opset": 20,
-                        "folded_layers": ["conv1.norm", "conv2.norm"],
-                        "kept_norm_layers": [],
-                        "batch_norm_nodes": 0,
-                    }
-                }
-            }
-        },
+        200: {"content": {"application/json": {"example": EXAMPLE_CERTIFICATE}}},
         **_ACCEPTED,
         **_FAILED,
         **UNAUTHORIZED,
@@ -247,7 +305,18 @@ async def export_certificate(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ArtifactOut,
     responses={
-        200: {"model": ArtifactOut, "description": "Already done (the same batches before)"},
+        200: {
+            "model": ArtifactOut,
+            "description": "Already done (the same batches before)",
+            "content": {"application/json": {"example": EXAMPLE_RECALIBRATION}},
+        },
+        202: {
+            "description": "Being built by a worker: poll the Location (or repeat the request)",
+            "content": {"application/json": {"example": {**_QUEUED, "kind": "recalibrate"}}},
+        },
+        400: error_response(
+            "Malformed JSON body", "malformed JSON body: invalid JSON; send a JSON object"
+        ),
         **_FAILED,
         **UNAUTHORIZED,
         **NOT_FOUND,
@@ -275,7 +344,7 @@ async def recalibrate_checkpoint(
         ArtifactKind.RECALIBRATE,
         artifact_service.recalibrate_options(body.batches),
     )
-    art = await _wait(store, art, wait)
+    art = await _wait(store, settings, art, wait)
     if art.status == ArtifactStatus.FAILED:
         raise _failed(art)
     if art.status != ArtifactStatus.SUCCEEDED:
@@ -289,7 +358,11 @@ async def recalibrate_checkpoint(
     "/jobs/{job_id}/artifacts",
     response_model=list[ArtifactOut],
     summary="The job's exports and recalibrations",
-    responses={**UNAUTHORIZED, **NOT_FOUND},
+    responses={
+        200: {"content": {"application/json": {"example": [EXAMPLE_ARTIFACT]}}},
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+    },
 )
 def list_artifacts(
     job: OwnedJob,
@@ -305,7 +378,11 @@ def list_artifacts(
     "/jobs/{job_id}/artifacts/{artifact_id}",
     response_model=ArtifactOut,
     summary="One export or recalibration: its status and result",
-    responses={**UNAUTHORIZED, **NOT_FOUND},
+    responses={
+        200: {"content": {"application/json": {"example": EXAMPLE_ARTIFACT}}},
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+    },
 )
 def get_artifact(
     job: OwnedJob,

@@ -319,3 +319,32 @@ def test_claims_are_leased_and_only_the_holder_finishes(store: Store) -> None:
     assert done is not None and done.status == ArtifactStatus.SUCCEEDED
     assert done.finished_at is not None and utcnow() - done.finished_at < timedelta(minutes=1)
     assert store.claim_artifact(art.id, worker_id="w3", lease_seconds=30) is None
+
+
+def test_deleting_a_job_deletes_its_artifacts(store: Store) -> None:
+    job_id = _job(store)
+    art, _ = store.request_artifact(
+        job_id, kind="export", checkpoint="e", checkpoint_sha256="d" * 64, options={}
+    )
+    assert store.delete_job(job_id) is not None
+    assert store.get_artifact(art.id) is None
+
+
+def test_lost_messages_and_expired_leases_are_published_again(store: Store) -> None:
+    from dataclasses import replace
+
+    from service.artifacts import REPUBLISH_AFTER_S, _needs_publish
+
+    job_id = _job(store)
+    art, _ = store.request_artifact(
+        job_id, kind="export", checkpoint="e", checkpoint_sha256="e" * 64, options={}
+    )
+    assert _needs_publish(art)  # never published (the broker was down)
+    store.mark_artifact_enqueued(art.id)
+    art = store.get_artifact(art.id)
+    assert art is not None and art.enqueues == 1 and not _needs_publish(art)
+    stale = replace(art, updated_at=utcnow() - timedelta(seconds=REPUBLISH_AFTER_S + 1))
+    assert _needs_publish(stale)  # queued that long: its message may be lost
+    held = store.claim_artifact(art.id, worker_id="w", lease_seconds=30)
+    assert held is not None and not _needs_publish(held)
+    assert _needs_publish(replace(held, lease_expires_at=utcnow() - timedelta(seconds=1)))

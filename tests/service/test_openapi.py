@@ -178,7 +178,8 @@ def test_fuzz_the_routes_of_a_real_job(server: Server) -> None:
             response = case.call_and_validate(
                 base_url=server.url, headers=headers, timeout=30, checks=CHECKS
             )
-            assert response.status_code != 404 or "name" in case.path_parameters
+            # only an id other than the job's (a checkpoint name, an artifact id) may be unknown
+            assert response.status_code != 404 or set(case.path_parameters) - {"job_id"}
 
         try:
             run()
