@@ -15,12 +15,64 @@ from service.api.schemas_validate import ValidateOut
 
 router = APIRouter(tags=["jobs"])
 
+_LAYER = {
+    "name": "conv1.norm",
+    "kind": "bn",
+    "cls": "BatchNorm2d",
+    "num_channels": 8,
+    "map_size": [8, 8],
+    "batch_stats": True,
+    "synced": False,
+    "per_device_batch": 4,
+    "norm_batch": 4,
+    "values_per_stat": 256,
+    "momentum": 0.1,
+    "tracks_running_stats": True,
+    "half_life_steps": 6.58,
+    "num_groups": None,
+    "channels_per_group": None,
+}
+EXAMPLE_REPORT = {
+    "arch": "lenet",
+    "norm": "bn",
+    "world_size": 1,
+    "per_device_batch": 4,
+    "global_batch": 4,
+    "sync_bn": False,
+    "num_train": 1437,
+    "steps_per_epoch": 359,
+    "epochs": 1,
+    "total_steps": 359,
+    "parameters": 63874,
+    "memory_mb": {"data_mb": 0.9, "model_mb": 0.7, "activations_mb": 0.1, "total_mb": 1.7},
+    "layers": [_LAYER],
+    "running_stats": {
+        "convention": "torch: running = (1 - momentum) * running + momentum * batch",
+        "layers_tracking": 4,
+        "momenta": [0.1],
+        "cumulative": False,
+        "half_life_steps": 6.58,
+        "half_lives_in_run": 54.6,
+    },
+    "warnings": [
+        {
+            "code": "bn_small_batch",
+            "message": "batch-statistics norm layers (conv1.norm, ...) estimate their mean and "
+            "variance from 4 sample(s) per step, under 8: ...",
+            "layers": ["conv1.norm"],
+            "source": "validate",
+        }
+    ],
+    "notes": ["gradient accumulation would not change these batches: ..."],
+}
+
 
 @router.post(
     "/jobs/validate",
     response_model=ValidateOut,
     summary="Check a spec without training: effective batch, momentum half-life, warnings",
     responses={
+        200: {"content": {"application/json": {"example": EXAMPLE_REPORT}}},
         **UNAUTHORIZED,
         422: error_response(
             "A field the submit would refuse",
