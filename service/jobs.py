@@ -281,16 +281,18 @@ def submit(
     Checks, in order: data.path under the data root; checkpoint.keep_last under the server's
     bound; the model's parameter count; max_runtime under the server's cap; the spec against
     its data set and its memory estimate against the budget; GPU capacity of the live workers;
-    the user's disk quota (:mod:`service.disk`). Then one store transaction does idempotency
-    and the active-job quota (``settings.max_active_jobs_per_user``) atomically with the
-    insert. A replay (same key, same spec) returns the existing job, published again if its
-    last publish failed.
+    the user's disk quota (:mod:`service.disk`). The warnings of ``normcore.validate`` (advice,
+    never a refusal) are stored on a new job (``warnings``, source "validate"). Then one store
+    transaction does idempotency and the active-job quota
+    (``settings.max_active_jobs_per_user``) atomically with the insert. A replay (same key,
+    same spec) returns the existing job, published again if its last publish failed.
 
     Raises InvalidInput (a bad field), LimitExceeded (the active-job quota: numbers active and
     limit; the disk quota: used and quota, in bytes), Conflict (the key was used for another
     spec).
     """
-    run_checks(spec, settings)
+    info = run_checks(spec, settings)
+    warnings = submit_warnings(spec, settings, info)
     waiting = check_gpu_capacity(spec, store, settings)
     disk.check_disk_quota(store, settings, user)
     try:
@@ -317,6 +319,9 @@ def submit(
             f"Idempotency-Key {idempotency_key!r} was already used for a different job "
             "spec; use a new key for a new job"
         ) from None
+    if created:
+        for warning in warnings:  # before the publish: the job is answered with them
+            store.add_job_warning(job.id, attempt=None, warning=warning)
     if created or (job.status is JobStatus.QUEUED and job.enqueue_error is not None):
         enqueue(store, settings, job)
     return Submission(store.get_job(job.id) or job, created)
