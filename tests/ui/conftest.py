@@ -61,12 +61,17 @@ def screenshot(page: Any, name: str) -> Path:
     return path
 
 
-def offline_page(browser: Any, base_url: str) -> tuple[Any, Any, list[str]]:
-    """A new context and page whose requests to any host but the server are aborted and listed.
+def offline_page(
+    browser: Any, base_url: str, color_scheme: str = "light"
+) -> tuple[Any, Any, list[str]]:
+    """A new context and page whose requests to any host but the server are aborted and listed;
+    ``color_scheme`` ("light" or "dark") is what ``prefers-color-scheme`` reports.
 
     Returns (context, page, the list of refused URLs, filled as the page runs).
     """
-    context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 900})
+    context = browser.new_context(
+        base_url=base_url, viewport={"width": 1280, "height": 900}, color_scheme=color_scheme
+    )
     refused: list[str] = []
     server = base_url.rstrip("/")
 

@@ -194,3 +194,217 @@ def test_workers_page_for_admins(browser: Any, stack: Stack) -> None:
         assert refused == []
     finally:
         context.close()
+
+
+def test_jobs_page_cancels_and_deletes(browser: Any, stack: Stack) -> None:
+    job_id = submit(stack, job_spec("ui-doomed", "bn", samples=4000, epochs=5))
+    context, page, refused = offline_page(browser, stack.url)
+    try:
+        sign_in(page, stack.token)
+        row = page.locator(f"tr[data-id='{job_id}']")
+        row.locator("button.cancel").click()
+
+        def cancelled() -> bool:
+            with stack.client() as c:
+                job = c.get(f"/jobs/{job_id}").json()
+            return job["status"] == "cancelled" or job["cancel_requested"]
+
+        wait_for(cancelled, timeout=30, what="the cancel to reach the job")
+        page.once("dialog", lambda d: d.accept())
+        page.locator(f"tr[data-id='{job_id}'] button.delete").click()
+        page.wait_for_selector(f"tr[data-id='{job_id}']", state="detached")
+        with stack.client() as c:
+            assert c.get(f"/jobs/{job_id}").status_code == 404
+        assert refused == []
+    finally:
+        context.close()
+
+
+def test_job_page_edits_tags_and_note_and_shows_history(
+    browser: Any, stack: Stack, finished_jobs: dict[str, str]
+) -> None:
+    job_id = finished_jobs["gn"]
+    context, page, refused = offline_page(browser, stack.url)
+    try:
+        sign_in(page, stack.token)
+        page.goto(f"/ui/jobs/{job_id}")
+        page.wait_for_selector("#history li")
+        assert page.input_value("#tags-input") == "ui-test"
+        # Status history from the stored record: submitted, the attempt's start and end.
+        history = page.inner_text("#history")
+        assert "submitted" in history and "attempt 1 started" in history
+        assert "attempt 1 ended" in history and "succeeded" in history
+        assert page.locator("#attempts tbody tr").count() == 1
+        assert page.locator("#attempts tbody time").count() == 2  # started and ended
+
+        page.fill("#tags-input", "ui-test, gn-run lr:0.1")
+        page.fill("#note-input", "GroupNorm baseline\nsee the BN run")
+        page.focus("#note-input")
+        page.keyboard.press("Tab")  # to the save button, pressed by keyboard
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#labels-status:has-text('Saved')")
+        with stack.client() as c:
+            job = c.get(f"/jobs/{job_id}").json()
+            assert job["spec"]["tags"] == ["ui-test", "gn-run", "lr:0.1"]
+            assert job["note"] == "GroupNorm baseline\nsee the BN run"
+            assert [j["id"] for j in c.get("/jobs", params={"tag": "gn-run"}).json()["items"]] == [
+                job_id
+            ]
+        assert "GroupNorm baseline" in page.inner_text("#job-note")
+        assert page.locator("#job-meta .tag").count() == 3
+
+        page.fill("#tags-input", "ok no/slash")
+        page.click("#labels-save")
+        page.wait_for_selector("#labels-error:not(:empty)")
+        error = page.inner_text("#labels-error")
+        assert "tags.1" in error and "pattern" in error, error
+        with stack.client() as c:
+            assert c.get(f"/jobs/{job_id}").json()["spec"]["tags"] == [
+                "ui-test",
+                "gn-run",
+                "lr:0.1",
+            ]
+        screenshot(page, "job-labels")
+        assert refused == []
+    finally:
+        context.close()
+
+
+OKABE_ITO = {"#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#f0e442"}
+
+
+def _rgb(css: str) -> tuple[float, float, float]:
+    parts = css[css.index("(") + 1 : css.index(")")].replace(",", " ").split()
+    return (float(parts[0]), float(parts[1]), float(parts[2]))
+
+
+def _luminance(css: str) -> float:
+    """WCAG 2 relative luminance of an rgb()/rgba() colour."""
+
+    def lin(c: float) -> float:
+        c /= 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = _rgb(css)
+    return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b)
+
+
+def _contrast(a: str, b: str) -> float:
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def _hex(css: str) -> str:
+    return "#" + "".join(f"{int(v):02x}" for v in _rgb(css))
+
+
+THEME_JS = """() => {
+  const cs = (sel, prop) => getComputedStyle(document.querySelector(sel))[prop];
+  return {
+    bg: cs("body", "backgroundColor"), fg: cs("body", "color"), muted: cs("#job-meta", "color"),
+    link: cs("header nav a", "color"), error: cs("#error", "color"),
+    series: [...document.querySelectorAll("#chart-loss .u-legend tr.u-series .u-marker")]
+      .slice(1).map((m) => getComputedStyle(m).borderColor),
+  };
+}"""
+
+
+def test_light_and_dark_colours_follow_the_system(
+    browser: Any, stack: Stack, finished_jobs: dict[str, str]
+) -> None:
+    themes: dict[str, dict[str, Any]] = {}
+    for scheme in ("light", "dark"):
+        context, page, refused = offline_page(browser, stack.url, color_scheme=scheme)
+        try:
+            sign_in(page, stack.token)
+            if scheme == "dark":
+                page.wait_for_selector(f"tr[data-id='{finished_jobs['bn']}']")
+                screenshot(page, "jobs-dark")
+            page.goto(f"/ui/jobs/{finished_jobs['bn']}")
+            page.wait_for_selector("#chart-loss .u-legend tr.u-series .u-marker")
+            page.wait_for_load_state("networkidle")
+            themes[scheme] = page.evaluate(THEME_JS)
+            if scheme == "dark":
+                screenshot(page, "job-dark")
+                page.goto("/ui/compare#ids=" + ",".join(finished_jobs.values()))
+                page.wait_for_selector("#chart-loss .u-legend")
+                screenshot(page, "compare-dark")
+            assert refused == []
+        finally:
+            context.close()
+    light, dark = themes["light"], themes["dark"]
+    assert _luminance(light["bg"]) > 0.8 and _luminance(dark["bg"]) < 0.05
+    assert light["fg"] != dark["fg"] and light["series"] != dark["series"]
+    for theme in (light, dark):
+        assert _contrast(theme["fg"], theme["bg"]) >= 7  # WCAG AAA body text
+        for key in ("muted", "link", "error"):
+            assert _contrast(theme[key], theme["bg"]) >= 4.5, (key, theme)  # WCAG AA
+        # Curves in Okabe-Ito colours, each told apart from the page background.
+        assert theme["series"] and {_hex(c) for c in theme["series"]} <= OKABE_ITO, theme
+        assert all(_contrast(c, theme["bg"]) >= 2.5 for c in theme["series"]), theme
+
+
+INTERACTIVE_JS = """() => {
+  const els = [...document.querySelectorAll(
+    'a[href], button, input, select, textarea, summary, [tabindex]:not([tabindex="-1"])')]
+    .filter((e) => !e.disabled && e.getClientRects().length > 0 && getComputedStyle(e).visibility !== "hidden");
+  els.forEach((e, i) => (e.dataset.kb = String(i)));
+  return els.length;
+}"""
+
+FOCUS_JS = """() => {
+  const e = document.activeElement;
+  const s = getComputedStyle(e);
+  return { kb: e.dataset ? e.dataset.kb || null : null, style: s.outlineStyle,
+           width: parseFloat(s.outlineWidth) || 0, visible: e.matches(":focus-visible") };
+}"""
+
+
+def test_every_control_is_reachable_by_tab_with_a_visible_focus(
+    browser: Any, stack: Stack, finished_jobs: dict[str, str]
+) -> None:
+    context, page, refused = offline_page(browser, stack.url)
+    try:
+        sign_in(page, stack.token)
+        for path, ready in (
+            ("/ui/", f"tr[data-id='{finished_jobs['bn']}']"),
+            (f"/ui/jobs/{finished_jobs['bn']}", "#chart-loss .u-legend tr.u-series[tabindex]"),
+        ):
+            page.goto(path)
+            page.wait_for_selector(ready)
+            page.wait_for_load_state("networkidle")
+            count = page.evaluate(INTERACTIVE_JS)
+            assert count >= 10, (path, count)
+            page.evaluate("document.activeElement && document.activeElement.blur()")
+            reached: set[str] = set()
+            for _ in range(count + 5):
+                page.keyboard.press("Tab")
+                focus = page.evaluate(FOCUS_JS)
+                if focus["kb"] is None:
+                    continue
+                reached.add(focus["kb"])
+                assert focus["visible"] and focus["style"] != "none" and focus["width"] >= 2, (
+                    path,
+                    focus,
+                    page.evaluate("document.activeElement.outerHTML.slice(0, 200)"),
+                )
+            missing = set(map(str, range(count))) - reached
+            assert not missing, (
+                path,
+                page.evaluate(
+                    "(ids) => ids.map((i) => document.querySelector(`[data-kb='${i}']`)"
+                    ".outerHTML.slice(0, 120))",
+                    sorted(missing),
+                ),
+            )
+        # A legend entry is a button: Enter hides its curve, and says so.
+        entry = page.locator("#chart-loss .u-legend tr.u-series[tabindex]").first
+        entry.focus()
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "() => document.querySelector('#chart-loss .u-legend tr.u-series[tabindex]')"
+            ".getAttribute('aria-pressed') === 'false'"
+        )
+        assert refused == []
+    finally:
+        context.close()

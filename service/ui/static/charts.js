@@ -37,11 +37,27 @@ const Charts = (() => {
             return { label: l, stroke: s.color, width: 2, dash: s.dash, spanGaps: true, points: { show: (u) => u.data[0].length < 60 } };
           })],
         }, data, this.el);
+        keyboardLegend(this.el);
       } else {
         this.plot.setData(data);
       }
       this.el.dataset.points = String(this.points());
     }
+  }
+  // uPlot's legend rows toggle their series on click: make each a button the keyboard reaches
+  // (Tab) and presses (Enter or Space), with its state for screen readers.
+  function keyboardLegend(el) {
+    el.querySelectorAll(".u-legend tr.u-series").forEach((row, i) => {
+      if (i === 0) return; // the x series
+      row.tabIndex = 0;
+      row.setAttribute("role", "button");
+      const sync = () => row.setAttribute("aria-pressed", String(!row.classList.contains("u-off")));
+      sync();
+      row.addEventListener("click", () => setTimeout(sync));
+      row.addEventListener("keydown", (e) => {
+        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); row.querySelector("th").click(); }
+      });
+    });
   }
   // Which chart a metric value goes on and its label: train rows carry each step's "loss"; val
   // rows (one per epoch) carry the epoch's train_loss/train_accuracy and val_loss/val_accuracy.

@@ -3,7 +3,12 @@
 "use strict";
 const NC = (() => {
   const KEY = "normcore.token";
-  const PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#999999"];
+  // Okabe-Ito (colour-blind safe). On a dark background the deep blue is swapped with the sky
+  // blue, which reads there (contrast over 3:1 against --bg for every colour of the set).
+  const DARK = matchMedia("(prefers-color-scheme: dark)").matches;
+  const PALETTE = DARK
+    ? ["#56B4E9", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#0072B2", "#F0E442", "#BBBBBB"]
+    : ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#999999"];
   const token = () => sessionStorage.getItem(KEY);
   function esc(s) {
     return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));

@@ -1,11 +1,15 @@
 // One job: downsampled history (max_points), then live rows from the event stream.
+// Other panels (their own <section> and <script>) may use window.NCJob: the id, the API base
+// path, the latest job JSON and onJob(fn), called with the job at every refresh.
 "use strict";
+window.NCJob = { id: decodeURIComponent(location.pathname.split("/").pop()), job: null, listeners: [] };
+NCJob.base = `/jobs/${encodeURIComponent(NCJob.id)}`;
+NCJob.onJob = (fn) => { NCJob.listeners.push(fn); if (NCJob.job) fn(NCJob.job); };
 (async () => {
   const me = await NC.init("jobs");
   if (!me) return;
   const $ = (s) => document.querySelector(s);
-  const id = decodeURIComponent(location.pathname.split("/").pop());
-  const base = `/jobs/${encodeURIComponent(id)}`;
+  const { id, base } = NCJob;
   const MAX_POINTS = 2000;
   const loss = new Charts.Curves($("#chart-loss"), "loss");
   const acc = new Charts.Curves($("#chart-acc"), "accuracy");
@@ -24,28 +28,50 @@
     $("#job-name").textContent = job.name;
     $("#job-status").innerHTML = NC.statusBadge(job.status);
     const s = job.spec || {}, m = s.model || {}, d = s.data || {};
-    $("#job-meta").textContent = `${job.id} - ${m.arch || ""} ${m.norm || ""} - batch ${d.batch_size ?? ""} - ${s.epochs ?? ""} epochs - created ${NC.age(job.created_at)} ago`
-      + (s.tags && s.tags.length ? ` - tags: ${s.tags.join(", ")}` : "") + (job.note ? ` - note: ${job.note}` : "");
+    $("#job-meta").innerHTML = `${NC.esc(job.id)} - ${NC.esc(m.arch || "")} ${NC.esc(m.norm || "")} - batch ${NC.esc(d.batch_size ?? "")} - ${NC.esc(s.epochs ?? "")} epochs - created ${NC.age(job.created_at)} ago`
+      + (s.tags && s.tags.length ? ` - ${s.tags.map((t) => `<span class="tag">${NC.esc(t)}</span>`).join("")}` : "")
+      + (job.note ? `<span class="note" id="job-note">${NC.esc(job.note)}</span>` : "");
+    showLabels(job);
+    showHistory(job);
     $("#cancel").hidden = !["queued", "running"].includes(job.status) || job.cancel_requested;
     $("#spec").textContent = JSON.stringify(job.spec, null, 2);
-    $("#attempts tbody").innerHTML = (job.attempts || []).map((a) => `<tr><td>${NC.fmt(a.attempt ?? a.number)}</td>
-      <td>${NC.esc(a.worker ?? a.worker_id ?? "")}</td><td>${NC.esc(a.started_at ?? "")}</td><td>${NC.esc(a.finished_at ?? "")}</td>
-      <td>${NC.esc(a.outcome ?? a.status ?? "")}${a.reason || a.error ? " - " + NC.esc(a.reason || a.error) : ""}</td></tr>`).join("");
+    $("#attempts tbody").innerHTML = (job.attempts || []).map((a) => `<tr><td>${NC.fmt(a.attempt)}</td>
+      <td>${NC.esc(a.worker ?? "")}</td><td>${when(a.started_at)}</td><td>${when(a.ended_at)}</td>
+      <td>${NC.statusBadge(a.outcome ?? "")}</td></tr>`).join("");
     $("#checkpoints tbody").innerHTML = (job.checkpoints || []).map((c) => `<tr data-name="${NC.esc(c.name)}">
       <td>${NC.esc(c.name)}</td><td class="num">${NC.fmt(c.epoch)}</td><td class="num">${NC.fmt(c.step)}</td>
       <td>${Object.entries(c.metrics || {}).map(([k, v]) => `${NC.esc(k)}=${NC.fmt(v)}`).join(", ")}</td>
       <td class="num">${c.bytes ? (c.bytes / 1024).toFixed(0) + " KiB" : ""}</td>
       <td><button type="button" class="download">Download</button> <button type="button" class="stats">Norm statistics</button></td></tr>`).join("");
   }
-  function history(st) {
-    const li = document.createElement("li");
-    li.innerHTML = `${new Date().toLocaleTimeString()}: ${NC.statusBadge(st.status)} attempt ${NC.fmt(st.attempt)}`
-      + (st.status_reason ? ` - ${NC.esc(st.status_reason)}` : "") + (st.error ? ` - <span class="error">${NC.esc(st.error)}</span>` : "");
-    $("#history").append(li);
+  function when(iso) {
+    return iso ? `<time datetime="${NC.esc(iso)}" title="${NC.esc(iso)}">${NC.esc(new Date(iso).toLocaleString())}</time>` : "";
+  }
+  // The status history from what the job records: submitted, each attempt's start and end
+  // (worker, outcome), and the current status with its reason or error.
+  function showHistory(job) {
+    const items = [[job.created_at, "queued", "submitted"]];
+    for (const a of job.attempts || []) {
+      if (a.started_at) items.push([a.started_at, "running", `attempt ${a.attempt} started on ${a.worker || "?"}`]);
+      if (a.ended_at) items.push([a.ended_at, a.outcome, `attempt ${a.attempt} ended`]);
+    }
+    const reason = [job.status_reason, job.error].filter(Boolean).join(" - ");
+    if (items[items.length - 1][1] !== job.status || reason) items.push([job.finished_at || job.updated_at, job.status, "now"]);
+    $("#history").innerHTML = items.map(([t, st, what], i) => `<li>${when(t)} ${NC.statusBadge(st)} ${NC.esc(what)}`
+      + (i === items.length - 1 && reason ? ` - <span class="reason">${NC.esc(reason)}</span>` : "") + "</li>").join("");
+  }
+  // Tags and note: the form shows the stored values unless the user is editing it.
+  let labelsDirty = false;
+  function showLabels(job) {
+    if (labelsDirty) return;
+    $("#tags-input").value = ((job.spec || {}).tags || []).join(", ");
+    $("#note-input").value = job.note || "";
   }
   async function refresh() {
     const job = await NC.api(base);
+    NCJob.job = job;
     showJob(job);
+    for (const fn of NCJob.listeners) { try { fn(job); } catch (e) { console.error(e); } }
     // the deploy panel (exports.js): checkpoints with their exports and recalibrations
     if (typeof Exports !== "undefined") Exports.refresh(job).catch((e) => { $("#error").textContent = e.message; });
     return job;
@@ -63,7 +89,6 @@
       await NC.events(`${base}/events?after=${after}`, (ev, data, eid) => {
         if (ev === "metric") { addRow(data); after = Math.max(after, data.seq); }
         else if (ev === "status") {
-          history(data);
           finished = ["succeeded", "failed", "cancelled", "timed_out"].includes(data.status);
           refresh().catch(() => {});
         }
@@ -86,6 +111,26 @@
   }
   tail();
 
+  $("#labels").addEventListener("input", () => { labelsDirty = true; $("#labels-status").textContent = ""; });
+  $("#labels").onsubmit = async (e) => {
+    e.preventDefault();
+    $("#labels-error").textContent = "";
+    const tags = $("#tags-input").value.split(/[\s,]+/).filter(Boolean);
+    try {
+      const job = await NC.api(base, { method: "PATCH", json: { tags, note: $("#note-input").value } });
+      labelsDirty = false;
+      NCJob.job = job;
+      showJob(job);
+      $("#labels-status").textContent = "Saved.";
+    } catch (err) {
+      // A 422 lists the fields that break a rule: name each with its message.
+      let detail = null;
+      try { detail = JSON.parse(err.message); } catch (x) { detail = null; }
+      $("#labels-error").textContent = Array.isArray(detail)
+        ? detail.map((d) => `${(d.loc || []).filter((x) => x !== "body").join(".")}: ${d.msg}`).join("; ")
+        : err.message;
+    }
+  };
   $("#cancel").onclick = async () => {
     try { showJob(await NC.api(`${base}/cancel`, { method: "POST" })); } catch (e) { $("#error").textContent = e.message; }
   };
