@@ -74,6 +74,10 @@ def test_warnings_fire_on_their_cases_only() -> None:
     # 44 steps of momentum 0.001 leave 0.999^44 = 96% of the initial statistics
     assert "running_stats_stale" in _codes(_spec("bn(momentum=0.001)"))
     assert "running_stats_stale" not in _codes(_spec("bn(momentum=0.1)", epochs=2))
+    # the default momentum on a 22-step run: 0.9^22 = 9.8% left, said as a note, not a warning
+    short = validate_spec(_spec(batch=64))
+    assert short.total_steps == 22 and short.warnings == []
+    assert any("9.8% of the initial running statistics" in n for n in short.notes)
     assert "gn_one_channel_per_group" in _codes(_spec("gn:8"))
     assert "gn_one_channel_per_group" not in _codes(_spec("gn:4"))
 
