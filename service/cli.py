@@ -246,7 +246,6 @@ def serve(
     """
     from service import api_server
     from service.auth import InsecureConfigError, check_auth_allowed, ensure_admin_token
-    from service.store import Store
     from service.supervisor import ChildSpec, Supervisor, listen
 
     os.umask(PRIVATE_UMASK)
@@ -260,14 +259,6 @@ def serve(
     _private_dir(settings.data_dir, tighten=True)
     for folder in (settings.data_root, settings.artifact_dir):
         _private_dir(folder, tighten=settings.data_dir in folder.parents)
-    store = Store.from_settings(settings)
-    try:
-        store.upgrade()
-        # The token goes to its file only, never to stdout: a log capturing stdout stays clean.
-        _, token_path = ensure_admin_token(store, settings) if settings.auth else (None, None)
-    finally:
-        store.dispose()
-
     try:
         # Held here, not by uvicorn: the port stays bound (and requests queue) across restarts.
         sock = listen(settings.host, settings.port)
@@ -293,7 +284,7 @@ def serve(
     os.environ.pop("NORMCORE_TOKEN", None)  # a client setting; the children need no token
     specs = []
     if worker:
-        # Started first: its imports run while the API's fork server imports torch. It stops
+        # Started first: its imports (torch) run while the API starts. It stops
         # first too, with the time a running job needs to checkpoint and exit.
         # --api-beside: the worker's default training thread count keeps a core for the API
         worker_cmd = [sys.executable, "-m", "worker", "--api-beside"]
@@ -303,6 +294,17 @@ def serve(
     specs.append(ChildSpec("api", target=api_server.run, args=(sock,), stop_timeout=15.0))
     _supervisor_logging()
     supervisor = Supervisor(specs, preload=api_server.PRELOAD)
+    # The API's fork server imports the app's modules while this process migrates the store.
+    supervisor.start_fork_server()
+    from service.store import Store
+
+    store = Store.from_settings(settings)
+    try:
+        store.upgrade()
+        # The token goes to its file only, never to stdout: a log capturing stdout stays clean.
+        _, token_path = ensure_admin_token(store, settings) if settings.auth else (None, None)
+    finally:
+        store.dispose()
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{shown_host}:{bound_port}"
 

@@ -212,6 +212,14 @@ class Supervisor:
         if preload:
             self._forkserver.set_forkserver_preload(list(preload))
 
+    def start_fork_server(self) -> None:
+        """Start the fork server now, so its ``preload`` imports run while the caller does other
+        start-up work (else the first ``start`` waits for them). Children forked later inherit
+        the environment of this moment."""
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
     def child(self, name: str) -> Child:
         """The child called ``name``; KeyError if there is none."""
         for child in self.children:
