@@ -118,6 +118,12 @@ def all_token_routes(job_id: str) -> list[tuple[str, str]]:
         ("POST", "/jobs"),
         ("GET", "/workers"),
         *job_routes(job_id),
+        # exports (a 202 or 422 for the owner here; their 404s: tests/e2e/test_exports_e2e.py)
+        ("GET", f"/jobs/{job_id}/checkpoints/epoch-0001/export"),
+        ("GET", f"/jobs/{job_id}/checkpoints/epoch-0001/export/certificate"),
+        ("POST", f"/jobs/{job_id}/checkpoints/epoch-0001/recalibrate"),
+        ("GET", f"/jobs/{job_id}/artifacts"),
+        ("GET", f"/jobs/{job_id}/artifacts/ARTIFACT"),
         ("DELETE", f"/jobs/{job_id}"),
     ]
 
@@ -170,7 +176,12 @@ def test_job_routes_cover_every_route_of_a_job(dep: Deployment) -> None:
         and path not in ("/healthz", "/readyz", "/metrics")
     }
     tested = {
-        (method, path.replace("JOB", "{job_id}").replace("epoch-0001", "{name}"))
+        (
+            method,
+            path.replace("JOB", "{job_id}")
+            .replace("epoch-0001", "{name}")
+            .replace("ARTIFACT", "{artifact_id}"),
+        )
         for method, path in all_token_routes("JOB")
     }
     assert documented == tested
