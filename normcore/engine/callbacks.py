@@ -157,7 +157,7 @@ class CallbackList:
             cb.on_norms(record)
 
     def warning(self, warning: dict[str, str]) -> None:
-        self.log(f"warning: {warning['message']}", logging.WARNING)
+        self.log(f"warning: {warning['message']}")
         for cb in self.callbacks:
             cb.on_warning(warning)
 
