@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -43,22 +44,24 @@ def postgres_server() -> str:
     return PG_ADMIN_URL
 
 
-@pytest.fixture
-def postgres_url(postgres_server: str) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+@contextlib.contextmanager
+def _fresh_database(admin_url: str) -> Iterator[str]:
+    """An empty PostgreSQL database's URL, dropped on exit."""
     import psycopg
 
     name = f"normcore_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis database of its own for this test (per xdist worker), flushed before and after."""
+@contextlib.contextmanager
+def _own_redis_db() -> Iterator[str]:
+    """This xdist worker's Redis database, flushed before and after."""
     try:
         import redis
 
@@ -68,9 +71,25 @@ def redis_url() -> Iterator[str]:
     except Exception as exc:
         _missing("Redis at 127.0.0.1:6379", exc)
     client.flushdb()
-    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
-    client.flushdb()
-    client.close()
+    try:
+        yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    with _fresh_database(postgres_server) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database of its own for this test (per xdist worker), flushed before and after."""
+    with _own_redis_db() as url:
+        yield url
 
 
 @pytest.fixture
@@ -107,3 +126,26 @@ def sqlite_stack(sqlite_env: ServiceEnv) -> Iterator[Stack]:
     """A running embedded-mode API plus one CPU worker."""
     with running_stack(sqlite_env) as running:
         yield running
+
+
+@pytest.fixture(scope="module", params=["sqlite", "cluster"])
+def module_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """``stack`` shared by every test of a module: a running API plus one CPU worker in each
+    mode, started once per mode instead of once per test.
+
+    The module's tests must leave the deployment as they found it (no job left running) and
+    the module should carry an ``xdist_group`` marker, so that its tests run one after the
+    other on one xdist worker: the cluster mode holds that worker's Redis database throughout.
+    """
+    data_dir = tmp_path_factory.mktemp(f"stack-{request.param}") / "nc"
+    if request.param == "sqlite":
+        with running_stack(make_env(data_dir, mode="sqlite")) as running:
+            yield running
+        return
+    admin = request.getfixturevalue("postgres_server")
+    with _fresh_database(admin) as pg, _own_redis_db() as rd:
+        env = make_env(data_dir, mode="cluster", postgres_url=pg, redis_url=rd)
+        with running_stack(env) as running:
+            yield running

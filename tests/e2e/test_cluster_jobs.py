@@ -15,10 +15,14 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
 from tests.harness import Stack, wait_for
+
+# One deployment per mode for the whole module (module_stack): its tests run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("e2e-cluster-jobs")
 
 FINISHED = ("succeeded", "failed", "cancelled")
 B = 8
@@ -69,8 +73,8 @@ def checkpoint_weights(client: httpx.Client, job_id: str) -> dict[str, torch.Ten
     return load_safetensors(r.content)
 
 
-def test_two_process_sync_bn_job_matches_one_process_job(stack: Stack) -> None:
-    with stack.client() as client:
+def test_two_process_sync_bn_job_matches_one_process_job(module_stack: Stack) -> None:
+    with module_stack.client() as client:
         ddp_id = submit(client, DDP_JOB)["id"]
         one_id = submit(client, single_job())["id"]
         ddp, one = finished(client, ddp_id), finished(client, one_id)
@@ -99,11 +103,12 @@ def test_two_process_sync_bn_job_matches_one_process_job(stack: Stack) -> None:
         assert any("data parallel over 2 processes (gloo)" in m for m in logs)
 
 
-def test_gpu_job_waits_while_only_cpu_workers_live_and_cpu_job_runs(stack: Stack) -> None:
-    admin = stack.token_for("root", admin=True)
+def test_gpu_job_waits_while_only_cpu_workers_live_and_cpu_job_runs(module_stack: Stack) -> None:
+    # Last in the module: it leaves a second worker and a CUDA job queued on the shared stack.
+    admin = module_stack.token_for("root", admin=True)
     # A second worker asked for both queues on this CPU-only machine: it must drop "gpu".
-    stack.add_worker(queues="cpu,gpu", name="both")
-    with stack.client(admin) as root:
+    module_stack.add_worker(queues="cpu,gpu", name="both")
+    with module_stack.client(admin) as root:
 
         def registered() -> dict[str, Any]:
             rows = {w["name"]: w for w in root.get("/workers").json()["items"]}
@@ -116,17 +121,17 @@ def test_gpu_job_waits_while_only_cpu_workers_live_and_cpu_job_runs(stack: Stack
     cuda = copy.deepcopy(single_job())
     cuda["name"] = "wants-cuda"
     cuda["resources"] = {"device": "cuda", "gpus": 1}
-    with stack.client() as client:
+    with module_stack.client() as client:
         # no GPU worker ever registered here: refused rather than left waiting forever
         r = client.post("/jobs", json=cuda)
         assert r.status_code == 422 and "ever registered" in r.text, r.text
-    store = stack.env.store()
+    store = module_stack.env.store()
     try:  # a GPU worker that served this deployment once and has stopped
         store.register_worker("gpu@gone", host="g", pid=9, gpus=1, queues=["gpu"])
         store.remove_worker("gpu@gone")
     finally:
         store.dispose()
-    with stack.client() as client:
+    with module_stack.client() as client:
         gpu = submit(client, cuda)
         assert gpu["queue"] == "gpu" and gpu["status"] == "queued"
         assert gpu["status_reason"] == "waiting for a gpu worker: none is live"
@@ -141,4 +146,4 @@ def test_gpu_job_waits_while_only_cpu_workers_live_and_cpu_job_runs(stack: Stack
             assert waiting["status"] == "queued" and waiting["attempt"] == 0, waiting
             assert waiting["status_reason"] == "waiting for a gpu worker: none is live"
             time.sleep(0.5)
-    assert all(w.alive() for w in stack.workers)
+    assert all(w.alive() for w in module_stack.workers)

@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.harness import Stack, wait_for
+
+# One deployment per mode for the whole module (module_stack): its tests run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("e2e-job-lifecycle")
 
 TINY: dict[str, Any] = {
     "name": "tiny-gn",
@@ -73,8 +77,8 @@ def poll_metrics(client: httpx.Client, job_id: str) -> tuple[list[dict[str, Any]
     raise TimeoutError(f"job {job_id} did not finish")
 
 
-def test_job_lifecycle_over_http(stack: Stack) -> None:
-    with stack.client() as client:
+def test_job_lifecycle_over_http(module_stack: Stack) -> None:
+    with module_stack.client() as client:
         ok_id = submit(client, TINY)
         bad_id = submit(client, DIVERGING)
         long_id = submit(client, {**TINY, "name": "long", "epochs": 500})
@@ -134,14 +138,16 @@ LENET_DIGITS: dict[str, Any] = {
 }
 
 
-def test_lenet_digits_checkpoint_reproduces_its_accuracy(stack: Stack, tmp_path: Path) -> None:
+def test_lenet_digits_checkpoint_reproduces_its_accuracy(
+    module_stack: Stack, tmp_path: Path
+) -> None:
     """The downloaded checkpoint loads with normcore.load_model and gives the reported val
     accuracy; /stats equals the running statistics stored in the file, layer by layer."""
     import normcore
     from normcore.data import build_data
     from normcore.spec import JobSpec
 
-    with stack.client() as client:
+    with module_stack.client() as client:
         job_id = submit(client, LENET_DIGITS)
         wait_for(lambda: job(client, job_id)["status"] in FINISHED, timeout=120, what="lenet")
         done = job(client, job_id)
