@@ -26,6 +26,7 @@ from tests.harness import ServiceEnv, Stack, free_port, make_env, running_stack,
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-restarts")]
 
 FINISHED = ("succeeded", "failed", "cancelled")
+LONG_EPOCHS = 20
 
 
 def spec(name: str, epochs: int, samples: int = 2048) -> dict[str, Any]:
@@ -83,7 +84,8 @@ def test_api_restart_loses_no_job_and_no_metric_row(tmp_path: Path) -> None:
     with running_stack(env, workers=1) as stack:
         port = int(stack.url.rsplit(":", 1)[1])
         with stack.client() as c:
-            long_job = submit(c, spec("long", epochs=40))["id"]
+            # long enough to train through the API's restart (a few seconds, more under load)
+            long_job = submit(c, spec("long", epochs=LONG_EPOCHS))["id"]
             waiting = [submit(c, spec(f"short{i}", epochs=2, samples=256))["id"] for i in (1, 2)]
 
         polled: list[dict[str, Any]] = []
@@ -122,7 +124,7 @@ def test_api_restart_loses_no_job_and_no_metric_row(tmp_path: Path) -> None:
             seqs = [r["seq"] for r in polled]
             assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
             assert seqs == [r["seq"] for r in final]
-            assert_complete(final, epochs=40)
+            assert_complete(final, epochs=LONG_EPOCHS)
 
             late = submit(c, spec("after-restart", epochs=2, samples=256))["id"]
             wait_all_finished(c, [long_job, *waiting, late])
