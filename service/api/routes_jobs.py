@@ -205,8 +205,20 @@ def cancel_job(job: OwnedJob, store: StoreDep) -> Any:
     summary="Set a job's tags and note",
     responses={
         200: {"content": {"application/json": {"example": {**EXAMPLE_DETAIL, "note": "lr sweep"}}}},
+        400: error_response("Malformed JSON", "malformed JSON body: Expecting value"),
         **UNAUTHORIZED,
         **NOT_FOUND,
+        413: error_response("Body over the size limit", "request body over 1000000 bytes"),
+        422: error_response(
+            "A tag or note that breaks a rule, an unknown field, or nothing to change",
+            [
+                {
+                    "loc": ["body", "tags", 0],
+                    "msg": "String should match pattern '^[A-Za-z0-9][A-Za-z0-9._:+-]*$'",
+                    "type": "string_pattern_mismatch",
+                }
+            ],
+        ),
     },
 )
 def patch_job(job: OwnedJob, store: StoreDep, patch: JobPatch) -> Any:
