@@ -87,4 +87,6 @@ def run_job(job_id: str) -> str:
 @app.task(name="normcore.run_artifact", acks_late=False, ignore_result=True)
 def run_artifact(artifact_id: str) -> str:
     """Claim an export or recalibration and build it in a child process (worker/artifacts.py)."""
-    return artifacts.run_artifact(artifact_id, settings, get_store(), flags=SHUTDOWN)
+    return artifacts.run_artifact(
+        artifact_id, settings, get_store(), flags=SHUTDOWN, api_beside=API_BESIDE
+    )

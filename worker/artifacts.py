@@ -123,10 +123,17 @@ def _checkpoint_folder(settings: Settings, job_id: str, path: str) -> Path:
 
 
 def run_artifact(
-    artifact_id: str, settings: Settings, store: Store, *, flags: ShutdownFlags | None = None
+    artifact_id: str,
+    settings: Settings,
+    store: Store,
+    *,
+    flags: ShutdownFlags | None = None,
+    api_beside: bool = False,
 ) -> str:
     """Claim an artifact and build it; returns "duplicate", "succeeded", "failed", "lost"
-    (another worker took it over) or "shutdown" (the worker is stopping: left for a retry)."""
+    (another worker took it over) or "shutdown" (the worker is stopping: left for a retry).
+    ``api_beside``: the API runs on this host, so the child's thread count keeps a core for it
+    (as a training child's does)."""
     flags = flags or ShutdownFlags.new()
     me = worker_id()
     art = store.claim_artifact(artifact_id, worker_id=me, lease_seconds=settings.lease_seconds)
@@ -145,7 +152,7 @@ def run_artifact(
         return _finish_failed(store, art.id, me, str(exc))
     out_path = export_path(settings, art.job_id, art.id)
     threads = choose_train_threads(
-        settings.train_threads, concurrency=settings.worker_concurrency, api_beside=True
+        settings.train_threads, concurrency=settings.worker_concurrency, api_beside=api_beside
     )
     config = {
         "kind": art.kind,
