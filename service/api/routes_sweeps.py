@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, HTTPException, Query, Response, status
 
 from service.api.deps import CurrentUser, SettingsDep, StoreDep, owner_filter
 from service.api.examples import UNAUTHORIZED, error_response
+from service.api.examples_sweeps import EXAMPLE_REPORT, EXAMPLE_SWEEP, EXAMPLE_SWEEP_REQUEST
 from service.api.headers import IdempotencyKey, is_plain_name
 from service.api.schemas_sweeps import (
     SweepCellOut,
@@ -32,6 +33,7 @@ router = APIRouter(tags=["sweeps"])
 SWEEP_NOT_FOUND = {
     404: error_response("No such sweep (or it belongs to another user)", "sweep 'abc' not found")
 }
+SWEEP_OK = {"content": {"application/json": {"example": EXAMPLE_SWEEP}}}
 MEDIA = {
     "csv": "text/csv; charset=utf-8",
     "svg": "image/svg+xml",
@@ -104,7 +106,16 @@ def sweep_detail(store: Store, sweep: SweepRecord) -> SweepDetail:
     response_model=SweepDetail,
     summary="Submit a sweep: a base spec, a grid of dotted fields, seeds",
     responses={
+        201: SWEEP_OK,
+        200: {"description": "An Idempotency-Key replay: the earlier sweep", **SWEEP_OK},
         **UNAUTHORIZED,
+        409: error_response(
+            "The Idempotency-Key was used for another sweep request",
+            "Idempotency-Key 'k' was already used for a different sweep request",
+        ),
+        429: error_response(
+            "Over the disk quota", {"message": "your jobs hold ...", "used": 1, "quota": 1}
+        ),
         422: error_response(
             "A cell that fails a submit check (the whole sweep is refused)",
             [
@@ -118,7 +129,10 @@ def sweep_detail(store: Store, sweep: SweepRecord) -> SweepDetail:
     },
 )
 def submit_sweep(
-    request: SweepRequest,
+    request: Annotated[
+        SweepRequest,
+        Body(openapi_examples={"norm-vs-batch": {"value": EXAMPLE_SWEEP_REQUEST}}),
+    ],
     response: Response,
     store: StoreDep,
     settings: SettingsDep,
@@ -137,7 +151,15 @@ def submit_sweep(
     return sweep_detail(store, sweep)
 
 
-@router.get("/sweeps", response_model=SweepPage, summary="List the caller's sweeps")
+@router.get(
+    "/sweeps",
+    response_model=SweepPage,
+    summary="List the caller's sweeps",
+    responses={
+        200: {"content": {"application/json": {"example": {"items": [EXAMPLE_SWEEP]}}}},
+        **UNAUTHORIZED,
+    },
+)
 def list_sweeps(
     store: StoreDep,
     user: CurrentUser,
@@ -155,7 +177,7 @@ def list_sweeps(
     "/sweeps/{sweep_id}",
     response_model=SweepDetail,
     summary="A sweep: progress, cells, each cell's jobs",
-    responses={**UNAUTHORIZED, **SWEEP_NOT_FOUND},
+    responses={200: SWEEP_OK, **UNAUTHORIZED, **SWEEP_NOT_FOUND},
 )
 def get_sweep(sweep_id: str, store: StoreDep, user: CurrentUser) -> Any:
     """The sweep's status, counts per job status, and each cell with its runs' jobs."""
@@ -170,10 +192,12 @@ def get_sweep(sweep_id: str, store: StoreDep, user: CurrentUser) -> Any:
         **SWEEP_NOT_FOUND,
         200: {
             "content": {
-                "application/json": {},
-                "text/csv": {},
-                "image/svg+xml": {},
-                "image/png": {},
+                "application/json": {"example": EXAMPLE_REPORT},
+                "text/csv": {
+                    "example": "cell,model.norm,data.batch_size,n,final_val_accuracy_mean,...\n"
+                },
+                "image/svg+xml": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
             }
         },
     },
@@ -208,7 +232,7 @@ def get_report(
     "/sweeps/{sweep_id}/cancel",
     response_model=SweepDetail,
     summary="Cancel a sweep: no more runs, every queued or running child cancelled",
-    responses={**UNAUTHORIZED, **SWEEP_NOT_FOUND},
+    responses={200: SWEEP_OK, **UNAUTHORIZED, **SWEEP_NOT_FOUND},
 )
 def cancel_sweep(sweep_id: str, store: StoreDep, user: CurrentUser) -> Any:
     """Stop releasing runs and cancel every active child (running ones cooperatively)."""

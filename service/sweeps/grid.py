@@ -23,7 +23,9 @@ from normcore.spec import NAME_PATTERN, JobSpec, OptimSpec
 
 MAX_AXES = 4
 MAX_VALUES = 64
-MAX_RUNS = 1000
+# Every cell runs the submit checks (a memory estimate on the meta device: 0.05-0.4 s) at submit.
+MAX_CELLS = 64
+MAX_RUNS = 512
 MAX_SEEDS = 32
 DOTTED = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*){0,3}$")
 METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -94,9 +96,12 @@ class SweepRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_size(self) -> SweepRequest:
-        runs = len(self.seeds)
+        cells = 1
         for values in self.grid.values():
-            runs *= len(values)
+            cells *= len(values)
+        if cells > MAX_CELLS:
+            raise ValueError(f"the grid has {cells} cells; the limit is {MAX_CELLS}")
+        runs = cells * len(self.seeds)
         if runs > MAX_RUNS:
             raise ValueError(f"the sweep has {runs} runs (cells x seeds); the limit is {MAX_RUNS}")
         if self.lr_rule is not None and "data.batch_size" not in self.grid:
