@@ -12,14 +12,16 @@ import pytest
 from tests.harness import Stack, make_env, running_stack, wait_for
 from tests.ui.conftest import offline_page, screenshot, sign_in
 
-# lenet + BatchNorm at batch 2, 70% of digits held out: two evaluations of 269 steps each, and
-# at 1 training thread a reproducible gap over 5 accuracy points (tests/e2e/test_telemetry.py).
+# lenet + BatchNorm at batch 2, 70% of digits held out: two epochs of 269 steps with a record
+# every 60 steps, and at 1 training thread a reproducible gap over 5 accuracy points
+# (tests/e2e/test_telemetry.py).
 SPEC: dict[str, Any] = {
     "name": "ui-norms",
     "model": {"arch": "lenet", "norm": "bn", "num_classes": 10},
     "data": {"dataset": "digits", "batch_size": 2, "val_fraction": 0.7},
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
     "epochs": 2,
+    "telemetry": {"every_steps": 60},
     "seed": 0,
     "resources": {"device": "cpu"},
 }
@@ -77,7 +79,8 @@ def test_norm_panel_shows_drift_gap_and_warning(browser: Any, stack: Stack) -> N
         wait_for(lambda: points("#chart-gap") == 2 * len(gaps), timeout=20, what="gap points")
         wait_for(lambda: points("#chart-drift") == len(drifts), timeout=20, what="drift")
         wait_for(lambda: points("#chart-dead") == len(dead), timeout=20, what="dead channels")
-        assert len(gaps) == 2 and len(drifts) == 8  # 4 layers x 2 evaluations
+        # 4 layers x (2 evaluations + 8 records every 60 steps); a gap row per evaluation
+        assert len(gaps) == 2 and len(drifts) == 40
         legend = page.inner_text("#chart-drift .u-legend")
         assert "conv1.norm" in legend and "norm2.norm" in legend
         assert "accuracy gap" in page.inner_text("#chart-gap .u-legend")

@@ -8,7 +8,7 @@
   if (!section || typeof NCJob === "undefined") return;
   const POLL_MS = 2000;
   const FINISHED = ["succeeded", "failed", "cancelled", "timed_out"];
-  const gap = new Charts.Curves($("#chart-gap"), "eval - batch statistics");
+  const gap = new Charts.Curves($("#chart-gap"), "gap (running vs batch statistics)");
   const drift = new Charts.Curves($("#chart-drift"), "variance drift (relative L2)");
   const dead = new Charts.Curves($("#chart-dead"), "dead channels");
   const layers = new Map(); // layer -> colour index, in order of first appearance
