@@ -15,14 +15,14 @@ import io
 import os
 import re
 import signal
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.harness import ServiceEnv, make_env, running_stack, wait_for
+from tests.harness import ServiceEnv, Stack, make_env, running_stack, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-faults")]
 
@@ -60,14 +60,14 @@ LONG: dict[str, Any] = {
     **BASE,
     "name": "long",
     "data": {**BASE["data"], "num_samples": 2048},
-    "epochs": 30,
+    "epochs": 12,  # the kill comes after epoch 2's checkpoint: 10 epochs to spare
 }
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> ServiceEnv:
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> ServiceEnv:
     env = make_env(
-        tmp_path / "nc",
+        tmp_path_factory.mktemp("faults") / "nc",
         NORMCORE_TRAIN_MEMORY_LIMIT_BYTES=str(2 * 2**30),
         NORMCORE_TRAIN_THREADS="1",
         # No memory budget at submit: the out-of-memory job must reach the worker, as one whose
@@ -77,6 +77,14 @@ def env(tmp_path: Path) -> ServiceEnv:
     (env.data_root / "sets").mkdir(parents=True)
     (env.data_root / "sets" / "bad.npz").write_bytes(NPZ)
     return env
+
+
+@pytest.fixture(scope="module")
+def stack(env: ServiceEnv) -> Iterator[Stack]:
+    """One deployment for the module: the faults run on its first worker, which the corrupt
+    checkpoint test then kills (so that test comes last) and replaces."""
+    with running_stack(env, workers=1) as running:
+        yield running
 
 
 def _npz() -> bytes:
@@ -100,8 +108,8 @@ def logs(client: httpx.Client, job_id: str) -> str:
     return "\n".join(item["message"] for item in items)
 
 
-def test_faults_fail_their_job_and_the_worker_takes_the_next(env: ServiceEnv) -> None:
-    with running_stack(env, workers=1) as stack, stack.client() as c:
+def test_faults_fail_their_job_and_the_worker_takes_the_next(env: ServiceEnv, stack: Stack) -> None:
+    with stack.client() as c:
         ids = {}
         for body in (OUT_OF_MEMORY, DIVERGING, CORRUPT_DATA, {**BASE, "name": "good"}):
             r = c.post("/jobs", json=body)
@@ -150,8 +158,10 @@ def test_faults_fail_their_job_and_the_worker_takes_the_next(env: ServiceEnv) ->
         }
 
 
-def test_corrupt_checkpoint_at_resume_falls_back_to_the_one_before(env: ServiceEnv) -> None:
-    with running_stack(env, workers=1) as stack, stack.client() as c:
+def test_corrupt_checkpoint_at_resume_falls_back_to_the_one_before(
+    env: ServiceEnv, stack: Stack
+) -> None:
+    with stack.client() as c:
         r = c.post("/jobs", json=LONG)
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
@@ -186,4 +196,6 @@ def test_corrupt_checkpoint_at_resume_falls_back_to_the_one_before(env: ServiceE
         rows = c.get(f"/jobs/{job_id}/metrics", params={"limit": 10_000}).json()["items"]
         keys = [(r["split"], r["step"]) for r in rows]
         assert len(keys) == len(set(keys))
-        assert sorted(r["epoch"] for r in rows if r["split"] == "val") == list(range(1, 31))
+        assert sorted(r["epoch"] for r in rows if r["split"] == "val") == list(
+            range(1, LONG["epochs"] + 1)
+        )
