@@ -108,7 +108,11 @@ def sweep_detail(store: Store, sweep: SweepRecord) -> SweepDetail:
     responses={
         201: SWEEP_OK,
         200: {"description": "An Idempotency-Key replay: the earlier sweep", **SWEEP_OK},
+        400: error_response(
+            "Malformed JSON", "malformed JSON body: Expecting value; send a JSON object"
+        ),
         **UNAUTHORIZED,
+        413: error_response("Body over the size limit", "request body over 1000000 bytes"),
         409: error_response(
             "The Idempotency-Key was used for another sweep request",
             "Idempotency-Key 'k' was already used for a different sweep request",

@@ -143,6 +143,11 @@ def test_acceptance_sweep_through_cli_api_and_worker(stack: Stack, tmp_path: Pat
         assert job["spec"]["optim"]["lr"] == pytest.approx(0.05 * batch / 16)
     rows = list(csv.DictReader(io.StringIO(c.get(f"/sweeps/{sweep['id']}/report?format=csv").text)))
     assert len(rows) == 9
+    report_cli = [sys.executable, "-m", "service.cli", "sweep", "report", sweep["id"]]
+    report_cli += ["--format", "csv", "--url", stack.url, "--token", stack.token]
+    out = subprocess.run(report_cli, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert list(csv.DictReader(io.StringIO(out.stdout))) == rows
     svg = c.get(f"/sweeps/{sweep['id']}/report?format=svg").content
     root = ET.fromstring(svg)
     lines = {g.get("id") for g in root.iter(f"{SVG_NS}g") if g.get("id", "").startswith("series-")}

@@ -286,6 +286,12 @@ def test_sweep_api_release_report_and_isolation(api: Api) -> None:
             values = [float(v) for v in rng.uniform(0.1, 0.9, size=2)]
             _write_val_rows(api.store, queued[0], values)
             accs[queued[0]] = values
+            if len(accs) == 1:  # a partial report while the sweep runs
+                partial = c.get(f"/sweeps/{sid}/report").json()
+                assert not partial["complete"] and partial["finished"] == 1
+                assert [x["n"] for x in partial["cells"]] == [1, 0, 0, 0, 0, 0]
+                assert partial["cells"][0]["final_mean"] == values[-1]
+                assert partial["cells"][0]["final_std"] is None
         detail = wait_for(
             lambda: (d := c.get(f"/sweeps/{sid}").json())["status"] == "succeeded" and d,
             timeout=30,
