@@ -201,15 +201,31 @@ def wait_http(url: str, proc: Proc | None = None, timeout: float = 60.0) -> None
     raise TimeoutError(f"{url} not ready after {timeout}s\n{log}")
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
-    """Call predicate until it returns something truthy; return that value or raise TimeoutError."""
+def wait_for(
+    predicate,
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    what: str = "condition",
+    explain=None,
+):
+    """Call predicate until it returns something truthy; return that value or raise TimeoutError.
+
+    ``explain`` (optional, no arguments) returns text for the TimeoutError's message: what the
+    deployment looked like when the wait gave up (see ``Stack.explain``).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    detail = ""
+    if explain is not None:
+        try:
+            detail = "\n" + str(explain())
+        except Exception as exc:  # the explanation must not hide the timeout
+            detail = f"\n(no explanation: {exc!r})"
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
 @dataclass
@@ -247,6 +263,28 @@ class Stack:
         proc = start_worker(self.env, queues=queues, name=name or f"worker{len(self.workers)}")
         self.workers.append(proc)
         return proc
+
+    def explain(self, job_id: str | None = None) -> str:
+        """The job's row (status, attempts, reason) as the store has it, and each worker's state
+        and last log lines: what a test that timed out waiting on a job should print."""
+        lines = []
+        if job_id is not None:
+            store = self.env.store()
+            try:
+                job = store.get_job(job_id)
+                lines.append(
+                    "job: missing"
+                    if job is None
+                    else f"job {job_id}: status={job.status} attempt={job.attempt} "
+                    f"reason={job.status_reason!r} lease={job.lease_owner} "
+                    f"until {job.lease_expires_at} attempts={job.attempts}"
+                )
+            finally:
+                store.dispose()
+        for proc in [self.api, *self.workers]:
+            state = "alive" if proc.alive() else f"exited {proc.popen.returncode}"
+            lines.append(f"--- {proc.name} (pid {proc.pid}, {state}):\n{proc.log()[-2500:]}")
+        return "\n".join(lines)
 
     def stop(self) -> None:
         for proc in self.workers:

@@ -28,7 +28,13 @@ def test_job_over_max_runtime_ends_timed_out_with_its_checkpoint(sqlite_stack: S
             job = client.get(f"/jobs/{job_id}").json()
             return job if job["status"] not in ("queued", "running") else None
 
-        job = wait_for(ended, timeout=300, interval=0.5, what="the job to stop")
+        job = wait_for(
+            ended,
+            timeout=300,
+            interval=0.5,
+            what="the job to stop",
+            explain=lambda: sqlite_stack.explain(job_id),
+        )
         assert job["status"] == "timed_out", job
         assert "stopped at its time limit (max_runtime) at step" in job["error"]
         assert "the checkpoint written then holds that step" in job["error"]

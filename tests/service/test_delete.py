@@ -264,7 +264,10 @@ def test_deleting_a_running_job_stops_its_training_process(tmp_path: Path) -> No
         job_id = c.post("/jobs", json=LONG_SPEC).json()["id"]
         folder = env.artifact_dir / "jobs" / job_id
         wait_for(
-            lambda: c.get(f"/jobs/{job_id}/checkpoints").json(), timeout=300, what="a checkpoint"
+            lambda: c.get(f"/jobs/{job_id}/checkpoints").json(),
+            timeout=300,
+            what="a checkpoint",
+            explain=lambda: stack.explain(job_id),
         )
         logs = c.get(f"/jobs/{job_id}/logs", params={"limit": 10_000}).json()["items"]
         # The newest attempt's training process (under load an earlier attempt may be lost).
