@@ -80,4 +80,5 @@
       location.href = "/ui/jobs/" + encodeURIComponent(job.id);
     } catch (err) { $("#error").textContent = message(err); }
   };
+  document.body.dataset.ready = "1"; // the handlers are in place (the tests wait for it)
 })();
