@@ -1,8 +1,9 @@
 """Requesting exports and recalibrations: find the cached artifact or create it, and make sure a
 worker task is on its way. The API side of ``worker/artifacts.py``; no torch here.
 
-Cache key: (job, kind, checkpoint sha256, options). A request that finds a succeeded or failed
-artifact publishes nothing. A queued artifact whose message may be lost (publish failed, or
+Cache key: (job, kind, checkpoint sha256, options). A request that finds a succeeded artifact,
+or one that failed for a reason of its checkpoint's, publishes nothing; one interrupted (its
+process killed, out of time) is queued again. A queued artifact whose message may be lost (publish failed, or
 older than ``REPUBLISH_AFTER_S`` unclaimed) and a running one whose worker's lease expired are
 published again; the worker's claim drops any duplicate.
 """
@@ -22,6 +23,9 @@ from service.store.exports import ArtifactKind, ArtifactRecord, ArtifactStatus
 log = logging.getLogger(__name__)
 
 REPUBLISH_AFTER_S = 30.0
+# worker/artifacts.py's prefix of a failure that was no fault of the checkpoint's (the child was
+# killed or ran out of time): such an artifact is tried again on the next request
+INTERRUPTED = "interrupted: "
 
 
 def export_options(fmt: str, fold_bn: bool, preprocessing: bool = False) -> dict[str, Any]:
@@ -64,7 +68,11 @@ def request_artifact(
         checkpoint_sha256=checkpoint.sha256,
         options=options,
     )
-    if created or _needs_publish(art):
+    retry = art.status == ArtifactStatus.FAILED and (art.error or "").startswith(INTERRUPTED)
+    if retry:
+        retry = store.requeue_artifact(art.id)
+        art = store.get_artifact(art.id) or art
+    if created or retry or _needs_publish(art):
         try:
             queue.enqueue_artifact(art.id, settings)
         except Exception as exc:

@@ -43,6 +43,9 @@ log = logging.getLogger("worker.artifacts")
 
 ARTIFACT_TIMEOUT_S = 600.0  # an export or recalibration past this is killed and failed
 EXPORTS_FOLDER = "exports"
+# Prefix of a failure that says nothing about the checkpoint (killed, out of time): the next
+# request for the artifact tries again (service/artifacts.py), unlike a deterministic failure.
+INTERRUPTED = "interrupted: "
 
 
 def export_path(settings: Settings, job_id: str, artifact_id: str) -> Path:
@@ -240,14 +243,17 @@ def _supervise(
         if proc.sentinel in ready:
             return {
                 "status": "failed",
-                "error": f"the artifact process died (exit {proc.exitcode})",
+                "error": f"{INTERRUPTED}the artifact process died (exit {proc.exitcode})",
             }
         if flags.warm.is_set() or flags.cold.is_set():
             signal_group(proc.pid, signal.SIGKILL)
             return None
         if time.monotonic() > deadline:
             signal_group(proc.pid, signal.SIGKILL)
-            return {"status": "failed", "error": f"took longer than {ARTIFACT_TIMEOUT_S:g} s"}
+            return {
+                "status": "failed",
+                "error": f"{INTERRUPTED}took longer than {ARTIFACT_TIMEOUT_S:g} s",
+            }
         try:
             held = store.renew_artifact(
                 artifact_id, worker_id=me, lease_seconds=settings.lease_seconds

@@ -348,3 +348,48 @@ def test_lost_messages_and_expired_leases_are_published_again(store: Store) -> N
     held = store.claim_artifact(art.id, worker_id="w", lease_seconds=30)
     assert held is not None and not _needs_publish(held)
     assert _needs_publish(replace(held, lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+
+def test_an_interrupted_artifact_is_tried_again_a_failed_one_is_not(
+    store: Store, tmp_path: Path
+) -> None:
+    from service.artifacts import INTERRUPTED, request_artifact
+    from service.store import CheckpointRecord
+    from service.store.exports import ArtifactKind
+    from worker.artifacts import INTERRUPTED as WORKER_INTERRUPTED
+
+    assert INTERRUPTED == WORKER_INTERRUPTED
+    settings = Settings(data_dir=tmp_path / "nc")  # the store's, with its SQLite broker
+    job_id = _job(store)
+    ckpt = CheckpointRecord(
+        job_id=job_id,
+        name="epoch-0001",
+        attempt=1,
+        epoch=1,
+        step=1,
+        bytes=1,
+        sha256="f" * 64,
+        files={},
+        metrics={},
+        path="x",
+        created_at=utcnow(),
+    )
+    for error, retried in (
+        (INTERRUPTED + "the artifact process died (exit -9)", True),
+        ("model.norm 'gn:2' keeps no running statistics", False),
+    ):
+        options = {"batches": 3 if retried else 4}
+        art, cached = request_artifact(
+            store, settings, job_id, ckpt, ArtifactKind.RECALIBRATE, options
+        )
+        assert not cached and art.enqueues == 1
+        assert store.claim_artifact(art.id, worker_id="w", lease_seconds=30) is not None
+        store.finish_artifact(art.id, worker_id="w", status=ArtifactStatus.FAILED, error=error)
+        again, cached = request_artifact(
+            store, settings, job_id, ckpt, ArtifactKind.RECALIBRATE, options
+        )
+        assert cached and again.id == art.id
+        if retried:
+            assert again.status == ArtifactStatus.QUEUED and again.enqueues == 2
+        else:
+            assert again.status == ArtifactStatus.FAILED and again.enqueues == 1
