@@ -7,8 +7,10 @@ Two scenarios on the embedded deployment (uvicorn API as a subprocess, SQLite st
 
 1. no job: the API alone, polling a finished job that has 200 rows;
 2. a job training: a worker trains a resnet20 job at the default thread count while the
-   API is polled; quiet and loaded windows alternate, and the job's own ``samples_per_s``
-   (its train rows) is compared between them.
+   API is polled. Each repeat has three windows: quiet (no polls), paced (``--job-rate``
+   polls/s in all, 300 by default: the issue's goal rate) and as fast as the API answers. The
+   job's own ``samples_per_s`` (its train rows) in the paced window is compared with the quiet
+   one; the fast window gives the API's throughput and latency beside a training job.
 
 Prints requests/s, p50 and p99 latency of each run and the medians, with the load average.
 
@@ -49,6 +51,7 @@ wrk.headers["Authorization"] = "Bearer %(token)s"
 request = function()
   return wrk.format("GET", "/jobs/%(job)s/metrics?after=" .. after)
 end
+%(delay)s
 response = function(status, headers, body)
   local n = body:match('"next":(%%d+)')
   if n then
@@ -69,10 +72,22 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(url: str, token: str, job_id: str, clients: int, seconds: float) -> dict[str, Any]:
-    """One wrk run (1 thread, ``clients`` connections); requests/s, p50/p99 in ms, errors."""
+def _pause_s(clients: int, rate: float | None) -> float:
+    """Seconds each connection waits between an answer and its next request for about ``rate``
+    req/s in all (0: as fast as the server answers). A request's own time adds to the pause,
+    so the pause is 10% short of ``clients / rate``; the run reports the rate it reached."""
+    return 0.9 * clients / rate if rate else 0.0
+
+
+def run_wrk(
+    url: str, token: str, job_id: str, clients: int, seconds: float, rate: float | None = None
+) -> dict[str, Any]:
+    """One wrk run (1 thread, ``clients`` connections, paced to about ``rate`` req/s when
+    given); requests/s, p50/p99 in ms, errors."""
+    pause_ms = 1000 * _pause_s(clients, rate)
+    delay = f"delay = function() return {pause_ms:.0f} end" if pause_ms else ""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
-        fh.write(WRK_SCRIPT % {"token": token, "job": job_id})
+        fh.write(WRK_SCRIPT % {"token": token, "job": job_id, "delay": delay})
         script = fh.name
     try:
         out = subprocess.run(
@@ -98,14 +113,17 @@ def run_wrk(url: str, token: str, job_id: str, clients: int, seconds: float) -> 
 
 
 async def _poller(
-    client: httpx.AsyncClient, job_id: str, deadline: float, latencies: list[float]
+    client: httpx.AsyncClient, job_id: str, deadline: float, latencies: list[float], pause: float
 ) -> int:
-    """Follow the job's rows with ?after until the deadline; return the errors seen."""
+    """Follow the job's rows with ?after until the deadline, ``pause`` seconds between an answer
+    and the next request; return the errors seen."""
     after, errors = 0, 0
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         response = await client.get(f"/jobs/{job_id}/metrics", params={"after": after})
         latencies.append(time.perf_counter() - start)
+        if pause:
+            await asyncio.sleep(pause)
         if response.status_code != 200:
             errors += 1
             continue
@@ -113,7 +131,9 @@ async def _poller(
     return errors
 
 
-async def _load(url: str, token: str, job_id: str, clients: int, seconds: float) -> tuple:
+async def _load(
+    url: str, token: str, job_id: str, clients: int, seconds: float, pause: float
+) -> tuple:
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     headers = {"Authorization": f"Bearer {token}"}
@@ -122,23 +142,31 @@ async def _load(url: str, token: str, job_id: str, clients: int, seconds: float)
     ) as client:
         started = time.perf_counter()
         errors = await asyncio.gather(
-            *(_poller(client, job_id, started + seconds, latencies) for _ in range(clients))
+            *(_poller(client, job_id, started + seconds, latencies, pause) for _ in range(clients))
         )
         return latencies, time.perf_counter() - started, sum(errors)
 
 
-def _load_process(args: tuple[str, str, str, int, float]) -> tuple:
+def _load_process(args: tuple[str, str, str, int, float, float]) -> tuple:
     return asyncio.run(_load(*args))
 
 
 def run_procs(
-    url: str, token: str, job_id: str, clients: int, seconds: float, procs: int
+    url: str,
+    token: str,
+    job_id: str,
+    clients: int,
+    seconds: float,
+    procs: int,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """``procs`` client processes sharing ``clients`` connections; same figures as run_wrk."""
     share = [clients // procs + (i < clients % procs) for i in range(procs)]
+    pause = _pause_s(clients, rate)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(procs) as pool:
-        parts = pool.map(_load_process, [(url, token, job_id, n, seconds) for n in share if n])
+        jobs = [(url, token, job_id, n, seconds, pause) for n in share if n]
+        parts = pool.map(_load_process, jobs)
     latencies = sorted(x for lat, _, _ in parts for x in lat)
     elapsed = max(e for _, e, _ in parts)
     return {
@@ -198,6 +226,12 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=2, help="client processes without wrk")
     parser.add_argument("--no-wrk", action="store_true", help="use Python client processes")
     parser.add_argument("--skip-job", action="store_true", help="only the 'no job' scenario")
+    parser.add_argument(
+        "--job-rate",
+        type=float,
+        default=300.0,
+        help="polls/s in all during the paced window beside the training job",
+    )
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -206,15 +240,15 @@ def main() -> int:
     use_wrk = shutil.which("wrk") is not None and not args.no_wrk
     generator = "wrk -t1" if use_wrk else f"{args.procs} httpx client processes"
 
-    def load(url: str, token: str, job_id: str) -> dict[str, Any]:
+    def load(url: str, token: str, job_id: str, rate: float | None = None) -> dict[str, Any]:
         # The server's CPU time per request hardly depends on what else the machine runs:
         # 1 / cpu_ms is what one quiet core could serve.
         api_pid = dep.procs[0].pid
         cpu0 = cpu_seconds(api_pid)
         if use_wrk:
-            result = run_wrk(url, token, job_id, args.clients, args.seconds)
+            result = run_wrk(url, token, job_id, args.clients, args.seconds, rate)
         else:
-            result = run_procs(url, token, job_id, args.clients, args.seconds, args.procs)
+            result = run_procs(url, token, job_id, args.clients, args.seconds, args.procs, rate)
         result["cpu_ms"] = 1000 * (cpu_seconds(api_pid) - cpu0) / max(1, result["requests"])
         return result
 
@@ -268,29 +302,38 @@ def main() -> int:
                     print("no train row:", (dep.data / "worker0.log").read_text()[-3000:])
                     return 1
                 time.sleep(0.5)
-            print("a resnet20 job training (default thread count); quiet and loaded windows:")
-            busy_runs, quiet, loaded = [], [], []
+            print(
+                "a resnet20 job training (default thread count); per repeat a quiet window, "
+                f"one paced at {args.job_rate:.0f} polls/s, one as fast as the API answers:"
+            )
+            paced_runs, busy_runs, quiet, loaded = [], [], [], []
             for i in range(args.repeats):
                 t0 = time.time()
                 time.sleep(args.seconds)
                 t1 = time.time()
-                busy_runs.append(load(url, token, job["id"]))
+                paced_runs.append(load(url, token, job["id"], args.job_rate))
                 t2 = time.time()
+                show(i, paced_runs[-1])
+                busy_runs.append(load(url, token, job["id"]))
                 show(i, busy_runs[-1])
                 time.sleep(3)  # the worker writes rows in batches: let the window's rows land
                 quiet.append(_samples_per_s(store, job["id"], t0, t1))
                 loaded.append(_samples_per_s(store, job["id"], t1, t2))
-                print(f"    job samples/s: quiet {_fmt(quiet[-1])}, under load {_fmt(loaded[-1])}")
+                print(
+                    f"    job samples/s: quiet {_fmt(quiet[-1])}, "
+                    f"under {args.job_rate:.0f} polls/s {_fmt(loaded[-1])}"
+                )
             status = store.get_job(job["id"]).status  # type: ignore[union-attr]
             httpx.post(f"{url}/jobs/{job['id']}/cancel", headers=headers, timeout=30)
-            _report(f"a job training (status {status})", busy_runs)
+            _report(f"a job training, paced (status {status})", paced_runs)
+            _report(f"a job training, as fast as answered (status {status})", busy_runs)
             if all(x is None for x in quiet) or all(x is None for x in loaded):
                 print("job samples/s: too few train rows per window; use a longer --seconds")
                 return 0
             q = statistics.median(x for x in quiet if x is not None)
             ld = statistics.median(x for x in loaded if x is not None)
             print(
-                f"job samples/s: quiet {q:.0f}, under load {ld:.0f} "
+                f"job samples/s: quiet {q:.0f}, under {args.job_rate:.0f} polls/s {ld:.0f} "
                 f"({100 * (ld - q) / q:+.0f}%), load average now {os.getloadavg()[0]:.1f}"
             )
         finally:

@@ -13,3 +13,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # the library plus every extra: service (API, worker), data, client, onnx, and the test tools
 .venv/bin/pip install --quiet -e ".[service,data,client,onnx,test]"
+# What serve.sh installs is a subset of the above: tell it this pyproject is installed, so the
+# first `bash scripts/serve.sh` after setup starts at once instead of installing again.
+if command -v sha256sum >/dev/null; then sha256sum pyproject.toml; else shasum -a 256 pyproject.toml; fi |
+  cut -d' ' -f1 >.venv/.normcore-serve.sha256
