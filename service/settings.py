@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         default=False,
         description="uvicorn's access log (one line per request) in `normcore serve`'s API; off "
-        "by default: at a thousand polls a second the lines cost more CPU than the answers.",
+        "by default: followers poll many times a second, each poll would be a line.",
     )
     # Recovery after a worker dies takes lease_seconds + reaper_interval_seconds + a broker poll
     # (~1 s on SQLite). The lease must still outlast a few missed heartbeats: a heartbeat is one
