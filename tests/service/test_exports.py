@@ -13,6 +13,7 @@ seconds: torch's exporter traces the model and onnxscript optimizes the graph).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from service.db import utcnow
 from service.settings import Settings
 from service.store import Store
 from service.store.exports import ArtifactStatus, options_key
+from tests.service.store_backends import BACKENDS, open_store, pg_database
 
 F64 = torch.float64
 ALL = os.environ.get("NORMCORE_TEST_ONNX_ALL") == "1"
@@ -240,13 +242,15 @@ def test_recalibrating_a_norm_without_statistics_is_a_clear_error(tmp_path: Path
 # ----------------------------------------------------------------------------- the store
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Any:
-    settings = Settings(data_dir=tmp_path / "nc")
-    s = Store.from_settings(settings)
-    s.upgrade()
-    yield s
-    s.dispose()
+@pytest.fixture(scope="module")
+def pg_url(postgres_server: str) -> Iterator[str]:
+    yield from pg_database(postgres_server)
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A migrated, empty store on SQLite and on PostgreSQL."""
+    yield from open_store(request, tmp_path, "pg_url")
 
 
 def _job(store: Store) -> str:
