@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -253,6 +255,19 @@ def test_job_page_edits_tags_and_note_and_shows_history(
         assert "GroupNorm baseline" in page.inner_text("#job-note")
         assert page.locator("#job-meta .tag").count() == 3
 
+        # A checkpoint downloads through the page (a Bearer fetch handed over as a file).
+        with stack.client() as c:
+            ckpt = c.get(f"/jobs/{job_id}").json()["checkpoints"][-1]
+        with page.expect_download() as download:
+            page.locator(f"#checkpoints tr[data-name='{ckpt['name']}'] button.download").click()
+        data = Path(download.value.path()).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == ckpt["sha256"]
+        # The norm-statistics marks: non-finite values (null in JSON) and tiny variances.
+        marks = page.evaluate(
+            "NormStats.marks({running_mean: [0.5, null], running_var: [1, 1e-9, null]})"
+        )
+        assert marks == ["mean[1] not finite", "var[1] = 1.0e-9", "var[2] not finite"], marks
+
         page.fill("#tags-input", "ok no/slash")
         page.click("#labels-save")
         page.wait_for_selector("#labels-error:not(:empty)")
@@ -265,6 +280,9 @@ def test_job_page_edits_tags_and_note_and_shows_history(
                 "lr:0.1",
             ]
         screenshot(page, "job-labels")
+        page.goto("/ui/")  # the list shows the note's first line under the name
+        page.wait_for_selector(f"tr[data-id='{job_id}'] .list-note")
+        assert page.inner_text(f"tr[data-id='{job_id}'] .list-note") == "GroupNorm baseline"
         assert refused == []
     finally:
         context.close()
@@ -368,6 +386,10 @@ def test_every_control_is_reachable_by_tab_with_a_visible_focus(
         sign_in(page, stack.token)
         for path, ready in (
             ("/ui/", f"tr[data-id='{finished_jobs['bn']}']"),
+            (
+                "/ui/compare#ids=" + ",".join(finished_jobs.values()),
+                "#chart-loss .u-legend tr.u-series[tabindex]",
+            ),
             (f"/ui/jobs/{finished_jobs['bn']}", "#chart-loss .u-legend tr.u-series[tabindex]"),
         ):
             page.goto(path)

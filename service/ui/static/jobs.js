@@ -65,7 +65,7 @@
     $("#jobs tbody").innerHTML = shown.map((r) => `<tr data-id="${NC.esc(r.id)}">
       <td><input type="checkbox" class="pick" aria-label="Select ${NC.esc(r.name)}" ${selected.has(r.id) ? "checked" : ""}></td>
       <td>${NC.statusBadge(r.status)}</td>
-      <td><a href="/ui/jobs/${encodeURIComponent(r.id)}">${NC.esc(r.name)}</a></td>
+      <td><a href="/ui/jobs/${encodeURIComponent(r.id)}">${NC.esc(r.name)}</a>${r.job.note ? `<div class="muted list-note" title="${NC.esc(r.job.note)}">${NC.esc(r.job.note.split("\n")[0].slice(0, 80))}</div>` : ""}</td>
       <td>${r.tags.map((t) => `<span class="tag">${NC.esc(t)}</span>`).join("")}</td>
       <td>${NC.esc(r.arch)}</td><td>${NC.esc(r.norm)}</td>
       <td class="num">${NC.fmt(r.batch_size)}</td><td class="num">${NC.fmt(r.epochs)}</td>
