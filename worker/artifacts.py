@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import time
 import traceback
@@ -209,14 +210,25 @@ def run_artifact(
                 metrics=result["metrics"],
                 path=rel,
             )
-        except NotFound:  # the job was deleted meanwhile (its folder with it)
+        except NotFound:  # the job was deleted meanwhile
+            _remove_if_deleted(store, settings, art.job_id)
             return "lost"
         result = {k: v for k, v in result.items() if k not in ("path", "files")}
         written = store.finish_artifact(
             art.id, worker_id=me, status=ArtifactStatus.SUCCEEDED, result=result, path=rel
         )
     log.info("artifact %s: succeeded%s", art.id, "" if written else " (lease lost; not recorded)")
+    if not written:
+        _remove_if_deleted(store, settings, art.job_id)
     return "succeeded" if written else "lost"
+
+
+def _remove_if_deleted(store: Store, settings: Settings, job_id: str) -> None:
+    """Remove the folder of a job deleted while its artifact was built: the API removed it at
+    once, but the child may have written (and so re-created) it since."""
+    with contextlib.suppress(Exception):
+        if store.get_job(job_id) is None:
+            shutil.rmtree(settings.job_dir(job_id), ignore_errors=True)
 
 
 def _supervise(

@@ -397,3 +397,19 @@ def test_an_interrupted_artifact_is_tried_again_a_failed_one_is_not(
             assert again.status == ArtifactStatus.QUEUED and again.enqueues == 2
         else:
             assert again.status == ArtifactStatus.FAILED and again.enqueues == 1
+
+
+def test_a_deleted_jobs_folder_rewritten_by_its_artifact_is_removed(
+    store: Store, tmp_path: Path
+) -> None:
+    from worker.artifacts import _remove_if_deleted
+
+    settings = Settings(data_dir=tmp_path / "nc")
+    job_id = _job(store)
+    exports = settings.job_dir(job_id) / "exports"
+    exports.mkdir(parents=True)
+    _remove_if_deleted(store, settings, job_id)
+    assert exports.is_dir()  # the job lives: its files stay
+    store.delete_job(job_id)
+    _remove_if_deleted(store, settings, job_id)
+    assert not settings.job_dir(job_id).exists()
