@@ -359,3 +359,76 @@ def test_cancel_stops_every_child(api: Api) -> None:
         final = c.get(f"/sweeps/{sid}").json()
         assert final["status"] == "cancelled" and final["released"] == 4
         assert final["counts"]["cancelled"] == 4
+
+
+@pytest.fixture(scope="module")
+def pg_api(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[Api]:
+    """The API in cluster mode: PostgreSQL store (its own database), Redis broker, no worker."""
+    import redis
+
+    from tests.conftest import REDIS_HOST, REDIS_PORT, _xdist_index
+
+    db = 1 + _xdist_index() % 15
+    broker = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, socket_connect_timeout=3)
+    try:
+        broker.ping()
+    except Exception as exc:
+        pytest.skip(f"Redis is not reachable: {exc}")
+    env = make_env(
+        tmp_path_factory.mktemp("sweeps-pg") / "nc",
+        mode="cluster",
+        postgres_url=pg_url.replace("postgresql://", "postgresql+psycopg://"),
+        redis_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}",
+        NORMCORE_REPUBLISH_AFTER_SECONDS="3600",
+        NORMCORE_REAPER_INTERVAL_SECONDS="0.2",
+    )
+    proc, url = start_api(env)
+    running = Api(env, proc, url)
+    try:
+        yield running
+    finally:
+        proc.stop()
+        running.store.dispose()
+        broker.flushdb()
+        broker.close()
+
+
+def test_sweep_api_on_postgresql(pg_api: Api) -> None:
+    with pg_api.client("pat") as c:
+        bad = sweep_body(grid={"model.norm": ["gn:2", "gn:7"]}, seeds=[0])
+        r = c.post("/sweeps", json=bad)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["grid", 1]
+        body = sweep_body(grid={"model.norm": ["bn", "gn:2"]}, seeds=[0, 1], concurrency=2)
+        r = c.post("/sweeps", json=body, headers={"Idempotency-Key": "pg-1"})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        assert c.post("/sweeps", json=body, headers={"Idempotency-Key": "pg-1"}).json()["id"] == sid
+        finals: dict[str, float] = {}
+        for i in range(4):
+            detail = wait_for(
+                lambda: (d := c.get(f"/sweeps/{sid}").json())["counts"]["queued"] > 0 and d,
+                timeout=30,
+                what="a queued child",
+            )
+            assert _active(detail) <= 2
+            job_id = next(
+                j["job_id"] for x in detail["cells"] for j in x["jobs"] if j["status"] == "queued"
+            )
+            _write_val_rows(pg_api.store, job_id, [0.5, 0.6 + 0.1 * i])
+            finals[job_id] = 0.6 + 0.1 * i
+        wait_for(
+            lambda: c.get(f"/sweeps/{sid}").json()["status"] == "succeeded",
+            timeout=30,
+            what="the sweep to succeed",
+        )
+        report = c.get(f"/sweeps/{sid}/report").json()
+        for cell in report["cells"]:
+            xs = np.array([finals[r["job_id"]] for r in cell["runs"]], dtype=np.float64)
+            assert cell["n"] == 2
+            assert cell["final_mean"] == pytest.approx(xs.mean(), rel=1e-12)
+            assert cell["final_std"] == pytest.approx(xs.std(ddof=1), rel=1e-12)
+        other = c.post("/sweeps", json={**body, "name": "two"}).json()
+        done = c.post(f"/sweeps/{other['id']}/cancel").json()
+        assert done["counts"]["cancelled"] == 2 and done["status"] == "cancelled"
+        assert c.delete(f"/sweeps/{sid}").status_code == 204
+        assert c.get(f"/sweeps/{sid}").status_code == 404
