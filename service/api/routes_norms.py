@@ -19,13 +19,55 @@ from service.api.schemas import NormPage, NormRowOut
 router = APIRouter(tags=["jobs"])
 
 MAX_SEQ = 2**62
+EXAMPLE_NORM_PAGE = {
+    "items": [
+        {
+            "seq": 42,
+            "step": 269,
+            "epoch": 1,
+            "trigger": "eval",
+            "layer": "conv1.norm",
+            "attempt": 1,
+            "time": 1767225600.0,
+            "values": {
+                "kind": "BatchNorm2d",
+                "source": "running",
+                "channels": 6,
+                "eps": 1e-05,
+                "mean_mean": 0.41,
+                "mean_std": 0.22,
+                "mean_min": 0.08,
+                "mean_max": 0.73,
+                "mean_nonfinite": 0,
+                "var_mean": 3682.2,
+                "var_std": 2522.2,
+                "var_min": 711.0,
+                "var_max": 7686.0,
+                "var_nonfinite": 0,
+                "mean_drift": None,
+                "var_drift": 3681.2,
+                "dead_var": 0,
+                "dead_gamma": 0,
+                "dead_channels": 0,
+                "gamma_norm": 2.41,
+                "beta_norm": 0.37,
+                "num_batches_tracked": 269,
+            },
+        }
+    ],
+    "next": 42,
+}
 
 
 @router.get(
     "/jobs/{job_id}/norms",
     response_model=NormPage,
     summary="Norm telemetry rows (per record and norm layer) after a sequence number",
-    responses={**UNAUTHORIZED, **NOT_FOUND},
+    responses={
+        200: {"content": {"application/json": {"example": EXAMPLE_NORM_PAGE}}},
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+    },
 )
 async def get_norms(
     job_id: str,
