@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from service.db import checkpoints, jobs, logs
+from service.db import checkpoints, jobs, logs, norm_telemetry
 from service.db import metrics as metrics_t
 from service.store.database import Database
 from service.store.records import JobRecord, to_job
@@ -29,7 +29,7 @@ class DeletionStore(Database):
                 return None
             # Explicit, not only ON DELETE CASCADE: a connection without SQLite's foreign_keys
             # pragma would otherwise leave the rows behind.
-            for table in (metrics_t, logs, checkpoints):
+            for table in (metrics_t, logs, checkpoints, norm_telemetry):
                 conn.execute(sa.delete(table).where(table.c.job_id == job_id))
             conn.execute(sa.delete(jobs).where(jobs.c.id == job_id))
             return to_job(row)

@@ -103,3 +103,10 @@ def test_job_warnings_replace_by_code_and_source(store: Store) -> None:
         store.add_job_warning(job_id, attempt=attempt, warning={"code": "x", "source": "y"})
     with pytest.raises(StaleAttempt):
         store.add_job_warning(job_id, attempt=attempt + 1, warning=w)
+
+
+def test_deleting_the_job_deletes_its_rows(store: Store) -> None:
+    job_id, attempt = _running(store)
+    store.add_norms(job_id, attempt=attempt, records=[_record(0, 1.0)])
+    store.delete_job(job_id)
+    assert store.get_norms(job_id) == ([], 0)
