@@ -151,6 +151,25 @@ class Client:
             params["final"] = "true"
         return self._request("GET", f"/jobs/{job_id}/metrics", params=params)
 
+    def norms(
+        self,
+        job_id: str,
+        after: int = 0,
+        limit: int = 1000,
+        layer: str | None = None,
+        max_points: int | None = None,
+    ) -> dict[str, Any]:
+        """Norm telemetry rows with ``seq > after``: ``{"items": [...], "next": seq}``, one row
+        per (record, norm layer) with ``step``, ``trigger``, ``layer`` and ``values`` (README,
+        "Norm telemetry"); ``layer`` keeps one layer, ``max_points`` downsamples per (layer,
+        value name) keeping each bucket's extremes."""
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        if layer is not None:
+            params["layer"] = layer
+        if max_points is not None:
+            params["max_points"] = max_points
+        return self._request("GET", f"/jobs/{job_id}/norms", params=params)
+
     def iter_metrics(
         self,
         job_id: str,

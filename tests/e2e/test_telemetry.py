@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load as load_safetensors
 
+from normcore.client import Client
 from tests.harness import Stack, make_env, running_stack, wait_for
 
 BASE: dict[str, Any] = {
@@ -161,6 +162,8 @@ def test_large_batch_bn_has_no_warning_and_rows_equal_checkpoint_buffers(
     rows = page["items"]
     assert {r["trigger"] for r in rows} == {"start", "eval"}
     assert [r["layer"] for r in one] == ["conv2.norm", "conv2.norm"]
+    with Client(stack.url, token=stack.token) as client:
+        assert client.norms(job_id, layer="conv2.norm")["items"] == one
     assert [r["seq"] for r in tail["items"]] == [r["seq"] for r in rows[4:]]
     assert tail["next"] == page["next"] == rows[-1]["seq"]
     assert small["items"]

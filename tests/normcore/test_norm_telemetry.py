@@ -17,7 +17,13 @@ import normcore
 from normcore.checkpoint import load_checkpoint
 from normcore.engine import Callback
 from normcore.engine.callbacks import NormRecord, NormStatsNonFinite
-from normcore.telemetry import DEAD_RELATIVE, FiniteCheck, NormTelemetry, gap_probe
+from normcore.telemetry import (
+    DEAD_RELATIVE,
+    FiniteCheck,
+    NormTelemetry,
+    collapsed_layers,
+    gap_probe,
+)
 
 
 class _Collect(Callback):
@@ -174,3 +180,11 @@ def test_corrupt_input_fails_at_step_one_naming_the_layer(tmp_path: Path) -> Non
     assert not [r for r in cb.rows if r.split == "train"]  # failed before its row
     log = (tmp_path / "run" / "train.log").read_text()
     assert "non-finite norm statistics at step 1" in log
+
+
+def test_collapsed_variance_is_flagged_below_eps() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), normcore.BatchNorm2d(4), normcore.BatchNorm2d(4))
+    with torch.no_grad():
+        model[1].running_var.fill_(0.5e-5)  # every channel under eps = 1e-5
+        model[2].running_var.copy_(torch.tensor([0.5e-5, 0.5e-5, 0.5e-5, 2e-5]))  # one above
+    assert collapsed_layers(NormTelemetry(model).record()) == ["1"]
