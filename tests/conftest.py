@@ -149,3 +149,67 @@ def module_stack(
         env = make_env(data_dir, mode="cluster", postgres_url=pg, redis_url=rd)
         with running_stack(env) as running:
             yield running
+
+
+# What starts real servers, workers or training processes: tens of seconds a test.
+_LONG_PATHS = (
+    "tests/e2e/",
+    "tests/ui/",
+    "tests/worker/test_worker_process.py",
+    "tests/normcore/test_distributed_engine.py",
+)
+
+
+def _run_first(item: pytest.Item) -> int:
+    """0 for long tests, 1 for the other tests of an ``xdist_group``, 2 for the rest."""
+    path = item.nodeid.split("::", 1)[0]
+    if path.startswith(_LONG_PATHS) or item.get_closest_marker("slow") is not None:
+        return 0
+    return 1 if item.get_closest_marker("xdist_group") is not None else 2
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let ``--dist loadgroup`` hand out work in collection order (see below), not ordered by
+    the number of tests per group, which put groups of a few long tests after the fast ones."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def _join_xdist_group(item: pytest.Item) -> None:
+    """Give ``item`` the ``@group`` suffix ``--dist loadgroup`` schedules by.
+
+    pytest-xdist (3.8) appends it to ``item._nodeid``, which pytest 9 no longer reads (the node
+    id is ``item._id``): every ``xdist_group`` marker was ignored, so a module's tests were
+    spread over both workers and its module-scoped servers started on each, again after every
+    other module's test in between. Here the suffix goes where pytest 9 reads it; nothing is done
+    when the node id has it already (an xdist that does it itself, or pytest before 9).
+    """
+    names = sorted(
+        {
+            str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+            for m in item.iter_markers("xdist_group")
+        }
+    )
+    if not names:
+        return
+    suffix = "@" + "_".join(names)
+    node_id = getattr(item, "_id", None)
+    if item.nodeid.endswith(suffix) or node_id is None or not hasattr(type(node_id), "parse"):
+        return
+    item._id = type(node_id).parse(item.nodeid + suffix)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest grouped the tests by parametrized fixtures
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long tests first, then the rest of the groups, then the many quick tests; under
+    ``--dist loadgroup``, each test in its ``xdist_group`` (see ``_join_xdist_group``).
+
+    Under ``-n 2 --dist loadgroup`` each xdist worker takes the next unit of work when it runs
+    low, so long units handed out early balance the two workers, and the run ends on quick tests
+    instead of one worker finishing a long module alone. The order within a module is kept
+    (a stable sort), so module-scoped fixtures still start once.
+    """
+    items.sort(key=_run_first)
+    if getattr(config.option, "loadgroup", False):
+        for item in items:
+            _join_xdist_group(item)
