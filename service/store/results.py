@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -88,20 +87,35 @@ class ResultStore(Database):
             # One decode of a JSON array: a third of the time of a json.loads per row.
             parsed = json.loads("[" + ",".join(r[3] or "{}" for r in fetched) + "]")
             picks = select_extremes_columns(seqs, steps, splits, parsed, max_points)
-            wanted = [seqs[i] for i, _ in picks]
-            full: dict[int, MetricRecord] = {}
+            # The other columns of the kept rows only (their values are decoded already).
+            wanted = sorted(seqs[i] for i, _ in picks)
+            extra: dict[int, tuple[Any, ...]] = {}
             for k in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[k : k + _IN_CHUNK]
-                query = sa.select(metrics_t).where(cols.job_id == job_id, cols.seq.in_(chunk))
-                full.update((r.seq, to_metric(r)) for r in conn.execute(query))
+                query = sa.select(
+                    cols.seq, cols.attempt, cols.epoch, cols.time, cols.replaces
+                ).where(cols.job_id == job_id, cols.seq.in_(wanted[k : k + _IN_CHUNK]))
+                result = conn.execute(query)
+                extra.update((r[0], r) for r in (result.cursor.fetchall() if result.cursor else []))
+                result.close()
         out = []
         for i, names in sorted(picks, key=lambda p: seqs[p[0]]):
-            row = full[seqs[i]]
+            _, attempt, epoch, when, replaces = extra[seqs[i]]
+            values = parsed[i]
             if names is not None:
-                row = dataclasses.replace(
-                    row, values={k: v for k, v in row.values.items() if k in names}
+                values = {k: v for k, v in values.items() if k in names}
+            out.append(
+                MetricRecord(
+                    seq=seqs[i],
+                    job_id=job_id,
+                    attempt=attempt,
+                    step=steps[i],
+                    epoch=int(epoch),
+                    split=splits[i],
+                    values=values,
+                    time=when,
+                    replaces=replaces,
                 )
-            out.append(row)
+            )
         return out, (max(seqs) if seqs else after)
 
     @staticmethod
