@@ -39,10 +39,13 @@
   }
   async function poll() {
     const base = NCJob.base;
-    const norms = await NC.api(`${base}/norms?after=${normsAfter}&limit=10000`);
+    // the first read downsampled (a long run's history stays light; the few gap rows and
+    // per-layer series under the budget come whole), then only what is new
+    const first = normsAfter === 0 && gapAfter === 0 ? "&max_points=1000" : "&limit=10000";
+    const norms = await NC.api(`${base}/norms?after=${normsAfter}${first}`);
     norms.items.forEach(addNorm);
     normsAfter = norms.next;
-    const rows = await NC.api(`${base}/metrics?after=${gapAfter}&limit=10000`);
+    const rows = await NC.api(`${base}/metrics?after=${gapAfter}${first}`);
     rows.items.filter((r) => r.split === "gap").forEach(addGap);
     gapAfter = rows.next;
     $("#norms-note").textContent = !layers.size ? "No telemetry yet."
