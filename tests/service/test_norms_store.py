@@ -52,7 +52,7 @@ def test_rows_page_by_seq_and_filter_by_layer(store: Store) -> None:
     assert [r.seq for r in rows] == sorted(r.seq for r in rows)
     assert nxt == rows[-1].seq
     page, nxt2 = store.get_norms(job_id, after=rows[1].seq, layer="b.norm")
-    assert [(r.step, r.layer) for r in page] == [(10, "b.norm")]
+    assert [(r.step, r.layer) for r in page] == [(10, "b.norm")] and nxt2 == page[-1].seq
     assert store.get_norms(job_id, after=nxt) == ([], nxt)
     # a rewrite of (step, layer) comes again under a larger seq
     store.add_norms(job_id, attempt=attempt, records=[_record(10, 5.0, ("a.norm",))])
