@@ -211,7 +211,10 @@ def test_followers_get_each_row_once_or_as_a_recognisable_replacement(env: Servi
         assert job["status"] == "succeeded" and job["attempt"] >= 2, (job["error"], job["attempts"])
         history = client.metrics(job_id, limit=10_000)["items"]
         keys = [(r["split"], r["step"]) for r in history]
-        assert len(keys) == len(set(keys)) == SPEC["epochs"] * (STEPS_PER_EPOCH + 1)
+        assert len(keys) == len(set(keys))
+        # every train step and one val row an epoch (the norm telemetry adds "gap" rows too)
+        trained = [key for key in keys if key[0] in ("train", "val")]
+        assert len(trained) == SPEC["epochs"] * (STEPS_PER_EPOCH + 1)
         assert any(r["attempt"] >= 2 and r["replaces"] is not None for r in history)
 
         # Final rows: each (split, step) once, and exactly the history, in seq order.
