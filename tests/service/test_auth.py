@@ -107,6 +107,7 @@ def job_routes(job_id: str) -> list[tuple[str, str]]:
         ("GET", f"/jobs/{job_id}/checkpoints"),
         ("GET", f"/jobs/{job_id}/checkpoints/epoch-0001"),
         ("GET", f"/jobs/{job_id}/checkpoints/epoch-0001/stats"),
+        ("GET", f"/jobs/{job_id}/norms"),
         ("POST", f"/jobs/{job_id}/cancel"),  # last: it changes the job
     ]
 
@@ -124,6 +125,16 @@ def all_token_routes(job_id: str) -> list[tuple[str, str]]:
         ("POST", f"/jobs/{job_id}/checkpoints/epoch-0001/recalibrate"),
         ("GET", f"/jobs/{job_id}/artifacts"),
         ("GET", f"/jobs/{job_id}/artifacts/ARTIFACT"),
+        ("GET", f"/jobs/{job_id}/checkpoints/epoch-0001/diff?against={job_id}/epoch-0001"),
+        ("PATCH", f"/jobs/{job_id}"),
+        ("POST", "/jobs/validate"),
+        # sweeps (their owner and other-user behaviour: tests/service/test_sweeps.py)
+        ("GET", "/sweeps"),
+        ("POST", "/sweeps"),
+        ("GET", "/sweeps/SWEEP"),
+        ("GET", "/sweeps/SWEEP/report"),
+        ("POST", "/sweeps/SWEEP/cancel"),
+        ("DELETE", "/sweeps/SWEEP"),
         ("DELETE", f"/jobs/{job_id}"),
     ]
 
@@ -178,9 +189,11 @@ def test_job_routes_cover_every_route_of_a_job(dep: Deployment) -> None:
     tested = {
         (
             method,
-            path.replace("JOB", "{job_id}")
+            path.split("?")[0]
+            .replace("JOB", "{job_id}")
             .replace("epoch-0001", "{name}")
-            .replace("ARTIFACT", "{artifact_id}"),
+            .replace("ARTIFACT", "{artifact_id}")
+            .replace("SWEEP", "{sweep_id}"),
         )
         for method, path in all_token_routes("JOB")
     }
