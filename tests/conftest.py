@@ -133,20 +133,21 @@ def module_stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """``stack`` shared by every test of a module: a running API plus one CPU worker in each
-    mode, started once per mode instead of once per test.
+    mode, started once per mode instead of once per test; training at one torch thread.
 
     The module's tests must leave the deployment as they found it (no job left running) and
     the module should carry an ``xdist_group`` marker, so that its tests run one after the
     other on one xdist worker: the cluster mode holds that worker's Redis database throughout.
     """
     data_dir = tmp_path_factory.mktemp(f"stack-{request.param}") / "nc"
+    one_thread = {"NORMCORE_TRAIN_THREADS": "1"}  # two xdist workers share two cores
     if request.param == "sqlite":
-        with running_stack(make_env(data_dir, mode="sqlite")) as running:
+        with running_stack(make_env(data_dir, mode="sqlite", **one_thread)) as running:
             yield running
         return
     admin = request.getfixturevalue("postgres_server")
     with _fresh_database(admin) as pg, _own_redis_db() as rd:
-        env = make_env(data_dir, mode="cluster", postgres_url=pg, redis_url=rd)
+        env = make_env(data_dir, mode="cluster", postgres_url=pg, redis_url=rd, **one_thread)
         with running_stack(env) as running:
             yield running
 

@@ -80,7 +80,7 @@ def wait_all_finished(client: httpx.Client, ids: list[str], timeout: float = 180
 
 
 def test_api_restart_loses_no_job_and_no_metric_row(tmp_path: Path) -> None:
-    env = make_env(tmp_path / "nc")
+    env = make_env(tmp_path / "nc", NORMCORE_TRAIN_THREADS="1")
     with running_stack(env, workers=1) as stack:
         port = int(stack.url.rsplit(":", 1)[1])
         with stack.client() as c:
@@ -214,7 +214,11 @@ def test_redis_restart_loses_no_job(
     tmp_path: Path, postgres_url: str, private_redis: RedisServer
 ) -> None:
     env: ServiceEnv = make_env(
-        tmp_path / "nc", mode="cluster", postgres_url=postgres_url, redis_url=private_redis.url
+        tmp_path / "nc",
+        mode="cluster",
+        postgres_url=postgres_url,
+        redis_url=private_redis.url,
+        NORMCORE_TRAIN_THREADS="1",
     )
     stack: Stack
     with running_stack(env, workers=1) as stack, stack.client() as c:
