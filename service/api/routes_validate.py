@@ -73,6 +73,7 @@ EXAMPLE_REPORT = {
     summary="Check a spec without training: effective batch, momentum half-life, warnings",
     responses={
         200: {"content": {"application/json": {"example": EXAMPLE_REPORT}}},
+        400: error_response("Malformed JSON", "malformed JSON body: Expecting value"),
         **UNAUTHORIZED,
         422: error_response(
             "A field the submit would refuse",
