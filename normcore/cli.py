@@ -63,7 +63,7 @@ class _ProgressCallback(Callback):
     def on_metrics(self, row: MetricRow) -> None:
         if row.split == "val":
             self.val = row.values
-        else:
+        elif row.split == "train":  # not the telemetry's "gap" rows (no loss in them)
             self.train = row.values
         stats = []
         if self.train:
