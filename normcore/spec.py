@@ -34,6 +34,8 @@ DATASETS = (
 )
 FILE_DATASETS = ("mnist", "cifar10", "imagefolder", "npz")
 SR_ARCHS = ("edsr",)
+# archs whose first conv honours model.stem_padding (normcore.models.TAKES_STEM_PADDING)
+STEM_PADDING_ARCHS = ("lenet", "resnet20", "resnet18")
 SR_DATASETS = ("sr-synthetic",)
 # a year: max_runtime's schema bound; a server's own cap is usually far lower
 MAX_RUNTIME_MINUTES = 525_600.0
@@ -101,6 +103,13 @@ class ModelSpec(_Strict):
     depth: int | None = Field(
         default=None, ge=1, le=64, description="Blocks (convblock, edsr); default: the arch's own."
     )
+    stem_padding: Literal["zeros", "none", "reflect", "replicate"] = Field(
+        default="zeros",
+        description="Padding of the first conv (lenet, resnet20 and resnet18 only; other archs "
+        'refuse anything but "zeros"): "zeros" (same-size zero padding, as before), "none" (a '
+        "valid conv: no padding, the maps shrink by kernel_size - 1 and the later layers adapt), "
+        '"reflect" or "replicate" (nn.Conv2d padding_mode: the image\'s own border).',
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -109,6 +118,16 @@ class ModelSpec(_Strict):
         if isinstance(data, dict) and data.get("arch") == "edsr" and "norm" not in data:
             data = {**data, "norm": "none"}
         return data
+
+    @model_validator(mode="after")
+    def _stem_padding_arch(self) -> ModelSpec:
+        if self.stem_padding != "zeros" and self.arch not in STEM_PADDING_ARCHS:
+            raise ValueError(
+                f"model.stem_padding {self.stem_padding!r} applies to "
+                f"{', '.join(STEM_PADDING_ARCHS)} only; {self.arch} pads its first conv with "
+                'zeros: remove model.stem_padding or set it to "zeros"'
+            )
+        return self
 
     @field_validator("norm")
     @classmethod

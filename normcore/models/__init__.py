@@ -2,7 +2,9 @@
 
 Every builder takes ``in_channels``, ``num_classes`` (``scale`` for edsr), ``norm`` (any spec
 ``make_norm`` accepts), ``dropout``, ``norm_position`` ("before": conv → norm → ReLU, or
-"after": conv → ReLU → norm) and ``width``; convblock and edsr also take ``depth``.
+"after": conv → ReLU → norm) and ``width``; convblock and edsr also take ``depth``; lenet and
+the resnets also take ``stem_padding`` (the first conv's padding: "zeros", "none", "reflect",
+"replicate").
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 _TAKES_DEPTH = ("convblock", "edsr")
+# archs whose first conv honours model.stem_padding (the others refuse anything but "zeros")
+TAKES_STEM_PADDING = ("lenet", "resnet20", "resnet18")
 
 
 def build_model(spec: ModelSpec, *, in_channels: int) -> nn.Module:
@@ -68,4 +72,11 @@ def build_model(spec: ModelSpec, *, in_channels: int) -> nn.Module:
                 f"{spec.arch} has a fixed depth: remove model.depth"
             )
         kwargs["depth"] = spec.depth
+    if spec.arch in TAKES_STEM_PADDING:
+        kwargs["stem_padding"] = spec.stem_padding
+    elif spec.stem_padding != "zeros":
+        raise ValueError(
+            f"model.stem_padding applies to {', '.join(TAKES_STEM_PADDING)} only; "
+            f"{spec.arch} pads with zeros: remove model.stem_padding"
+        )
     return use_conv(builder(**kwargs), spec.conv)

@@ -15,6 +15,25 @@ from normcore.layers.stdconv import StdConv2d
 NormPosition = Literal["before", "after"]
 NORM_POSITIONS = ("before", "after")
 CONV_KINDS = ("standard", "std")
+# model.stem_padding: how the first conv pads its input. "none" is a valid convolution (no
+# padding, the map shrinks by kernel_size - 1); the others are nn.Conv2d padding modes.
+STEM_PADDINGS = ("zeros", "none", "reflect", "replicate")
+
+
+def stem_conv_padding(kernel_size: int, stem_padding: str) -> tuple[int, str]:
+    """``(padding, padding_mode)`` for a stem conv of odd ``kernel_size`` under ``stem_padding``.
+
+    "zeros", "reflect" and "replicate" keep the size ("same" padding of ``kernel_size // 2``
+    filled with zeros, the mirrored border, or the repeated edge pixel); "none" pads nothing.
+    Raises ValueError for any other value.
+    """
+    if stem_padding not in STEM_PADDINGS:
+        raise ValueError(
+            f"stem_padding must be one of {', '.join(STEM_PADDINGS)}, got {stem_padding!r}"
+        )
+    if stem_padding == "none":
+        return 0, "zeros"
+    return kernel_size // 2, stem_padding
 
 
 def check_args(
@@ -63,6 +82,7 @@ class ConvNormAct(nn.Sequential):
     """Seed 000's ConvBlock: conv → norm → ReLU (→ dropout), or conv → ReLU → norm with "after".
 
     ``act=False`` gives conv → norm (a projection shortcut, the last conv of a residual branch).
+    ``padding_mode`` is ``nn.Conv2d``'s ("zeros", "reflect", "replicate").
     The children are named ``conv``, ``norm``, ``act``, ``dropout`` in the order they run.
     """
 
@@ -78,6 +98,7 @@ class ConvNormAct(nn.Sequential):
         norm_position: str = "before",
         act: bool = True,
         dropout: float = 0.0,
+        padding_mode: str = "zeros",
     ) -> None:
         if norm_position not in NORM_POSITIONS:
             raise ValueError(f"norm_position must be 'before' or 'after', got {norm_position!r}")
@@ -89,6 +110,7 @@ class ConvNormAct(nn.Sequential):
             stride=stride,
             padding=kernel_size // 2 if padding is None else padding,
             bias=conv_bias(norm, position),
+            padding_mode=padding_mode,
         )
         layers: list[tuple[str, nn.Module]] = [("conv", conv)]
         norm_layer = make_norm(norm, out_channels, dims=2)

@@ -4,6 +4,10 @@ Deviations from the seed, both so that any input size and any norm fit: the conv
 (an 8x8 digit survives two 2x2 pools) and an adaptive pool to 5x5 sits before the first fc.
 Widths are 8/16 channels and 128/64 features (the seed has 6/16 and 120/84) so that common
 group counts (gn:4, gn:8) divide every layer.
+
+``stem_padding`` changes the first conv only: "none" makes it a valid conv (a 16x16 input gives
+12x12 maps; the adaptive pool absorbs the smaller size), "reflect" and "replicate" pad with the
+image's own border instead of zeros.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from normcore.models.blocks import (
     conv_bias,
     dropout_layer,
     init_weights,
+    stem_conv_padding,
 )
 
 
@@ -34,6 +39,7 @@ class LeNet(nn.Module):
         dropout: float,
         norm_position: str,
         width: int,
+        stem_padding: str = "zeros",
     ) -> None:
         super().__init__()
         check_args(
@@ -45,7 +51,16 @@ class LeNet(nn.Module):
         )
         c1, c2, f1, f2 = width, 2 * width, 16 * width, 8 * width
         self.norm_position = norm_position
-        self.conv1 = ConvNormAct(in_channels, c1, 5, norm=norm, norm_position=norm_position)
+        padding, padding_mode = stem_conv_padding(5, stem_padding)
+        self.conv1 = ConvNormAct(
+            in_channels,
+            c1,
+            5,
+            padding=padding,
+            padding_mode=padding_mode,
+            norm=norm,
+            norm_position=norm_position,
+        )
         self.pool1 = nn.MaxPool2d(2, 2)
         self.conv2 = ConvNormAct(c1, c2, 5, norm=norm, norm_position=norm_position)
         self.pool2 = nn.MaxPool2d(2, 2)
@@ -82,8 +97,13 @@ def lenet(
     dropout: float = 0.0,
     norm_position: str = "before",
     width: int | None = None,
+    stem_padding: str = "zeros",
 ) -> nn.Module:
-    """Seed 003's LeNet with the chosen norm; ``width`` is the first conv's channels (default 8)."""
+    """Seed 003's LeNet with the chosen norm; ``width`` is the first conv's channels (default 8).
+
+    ``stem_padding`` ("zeros", "none", "reflect", "replicate") is the first conv's padding;
+    "none" needs inputs of at least 5x5. Raises ValueError for bad arguments.
+    """
     return LeNet(
         in_channels=in_channels,
         num_classes=num_classes,
@@ -91,4 +111,5 @@ def lenet(
         dropout=dropout,
         norm_position=norm_position,
         width=8 if width is None else width,
+        stem_padding=stem_padding,
     )

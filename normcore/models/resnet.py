@@ -15,6 +15,7 @@ from normcore.models.blocks import (
     conv_bias,
     dropout_layer,
     init_weights,
+    stem_conv_padding,
 )
 
 
@@ -84,6 +85,7 @@ class ResNet(nn.Module):
     ``stem`` "cifar" is one 3x3 conv; "imagenet" a 7x7/2 conv and a 3x3/2 max pool.
     ``blocks`` gives the blocks per stage; stage i has ``width * 2**i`` channels and halves
     the size from the second stage on. ``shortcut`` "A" zero-pads, "B" is a 1x1 conv + norm.
+    ``stem_padding`` is the stem conv's padding ("zeros", "none", "reflect", "replicate").
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class ResNet(nn.Module):
         blocks: tuple[int, ...],
         stem: str,
         shortcut: str,
+        stem_padding: str = "zeros",
     ) -> None:
         super().__init__()
         check_args(
@@ -107,13 +110,23 @@ class ResNet(nn.Module):
             norm_position=norm_position,
             width=width,
         )
+        kernel = 3 if stem == "cifar" else 7
+        padding, padding_mode = stem_conv_padding(kernel, stem_padding)
+        stem_conv = ConvNormAct(
+            in_channels,
+            width,
+            kernel,
+            1 if stem == "cifar" else 2,
+            padding=padding,
+            padding_mode=padding_mode,
+            norm=norm,
+            norm_position=norm_position,
+        )
         if stem == "cifar":
-            self.stem = ConvNormAct(in_channels, width, 3, norm=norm, norm_position=norm_position)
+            self.stem = stem_conv
         else:
             self.stem = nn.Sequential(
-                ConvNormAct(
-                    in_channels, width, 7, 2, padding=3, norm=norm, norm_position=norm_position
-                ),
+                stem_conv,
                 nn.MaxPool2d(3, 2, 1),
             )
         stages = []
@@ -153,10 +166,12 @@ def resnet20(
     dropout: float = 0.0,
     norm_position: str = "before",
     width: int | None = None,
+    stem_padding: str = "zeros",
 ) -> nn.Module:
     """CIFAR ResNet-20: 3x3 stem, 3 stages x 3 blocks at 16/32/64 channels, option-A shortcuts.
 
     0.27M parameters at 10 classes, as in the paper; ``width`` replaces the 16.
+    ``stem_padding`` is the stem conv's padding (see ``ResNet``); "none" trims 2 pixels.
     """
     return ResNet(
         in_channels=in_channels,
@@ -168,6 +183,7 @@ def resnet20(
         blocks=(3, 3, 3),
         stem="cifar",
         shortcut="A",
+        stem_padding=stem_padding,
     )
 
 
@@ -179,12 +195,14 @@ def resnet18(
     dropout: float = 0.0,
     norm_position: str = "before",
     width: int | None = None,
+    stem_padding: str = "zeros",
 ) -> nn.Module:
     """ImageNet ResNet-18: 7x7/2 stem and 3x3/2 max pool, 4 stages x 2 blocks at 64..512.
 
     11.69M parameters at 1000 classes with BN (torchvision's layout: 1x1 conv shortcuts).
     Inputs as small as 32x32 run; the last stage then works on 1x1 maps, which instance
-    norm cannot normalize (use 64x64 or more with "in").
+    norm cannot normalize (use 64x64 or more with "in"). ``stem_padding`` is the 7x7 stem
+    conv's padding (see ``ResNet``); "none" needs inputs of at least 7x7.
     """
     return ResNet(
         in_channels=in_channels,
@@ -196,4 +214,5 @@ def resnet18(
         blocks=(2, 2, 2, 2),
         stem="imagenet",
         shortcut="B",
+        stem_padding=stem_padding,
     )
