@@ -46,11 +46,17 @@ class Submission:
 def canonical_hash(spec: JobSpec) -> str:
     """sha256 of the canonical JSON of a validated spec: the Idempotency-Key request hash.
 
-    Empty ``tags`` are left out, so a spec hashes as it did before the field existed.
+    Fields added after the first release are left out while they hold their default (empty
+    ``tags``, ``model.stem_padding`` "zeros", ``telemetry.every_steps`` 0), so a spec hashes as
+    it did before they existed and an Idempotency-Key replay across an upgrade still matches.
     """
     data = spec.model_dump(mode="json")
     if not data.get("tags"):
         data.pop("tags", None)
+    if data.get("model", {}).get("stem_padding") == "zeros":
+        data["model"].pop("stem_padding")
+    if data.get("telemetry") == {"every_steps": 0}:
+        data.pop("telemetry")
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
