@@ -30,7 +30,12 @@ if str(REPO) not in sys.path:
 
 from service.sweeps.figure import render  # noqa: E402
 from service.sweeps.grid import SweepRequest, build_spec, cell_label, run_of  # noqa: E402
-from service.sweeps.report import STD_NOTE, best_of, mean_std, report_csv  # noqa: E402
+from service.sweeps.report import (  # noqa: E402
+    STD_NOTE,
+    best_of,
+    report_csv,
+    summarise_cells,
+)
 
 
 def run_engine(request: SweepRequest, threads: int, data_root: str | None) -> dict[str, Any]:
@@ -85,25 +90,7 @@ def run_engine(request: SweepRequest, threads: int, data_root: str | None) -> di
             f"{status}, final {request.metric} {final}, {seconds:.1f} s",
             flush=True,
         )
-    out_cells = []
-    for index, values in enumerate(cells):
-        done = [r for r in per_cell[index] if r["final"] is not None]
-        final_mean, final_std = mean_std([r["final"] for r in done])
-        best_mean, best_std = mean_std([r["best"] for r in done])
-        out_cells.append(
-            {
-                "cell": index,
-                "values": values,
-                "label": cell_label(values),
-                "n": len(done),
-                "final_mean": final_mean,
-                "final_std": final_std,
-                "best_mean": best_mean,
-                "best_std": best_std,
-                "best_epochs": [r["best_epoch"] for r in done],
-                "runs": per_cell[index],
-            }
-        )
+    out_cells = summarise_cells(cells, per_cell)
     return {
         "name": request.name,
         "metric": request.metric,

@@ -50,6 +50,36 @@ def best_of(series: Sequence[tuple[int, int, float]], direction: str) -> tuple[f
     return best
 
 
+def summarise_cells(
+    cells: Sequence[dict[str, Any]], per_cell: Sequence[Sequence[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """One report entry per cell from its runs (dicts with ``run``, ``final``, ``best`` and
+    ``best_epoch``; ``final`` None for a run that did not succeed): final and best metric, mean
+    and sample standard deviation over the runs that succeeded, their count ``n``, the epochs of
+    the best values, and the runs ordered by run number."""
+    out = []
+    for index, values in enumerate(cells):
+        runs = sorted(per_cell[index], key=lambda r: r["run"] if r["run"] is not None else -1)
+        done = [r for r in runs if r["final"] is not None]
+        final_mean, final_std = mean_std([r["final"] for r in done])
+        best_mean, best_std = mean_std([r["best"] for r in done])
+        out.append(
+            {
+                "cell": index,
+                "values": values,
+                "label": cell_label(values),
+                "n": len(done),
+                "final_mean": final_mean,
+                "final_std": final_std,
+                "best_mean": best_mean,
+                "best_std": best_std,
+                "best_epochs": [r["best_epoch"] for r in done],
+                "runs": runs,
+            }
+        )
+    return out
+
+
 def build_report(
     sweep: SweepRecord,
     request: SweepRequest,
@@ -80,26 +110,7 @@ def build_report(
         index = int(child.cell.get("cell", -1))
         if 0 <= index < len(cells):
             per_cell[index].append(run)
-    out_cells = []
-    for index, values in enumerate(cells):
-        runs = sorted(per_cell[index], key=lambda r: r["run"] if r["run"] is not None else -1)
-        done = [r for r in runs if r["final"] is not None]
-        final_mean, final_std = mean_std([r["final"] for r in done])
-        best_mean, best_std = mean_std([r["best"] for r in done])
-        out_cells.append(
-            {
-                "cell": index,
-                "values": values,
-                "label": cell_label(values),
-                "n": len(done),
-                "final_mean": final_mean,
-                "final_std": final_std,
-                "best_mean": best_mean,
-                "best_std": best_std,
-                "best_epochs": [r["best_epoch"] for r in done],
-                "runs": runs,
-            }
-        )
+    out_cells = summarise_cells(cells, per_cell)
     finished = sum(1 for c in children if c.job.status in FINISHED_STATUSES)
     return {
         "sweep_id": sweep.id,
