@@ -26,6 +26,7 @@ from service.api import (
     routes_jobs,
     routes_workers,
 )
+from service.api.content_type import NOT_JSON_HINT, FormAsJsonMiddleware, is_json_type
 from service.api.deps import NoUnknownQuery
 from service.api.examples import UNKNOWN_PARAMETER
 from service.api.metrics import Metrics, MetricsMiddleware, ServiceCollector
@@ -174,6 +175,16 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
                 {"detail": f"malformed JSON body: {reason}; send a JSON object"},
                 status_code=status.HTTP_400_BAD_REQUEST,
             )
+    content_type = request.headers.get("content-type")
+    if not is_json_type(content_type) and any(
+        tuple(error.get("loc", ())) == ("body",) for error in errors
+    ):
+        # The body reached the model as bytes: its type, not its fields, is what is wrong.
+        detail_msg = f"{NOT_JSON_HINT} (got Content-Type: {content_type})"
+        return JSONResponse(
+            {"detail": [{"loc": ["body"], "msg": detail_msg, "type": "content_type"}]},
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        )
     detail = [
         {
             "loc": [p for p in error.get("loc", ()) if p != "body"] or ["body"],
@@ -299,6 +310,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # poll it answers has passed the loopback rule and is counted like any other.
     metrics_route = find_route(routes_jobs.router.routes)
     app.add_middleware(PollFastPath, state=app.state, route=metrics_route)
+    # curl -d's form Content-Type (or none) on a JSON body: read it as JSON (content_type.py)
+    app.add_middleware(FormAsJsonMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if not settings.auth:
         app.add_middleware(LoopbackOnlyMiddleware)

@@ -155,3 +155,27 @@ def test_submit_stores_the_validate_warnings(client: httpx.Client) -> None:
     assert ("bn_small_batch", "validate") in codes
     quiet = client.post("/jobs", json=_spec(batch=32)).json()
     assert [w for w in quiet["warnings"] if w["code"] == "bn_small_batch"] == []
+
+
+def test_json_body_without_the_json_content_type(client: httpx.Client) -> None:
+    """``curl -d @spec.json`` (form Content-Type) and no Content-Type are read as JSON on every
+    JSON-body route; another type gets a 422 that says to send application/json."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = json.dumps(_spec(batch=4)).encode()
+    r = client.post("/jobs/validate", content=body, headers=form)
+    assert r.status_code == 200, r.text
+    assert "bn_small_batch" in {w["code"] for w in r.json()["warnings"]}
+    r = client.post("/jobs", content=body, headers=form)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    r = client.patch(f"/jobs/{job_id}", content=b'{"note": "n1"}')  # no Content-Type at all
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 200 and r.json()["note"] == "n1", r.text
+    sweep = {"base": _spec(), "grid": {"model.norm": ["bn"]}, "seeds": [0, 1, 0]}
+    r = client.post("/sweeps", content=json.dumps(sweep).encode(), headers=form)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "seeds", r.text
+    r = client.post("/jobs/validate", content=body, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 422
+    assert "Content-Type: application/json" in r.json()["detail"][0]["msg"], r.text
+    r = client.post("/jobs/validate", content=b"norm=bn", headers=form)
+    assert r.status_code == 400 and "malformed JSON" in r.text
