@@ -277,7 +277,7 @@ class StoreCallback(Callback):
             metrics=_finite(dict(ckpt.metrics)),
             path=rel,
         )
-        self.log(f"checkpoint {ckpt.name} saved (epoch {ckpt.epoch}, step {ckpt.step})")
+        # the engine logs "checkpoint NAME saved (...)" itself, by name: no second line, no path
         self._forget_pruned()
 
     def _forget_pruned(self) -> None:

@@ -461,7 +461,7 @@ def run_distributed(
     if resume is not None and str(resume) == "latest":
         found = latest_valid_checkpoint(workdir, log=cbs.log)
         if found is None:
-            cbs.log(f"no valid checkpoint in {workdir}: starting from scratch")
+            cbs.log(f"no valid checkpoint in {workdir.name}: starting from scratch")
         resume = found
     store = dist.TCPStore(
         HOST, 0, is_master=True, wait_for_workers=False, timeout=_RENDEZVOUS_TIMEOUT

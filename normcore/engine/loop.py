@@ -289,7 +289,7 @@ def _run(
                 )
                 written.append(info)
                 cbs.checkpoint(info)
-                cbs.log(f"checkpoint {info.path}")
+                cbs.log(f"checkpoint {info.name} saved (epoch {info.epoch}, step {info.step})")
             break
 
         _precise_bn(spec, bundle, model, prec, epoch, cbs, ddp)
@@ -312,7 +312,7 @@ def _run(
             )
             written.append(info)
             cbs.checkpoint(info)
-            cbs.log(f"checkpoint {info.path}")
+            cbs.log(f"checkpoint {info.name} saved (epoch {info.epoch}, step {info.step})")
         completed = epoch
 
     return TrainResult(
@@ -647,7 +647,7 @@ def _resume(
     if str(resume) == RESUME_LATEST:
         found = latest_valid_checkpoint(workdir, log=cbs.log)
         if found is None:
-            cbs.log(f"no valid checkpoint in {workdir}: starting from scratch")
+            cbs.log(f"no valid checkpoint in {workdir.name}: starting from scratch")
             return None
         resume = found
     ckpt = load_checkpoint(resume)

@@ -139,6 +139,9 @@ def test_job_succeeds_with_unique_metrics_and_verified_checkpoints(
     # engine lines arrive once each, although the engine sends them to logging and on_log
     assert text.count("epoch 2/2 step 12") == 1
     assert "checkpoint epoch-0002 saved" in text
+    # one line per checkpoint, by name: the server's folders stay out of the job's logs
+    assert text.count("checkpoint epoch-0002") == 1
+    assert str(settings.artifact_dir) not in text
 
     # A duplicate delivery after the end: nothing runs, nothing changes.
     assert run_job(job_id, settings, store) == "duplicate"
