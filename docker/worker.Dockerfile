@@ -3,8 +3,8 @@
 # normcore worker image: `python -m worker` (Celery) on the official CUDA PyTorch image.
 #
 # torch comes from the base image and is never replaced: the project's other dependencies (the
-# library's and the service extra's) are installed under a constraint that pins the base's exact
-# torch build, then the project itself with --no-deps. The base's Python is conda's (3.11 in the upstream Dockerfile; the project
+# library's, the service extra's and the onnx extra's, since the worker builds ONNX exports) are
+# installed under a constraint that pins the base's exact torch build, then the project itself with --no-deps. The base's Python is conda's (3.11 in the upstream Dockerfile; the project
 # needs >= 3.11, checked below).
 #
 # Build from the repository root (the build context is filtered by .dockerignore):
@@ -29,7 +29,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import sys; assert sys.version_info >= (3, 11), sys.version" \
  && python -m venv --system-site-packages /opt/venv \
- && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['service']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))" \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['service'] + p['optional-dependencies']['onnx']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps) + chr(10))" \
  && python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > /tmp/constraints.txt \
  && /opt/venv/bin/pip install --no-cache-dir --constraint /tmp/constraints.txt --requirement /tmp/requirements.txt
 
@@ -39,7 +39,7 @@ COPY service/ service/
 COPY worker/ worker/
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
  && /opt/venv/bin/python -c "import sys, torch; from importlib.metadata import version; pin = open('/tmp/constraints.txt').read().split('==')[1].strip(); assert version('torch') == pin, (version('torch'), pin); assert torch.version.cuda, 'torch in the worker image must be a CUDA build'" \
- && /opt/venv/bin/python -c "import normcore.spec, worker.runner, service.store"
+ && /opt/venv/bin/python -c "import normcore.spec, worker.runner, service.store, onnx, onnxscript, onnxruntime"
 
 # --------------------------------------------------------------------------- runtime
 FROM base AS runtime

@@ -292,6 +292,13 @@ def test_api_uses_cpu_torch_and_worker_keeps_cuda_torch() -> None:
     assert "torch.version.cuda" in worker
 
 
+def test_worker_image_installs_the_onnx_extra() -> None:
+    """Exports are built by workers: their image carries onnx (the API's does not need it)."""
+    worker = DOCKERFILES["worker"].read_text()
+    assert "p['optional-dependencies']['onnx']" in worker
+    assert re.search(r"python -c \"import [^\"]*\bonnxruntime\b", worker), "import check"
+
+
 def test_cmd_matches_compose() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     for image, service in (("api", "api"), ("worker", "worker-gpu0")):

@@ -57,13 +57,20 @@ def serve(project: Path, *args: str, **env: str) -> list[str]:
     return calls.read_text().splitlines()
 
 
+def script_needs(project: Path) -> set[str]:
+    """The module names serve.sh checks with find_spec before starting (its NEEDED list)."""
+    text = (project / "scripts" / "serve.sh").read_text()
+    block = text.split('NEEDED="', 1)[1].split('"', 1)[0]
+    return set(block.replace("\\\n", " ").split())
+
+
 def installs(calls: list[str]) -> list[str]:
     return [c for c in calls if c.startswith("pip ")]
 
 
 def test_installs_once_then_starts_without_installing(project: Path) -> None:
     first = serve(project, "--port", "0")
-    assert installs(first) == ["pip install --quiet -e .[service,data,client]"]
+    assert installs(first) == ["pip install --quiet -e .[service,data,client,onnx]"]
     assert first[-1] == "normcore serve --port 0"
     assert (project / ".venv" / ".normcore-serve.sha256").is_file()
 
@@ -78,15 +85,17 @@ def test_installs_when_pyproject_changes_or_a_package_is_missing(project: Path) 
     serve(project)
     with (project / "pyproject.toml").open("a") as f:
         f.write("\n# a new dependency\n")
-    assert installs(serve(project)) == ["pip install --quiet -e .[service,data,client]"]
+    assert installs(serve(project)) == ["pip install --quiet -e .[service,data,client,onnx]"]
     assert installs(serve(project)) == []
 
     (project / "ready").unlink()  # a package went missing (and with it torch)
     calls = serve(project)
     assert installs(calls) == [
         "pip install --quiet torch==2.13.0",
-        "pip install --quiet -e .[service,data,client]",
+        "pip install --quiet -e .[service,data,client,onnx]",
     ]
     assert not any("test" in c for c in installs(calls)), "no test extras for serving"
+    # the embedded worker builds ONNX exports: a missing onnx package triggers the install
+    assert all(m in script_needs(project) for m in ("onnx", "onnxscript", "onnxruntime"))
     (project / "ready").touch()
     assert installs(serve(project, NORMCORE_SERVE_INSTALL="1")) != []
