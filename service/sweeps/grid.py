@@ -10,6 +10,7 @@ released cover every cell once before any cell gets its second seed.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import itertools
 import json
@@ -33,6 +34,49 @@ METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 RESERVED = ("seed", "name")
 
 GridValue = str | int | float | bool | None | dict[str, Any]
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The model class a field holds, or None where it may hold anything else (a dict, a str)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def spec_fields(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[str]:
+    """Every dotted field name of ``model`` and its nested models ("model", "model.norm", ...)."""
+    names: list[str] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        names.append(dotted)
+        sub = _submodel(field.annotation)
+        if sub is not None:
+            names.extend(spec_fields(sub, f"{dotted}."))
+    return names
+
+
+def unknown_key_message(key: str) -> str | None:
+    """A message naming ``key`` when its path leaves JobSpec's fields, with the close valid
+    names (difflib.get_close_matches); None when the key is a field or lies inside a field that
+    takes free-form values (a norm given as a dict)."""
+    model: type[BaseModel] | None = JobSpec
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            known = spec_fields()
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            if not close:
+                head = ".".join(parts[:depth])
+                level = [n for n in known if n.count(".") == depth and n.startswith(head)]
+                close = difflib.get_close_matches(part, [n.split(".")[-1] for n in level], n=3)
+                close = [f"{head}.{c}" if head else c for c in close]
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            return f"unknown field {key!r} in the grid: no spec field {part!r}{hint}"
+        model = _submodel(field.annotation)
+    return None
 
 
 class LrRule(BaseModel):
@@ -82,6 +126,9 @@ class SweepRequest(BaseModel):
                 )
             if key.split(".")[0] in RESERVED:
                 raise ValueError(f"grid key {key!r}: set seeds with 'seeds', not in the grid")
+            unknown = unknown_key_message(key)
+            if unknown is not None:
+                raise ValueError(unknown)
             canon = [json.dumps(v, sort_keys=True) for v in values]
             if len(set(canon)) != len(canon):
                 raise ValueError(f"grid key {key!r} lists a value twice")

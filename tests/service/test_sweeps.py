@@ -84,6 +84,16 @@ def test_bad_requests_are_refused(change: dict[str, Any], match: str) -> None:
         SweepRequest.model_validate(sweep_body(**change))
 
 
+def test_a_grid_key_typo_names_the_key_and_the_close_fields() -> None:
+    for key, close in [("model.nrom", "model.norm"), ("data.batchsize", "data.batch_size")]:
+        with pytest.raises(ValueError, match=f"unknown field '{key}'.*'{close}'"):
+            SweepRequest.model_validate(sweep_body(grid={key: [1]}))
+    with pytest.raises(ValueError, match=r"'optim\.lr'"):
+        SweepRequest.model_validate(sweep_body(grid={"optimizer.lr": [0.1]}))
+    # inside a field that takes free-form values (a norm as a dict) any name is left to the spec
+    SweepRequest.model_validate(sweep_body(grid={"model.norm.kind": ["bn"]}))
+
+
 def test_mean_std_is_numpy_sample_std_and_best_of() -> None:
     rng = np.random.default_rng(3)
     for n in (2, 3, 7):
@@ -340,6 +350,8 @@ def test_invalid_cell_refuses_the_whole_sweep(api: Api) -> None:
         r = c.post("/sweeps", json=bad)
         assert r.status_code == 422 and "cell 1" in r.json()["detail"][0]["msg"]
         assert c.post("/sweeps", json={**body, "grid": {"seed": [1]}}).status_code == 422
+        r = c.post("/sweeps", json={**body, "grid": {"model.nrom": ["bn"]}})
+        assert r.status_code == 422 and "did you mean 'model.norm'" in r.text, r.text
 
 
 def test_cancel_stops_every_child(api: Api) -> None:
