@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -35,7 +35,26 @@ app = typer.Typer(
 token_app = typer.Typer(help="Create and revoke API tokens (works on the local store).")
 app.add_typer(token_app, name="token")
 
-console = Console(soft_wrap=True)
+# Piped or redirected output (`normcore jobs | cat`, a file) is laid out this wide: tables keep
+# every cell whole instead of being cut or wrapped at 80 columns (or the terminal's width).
+PIPE_WIDTH = 10_000
+
+
+class _Console(Console):
+    """A rich Console as wide as PIPE_WIDTH when its file is not a terminal."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        """The terminal's size, or (PIPE_WIDTH, its height) when writing to a pipe or file."""
+        dims = Console.size.fget(self)  # type: ignore[attr-defined]
+        return dims if self.is_terminal else ConsoleDimensions(PIPE_WIDTH, dims.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+console = _Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 DataDirOpt = Annotated[
@@ -849,6 +868,16 @@ def _sweep_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def _sweep_summary(sweep: dict[str, Any]) -> str:
+    """One line: "sweep ID succeeded: 12 runs, 3 released; 2 succeeded, 1 running" (zero
+    counts left out, as in the progress bar)."""
+    counts = ", ".join(f"{v} {k}" for k, v in sweep["counts"].items() if v) or "no runs yet"
+    return (
+        f"sweep {sweep['id']} {sweep['status']}: {sweep['runs']} runs, "
+        f"{sweep['released']} released; {counts}"
+    )
+
+
 def _watch_sweep(client: Any, sweep: dict[str, Any]) -> dict[str, Any]:
     """A progress bar over the sweep's runs (ended / all) until every run ended."""
     ended = ("succeeded", "failed", "cancelled", "timed_out")
@@ -912,7 +941,7 @@ def sweep(
             if target == "show" or fmt == "table":
                 if target == "show":
                     s = client.get_sweep(sweep_id)
-                    console.print(f"sweep {s['id']} {s['status']}: {s['counts']}")
+                    console.print(_sweep_summary(s), highlight=False)
                 console.print(_sweep_table(client.sweep_report(sweep_id)))
                 return
             if fmt not in ("json", "csv", "svg", "png"):

@@ -301,6 +301,22 @@ def test_cli_submit_jobs_metrics_logs_download_cancel(
     assert cli("cancel", "0" * 32).exit_code == 1
 
 
+def test_cli_tables_are_full_width_when_piped(
+    server: Server, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CliRunner's stdout is no terminal, like `normcore jobs | cat`: no cell is cut."""
+    name = "piped-table-" + "n" * 60
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SPEC, "name": name}))
+    job_id = cli("submit", str(spec)).output.strip()
+    server.store.finish_job(job_id, attempt=server.run_job(job_id), status="succeeded")
+    monkeypatch.setenv("COLUMNS", "80")
+    listed = cli("jobs")
+    assert listed.exit_code == 0, listed.output
+    row = next(line for line in listed.output.splitlines() if job_id in line)
+    assert name in row and "succeeded" in row and "…" not in listed.output
+
+
 def test_cli_submit_wait_follows_to_the_end(server: Server, cli: Any, tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({**SPEC, "name": "waited"}))

@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from service.cli import app as cli_app
 from service.store import Store
 from service.sweeps.figure import is_power_of_two, render
 from service.sweeps.grid import SweepRequest, build_spec, run_of, set_dotted
@@ -330,6 +332,15 @@ def test_sweep_api_release_report_and_isolation(api: Api) -> None:
         ]
         assert sorted(lines) == ["series-bn", "series-gn:2", "series-none"]
         assert c.get(f"/sweeps/{sid}/report", params={"format": "pdf"}).status_code == 422
+
+        # the CLI, its output piped (CliRunner): one line per cell, the counts as words
+        env = {"NORMCORE_URL": api.url, "NORMCORE_TOKEN": api.tokens["alice"], "COLUMNS": "80"}
+        shown = CliRunner().invoke(cli_app, ["sweep", "show", sid], env=env)
+        assert shown.exit_code == 0, shown.output
+        assert f"sweep {sid} succeeded: 12 runs, 12 released; 12 succeeded" in shown.output
+        assert "{" not in shown.output
+        rows = [line for line in shown.output.splitlines() if line.lstrip().startswith("bn")]
+        assert len(rows) == 2 and all(line.count("±") == 2 for line in rows), shown.output
 
         assert c.delete(f"/sweeps/{sid}").status_code == 204
         assert c.get(f"/sweeps/{sid}").status_code == 404
