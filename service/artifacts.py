@@ -1,9 +1,11 @@
 """Requesting exports and recalibrations: find the cached artifact or create it, and make sure a
 worker task is on its way. The API side of ``worker/artifacts.py``; no torch here.
 
-Cache key: (job, kind, checkpoint sha256, options). A request that finds a succeeded artifact,
-or one that failed for a reason of its checkpoint's, publishes nothing; one interrupted (its
-process killed, out of time) is queued again. A queued artifact whose message may be lost (publish failed, or
+Cache key: (job, kind, checkpoint sha256, options). A request that finds a succeeded artifact
+publishes nothing. A failure is never cached for good: one interrupted (its process killed, out
+of time) or environmental (the worker lacks a package, e.g. onnx) is queued again by the next
+request; any other is queued again by a request at least ``FAILED_RETRY_AFTER_S`` after it
+failed (a back-off, so a broken build is not retried by every poll). A queued artifact whose message may be lost (publish failed, or
 older than ``REPUBLISH_AFTER_S`` unclaimed) and a running one whose worker's lease expired are
 published again; the worker's claim drops any duplicate.
 """
@@ -11,7 +13,7 @@ published again; the worker's claim drops any duplicate.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from service import queue
@@ -26,6 +28,11 @@ REPUBLISH_AFTER_S = 30.0
 # worker/artifacts.py's prefix of a failure that was no fault of the checkpoint's (the child was
 # killed or ran out of time): such an artifact is tried again on the next request
 INTERRUPTED = "interrupted: "
+# worker/artifacts.py's prefix of a failure of the worker's installation (an ImportError): fixed
+# by installing the package on the worker, so tried again on the next request too
+ENVIRONMENT = "worker environment: "
+# a failure of any other kind is tried again by a request this long after it failed
+FAILED_RETRY_AFTER_S = 60.0
 
 
 def export_options(fmt: str, fold_bn: bool, preprocessing: bool = False) -> dict[str, Any]:
@@ -36,6 +43,17 @@ def export_options(fmt: str, fold_bn: bool, preprocessing: bool = False) -> dict
 def recalibrate_options(batches: int) -> dict[str, Any]:
     """The cache options of a recalibration."""
     return {"batches": int(batches)}
+
+
+def retry_at(art: ArtifactRecord) -> datetime | None:
+    """When a request may build a failed artifact again (UTC): at once after an interrupted or
+    environmental failure, ``FAILED_RETRY_AFTER_S`` after any other; None unless it failed."""
+    if art.status != ArtifactStatus.FAILED:
+        return None
+    failed_at = art.finished_at or art.updated_at
+    if (art.error or "").startswith((INTERRUPTED, ENVIRONMENT)):
+        return failed_at
+    return failed_at + timedelta(seconds=FAILED_RETRY_AFTER_S)
 
 
 def _needs_publish(art: ArtifactRecord) -> bool:
@@ -68,7 +86,8 @@ def request_artifact(
         checkpoint_sha256=checkpoint.sha256,
         options=options,
     )
-    retry = art.status == ArtifactStatus.FAILED and (art.error or "").startswith(INTERRUPTED)
+    due = retry_at(art)
+    retry = due is not None and utcnow() >= due
     if retry:
         retry = store.requeue_artifact(art.id)
         art = store.get_artifact(art.id) or art

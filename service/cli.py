@@ -739,6 +739,19 @@ def export(
     )
 
 
+def recalibrated_line(result: dict[str, Any], batches: int) -> str:
+    """The new checkpoint's name and the batches its statistics came from: a training set
+    shorter than ``batches`` yields fewer (``batches_used``), and the name keeps those asked for."""
+    name = result.get("name")
+    used = result.get("batches_used")
+    if used is None or int(used) >= batches:
+        return f"checkpoint {name} (over {batches} batches)"
+    return (
+        f"checkpoint {name}: over {used} of the {batches} batches asked for (the training set "
+        f"holds no more; the name keeps the {batches} asked for)"
+    )
+
+
 @app.command()
 def recalibrate(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
@@ -756,7 +769,7 @@ def recalibrate(
         except TimeoutError as exc:
             raise _fail(str(exc)) from None
     result = art.get("result") or {}
-    console.print(f"checkpoint {result.get('name')}", highlight=False, markup=False)
+    console.print(recalibrated_line(result, batches), highlight=False, markup=False)
     before = result.get("original_metrics") or {}
     for key, value in (result.get("metrics") or {}).items():
         console.print(

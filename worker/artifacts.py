@@ -47,6 +47,9 @@ EXPORTS_FOLDER = "exports"
 # Prefix of a failure that says nothing about the checkpoint (killed, out of time): the next
 # request for the artifact tries again (service/artifacts.py), unlike a deterministic failure.
 INTERRUPTED = "interrupted: "
+# Prefix of a failure of this worker's installation (a missing package): also tried again by
+# the next request, once the package is installed.
+ENVIRONMENT = "worker environment: "
 
 
 def export_path(settings: Settings, job_id: str, artifact_id: str) -> Path:
@@ -84,16 +87,24 @@ def _child_main(config_json: str, conn: multiprocessing.connection.Connection) -
     except BaseException as exc:
         code = 1
         text = str(exc) or type(exc).__name__
+        error = text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+        if isinstance(exc, ImportError):
+            error = f"{ENVIRONMENT}{error}; {_install_hint(cfg['kind'])}"
         outcome = {
             "status": "failed",
-            "error": (text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}")[
-                :MAX_ERROR_CHARS
-            ],
+            "error": error[:MAX_ERROR_CHARS],
             "traceback": "".join(traceback.format_exception(exc))[-MAX_ERROR_CHARS:],
         }
     with contextlib.suppress(OSError):
         conn.send_bytes(json.dumps(outcome).encode("utf-8"))
     os._exit(code)
+
+
+def _install_hint(kind: str) -> str:
+    """What to install on the worker when a build of ``kind`` lacks a package."""
+    if kind == ArtifactKind.EXPORT:
+        return "install normcore[onnx] on the worker (scripts/serve.sh and the worker image do)"
+    return "install normcore[service] on the worker"
 
 
 def _start_child(config: dict[str, Any], send_end: Any) -> Any:

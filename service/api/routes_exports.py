@@ -147,9 +147,13 @@ def _accepted(art: ArtifactRecord, cached: bool) -> JSONResponse:
 
 
 def _failed(art: ArtifactRecord) -> HTTPException:
+    """422 saying why and when the build failed, and when a request builds it again."""
+    when = f" at {art.finished_at:%Y-%m-%dT%H:%M:%SZ}" if art.finished_at else ""
+    due = artifact_service.retry_at(art)
+    again = f"; a request from {due:%Y-%m-%dT%H:%M:%SZ} on builds it again" if due else ""
     return HTTPException(
         status.HTTP_422_UNPROCESSABLE_CONTENT,
-        detail=f"{art.kind} of checkpoint {art.checkpoint!r} failed: {art.error}",
+        detail=f"{art.kind} of checkpoint {art.checkpoint!r} failed{when}: {art.error}{again}",
     )
 
 

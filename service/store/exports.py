@@ -170,7 +170,12 @@ class ArtifactStore(Database):
                     artifacts.c.id == artifact_id,
                     artifacts.c.status == ArtifactStatus.FAILED.value,
                 )
-                .values(status=ArtifactStatus.QUEUED.value, error=None, updated_at=utcnow())
+                .values(
+                    status=ArtifactStatus.QUEUED.value,
+                    error=None,
+                    finished_at=None,
+                    updated_at=utcnow(),
+                )
             )
             return res.rowcount > 0
 

@@ -354,15 +354,18 @@ def test_lost_messages_and_expired_leases_are_published_again(store: Store) -> N
     assert _needs_publish(replace(held, lease_expires_at=utcnow() - timedelta(seconds=1)))
 
 
-def test_an_interrupted_artifact_is_tried_again_a_failed_one_is_not(
-    store: Store, tmp_path: Path
+def test_a_failure_is_tried_again_at_once_if_environmental_else_after_a_back_off(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.artifacts import INTERRUPTED, request_artifact
+    import service.artifacts as artifact_service
+    from service.api.routes_exports import _failed
+    from service.artifacts import ENVIRONMENT, INTERRUPTED, request_artifact, retry_at
     from service.store import CheckpointRecord
     from service.store.exports import ArtifactKind
+    from worker.artifacts import ENVIRONMENT as WORKER_ENVIRONMENT
     from worker.artifacts import INTERRUPTED as WORKER_INTERRUPTED
 
-    assert INTERRUPTED == WORKER_INTERRUPTED
+    assert INTERRUPTED == WORKER_INTERRUPTED and ENVIRONMENT == WORKER_ENVIRONMENT
     settings = Settings(data_dir=tmp_path / "nc")  # the store's, with its SQLite broker
     job_id = _job(store)
     ckpt = CheckpointRecord(
@@ -378,11 +381,12 @@ def test_an_interrupted_artifact_is_tried_again_a_failed_one_is_not(
         path="x",
         created_at=utcnow(),
     )
-    for error, retried in (
-        (INTERRUPTED + "the artifact process died (exit -9)", True),
-        ("model.norm 'gn:2' keeps no running statistics", False),
+    for batches, error, retried in (
+        (3, INTERRUPTED + "the artifact process died (exit -9)", True),
+        (5, ENVIRONMENT + "ModuleNotFoundError: No module named 'onnx'; install ...", True),
+        (4, "model.norm 'gn:2' keeps no running statistics", False),
     ):
-        options = {"batches": 3 if retried else 4}
+        options = {"batches": batches}
         art, cached = request_artifact(
             store, settings, job_id, ckpt, ArtifactKind.RECALIBRATE, options
         )
@@ -395,8 +399,58 @@ def test_an_interrupted_artifact_is_tried_again_a_failed_one_is_not(
         assert cached and again.id == art.id
         if retried:
             assert again.status == ArtifactStatus.QUEUED and again.enqueues == 2
-        else:
-            assert again.status == ArtifactStatus.FAILED and again.enqueues == 1
+            assert again.error is None and again.finished_at is None
+            continue
+        # failed for a reason of its own: cached during the back-off, with when and why ...
+        assert again.status == ArtifactStatus.FAILED and again.enqueues == 1
+        assert again.error == error and again.finished_at is not None
+        due = retry_at(again)
+        assert due is not None
+        assert due - again.finished_at == timedelta(seconds=artifact_service.FAILED_RETRY_AFTER_S)
+        detail = _failed(again).detail
+        assert f"failed at {again.finished_at:%Y-%m-%dT%H:%M:%S}Z: {error}" in detail
+        assert f"a request from {due:%Y-%m-%dT%H:%M:%S}Z on builds it again" in detail
+        # ... and built again by the first request after it, not cached for good
+        monkeypatch.setattr(artifact_service, "FAILED_RETRY_AFTER_S", 0.0)
+        later, cached = request_artifact(
+            store, settings, job_id, ckpt, ArtifactKind.RECALIBRATE, options
+        )
+        assert cached and later.id == art.id
+        assert later.status == ArtifactStatus.QUEUED and later.enqueues == 2
+
+
+def _child_without_onnx(config: str, conn: Any) -> None:
+    import sys
+
+    from worker.artifacts import _child_main
+
+    sys.modules["onnx"] = None  # type: ignore[assignment]  # `import onnx` raises ImportError
+    _child_main(config, conn)
+
+
+def test_an_export_on_a_worker_without_onnx_fails_as_environmental_naming_the_extra(
+    tmp_path: Path,
+) -> None:
+    import json
+    import multiprocessing
+
+    from worker.artifacts import ENVIRONMENT
+
+    config = {"kind": "export", "folder": str(tmp_path), "out_path": str(tmp_path / "x.onnx")}
+    config |= {"options": {}, "data_root": str(tmp_path), "threads": 1}
+    recv_end, send_end = multiprocessing.Pipe(duplex=False)
+    proc = multiprocessing.get_context("fork").Process(
+        target=_child_without_onnx, args=(json.dumps(config), send_end)
+    )
+    proc.start()
+    send_end.close()
+    assert recv_end.poll(60)
+    outcome = json.loads(recv_end.recv_bytes())
+    proc.join(10)
+    assert proc.exitcode == 1 and outcome["status"] == "failed"
+    assert outcome["error"].startswith(ENVIRONMENT)
+    assert "ModuleNotFoundError" in outcome["error"]
+    assert "install normcore[onnx] on the worker" in outcome["error"]
 
 
 def test_a_deleted_jobs_folder_rewritten_by_its_artifact_is_removed(
@@ -413,3 +467,13 @@ def test_a_deleted_jobs_folder_rewritten_by_its_artifact_is_removed(
     store.delete_job(job_id)
     _remove_if_deleted(store, settings, job_id)
     assert not settings.job_dir(job_id).exists()
+
+
+def test_normcore_recalibrate_says_how_many_batches_were_used() -> None:
+    from service.cli import recalibrated_line
+
+    short = {"name": "epoch-0001-recal50", "batches": 50, "batches_used": 44}
+    line = recalibrated_line(short, 50)
+    assert line.startswith("checkpoint epoch-0001-recal50: over 44 of the 50 batches asked for")
+    full = {"name": "epoch-0001-recal8", "batches": 8, "batches_used": 8}
+    assert recalibrated_line(full, 8) == "checkpoint epoch-0001-recal8 (over 8 batches)"
