@@ -36,13 +36,14 @@ from tests.harness import ServiceEnv, Stack, make_env, running_stack, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-follow-resume")]
 
 STEPS_PER_EPOCH = 25  # 1024 samples, a fifth held out for val, batches of 32
-# About a second an epoch at one torch thread: a window of rows past each checkpoint to kill in.
+# About a second an epoch at one torch thread: a window of rows past each checkpoint to kill in
+# (four epochs, three such windows: with two, a quiet machine could finish before the freeze).
 SPEC: dict[str, Any] = {
     "name": "follow-resume",
     "model": {"arch": "convblock", "norm": "bn", "width": 16, "depth": 2},
     "data": {"dataset": "synthetic", "batch_size": 32, "num_samples": 1024, "image_size": 16},
     "resources": {"device": "cpu"},
-    "epochs": 2,
+    "epochs": 4,
     "seed": 3,
     "checkpoint": {"every_epochs": 1, "keep_last": 2},
 }
