@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query, status
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentUser, StoreDep, check_owned_job
-from service.api.examples import NOT_FOUND, UNAUTHORIZED
+from service.api.examples import NOT_FOUND, UNAUTHORIZED, error_response
 from service.api.schemas import NormPage, NormRowOut
 
 router = APIRouter(tags=["jobs"])
@@ -67,6 +67,10 @@ EXAMPLE_NORM_PAGE = {
         200: {"content": {"application/json": {"example": EXAMPLE_NORM_PAGE}}},
         **UNAUTHORIZED,
         **NOT_FOUND,
+        422: error_response(
+            "A layer the job has no telemetry for (or an invalid or unknown query parameter)",
+            "no norm telemetry for layer 'nope'; the job's layers: conv1.norm, conv2.norm",
+        ),
     },
 )
 async def get_norms(
@@ -96,6 +100,9 @@ async def get_norms(
     "eval" at each evaluation, "steps" every ``spec.telemetry.every_steps``); ``values`` holds
     the per-channel summaries, drift, dead channels, gamma/beta norms and
     ``num_batches_tracked`` (README, "Norm telemetry").
+
+    ``layer`` naming no layer of the job's rows is a 422 that lists the real names; before the
+    job has any telemetry rows every ``layer`` reads as an empty page (200).
     """
 
     def read() -> NormPage:
@@ -107,6 +114,12 @@ async def get_norms(
                 )
             else:
                 rows, nxt = store.get_norms(job_id, after=after, limit=limit, layer=layer)
+            known = store.norm_layers(job_id) if layer is not None and not rows else []
+        if known and layer not in known:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"no norm telemetry for layer {layer!r}; the job's layers: {', '.join(known)}",
+            )
         return NormPage(items=[NormRowOut.model_validate(r) for r in rows], next=nxt)
 
     return await run_in_threadpool(read)

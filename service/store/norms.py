@@ -155,6 +155,13 @@ class NormStore(Database):
         items = [_to_row(r) for r in rows]
         return items, (items[-1].seq if items else after)
 
+    def norm_layers(self, job_id: str) -> list[str]:
+        """The names of the layers the job has telemetry rows for, sorted; [] before any."""
+        t = norm_telemetry.c
+        query = sa.select(t.layer).where(t.job_id == job_id).distinct().order_by(t.layer)
+        with self._read() as conn:
+            return [str(name) for name in conn.execute(query).scalars()]
+
     def get_norms_downsampled(
         self, job_id: str, *, max_points: int, after: int = 0, layer: str | None = None
     ) -> tuple[list[NormRow], int]:

@@ -231,6 +231,27 @@ def test_owner_and_admin_reach_every_route(dep: Deployment, alice_job: str) -> N
     assert dep.store.get_job(alice_job).cancel_requested is True
 
 
+def test_norms_layer_filter_names_the_real_layers(dep: Deployment) -> None:
+    with dep.client(dep.alice) as alice:
+        job_id = alice.post("/jobs", json=SPEC).json()["id"]
+        path = f"/jobs/{job_id}/norms"
+        # no telemetry yet: any layer reads as an empty page
+        assert alice.get(path, params={"layer": "nope"}).json()["items"] == []
+        attempt = dep.store.claim_job(job_id, worker_id="w", lease_seconds=600)
+        layers = [{"layer": n, "var_mean": 1.0} for n in ("conv1.norm", "conv2.norm")]
+        record = {"step": 0, "epoch": 0, "trigger": "start", "time": 1.0, "layers": layers}
+        dep.store.add_norms(job_id, attempt=attempt, records=[record])
+        for extra in ({}, {"max_points": 10}):
+            r = alice.get(path, params={"layer": "nope", **extra})
+            assert r.status_code == 422, r.text
+            assert "'nope'" in r.text and "conv1.norm, conv2.norm" in r.text
+        page = alice.get(path, params={"layer": "conv2.norm"}).json()
+        assert [row["layer"] for row in page["items"]] == ["conv2.norm"]
+        # a later empty page of a real layer is no error
+        after = {"layer": "conv2.norm", "after": page["next"]}
+        assert alice.get(path, params=after).json()["items"] == []
+
+
 def test_loopback_rules() -> None:
     for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"):
         assert is_loopback(host), host

@@ -61,6 +61,14 @@ def test_rows_page_by_seq_and_filter_by_layer(store: Store) -> None:
     assert len(store.get_norms(job_id)[0]) == 4
 
 
+def test_norm_layers_lists_the_jobs_layer_names(store: Store) -> None:
+    job_id, attempt = _running(store)
+    assert store.norm_layers(job_id) == []
+    store.add_norms(job_id, attempt=attempt, records=[_record(0, 1.0, ("z.norm", "a.norm"))])
+    store.add_norms(job_id, attempt=attempt, records=[_record(10, 1.0, ("a.norm",))])
+    assert store.norm_layers(job_id) == ["a.norm", "z.norm"]
+
+
 def test_downsampled_keeps_extremes_per_layer(store: Store) -> None:
     job_id, attempt = _running(store)
     values = [1.0] * 40
