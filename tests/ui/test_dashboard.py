@@ -136,6 +136,19 @@ def test_jobs_list_filters_and_checkpoint_norm_stats(
         assert page.locator("#layers figure canvas").count() == len(layers)  # one plot each
         for layer in layers:
             assert page.locator(f"#layers figure h3:has-text('{layer['name']}')").count() >= 1
+        # Readable plots: each one's plotting area (inside the axes) at least 120 px tall and
+        # inside its card, so the right axis's labels are not clipped.
+        boxes = page.locator("#layers figure").evaluate_all(
+            """figs => figs.map(f => {
+              const over = f.querySelector(".u-over"), plot = f.querySelector(".uplot");
+              return { h: over.getBoundingClientRect().height,
+                       right: plot.getBoundingClientRect().right, card: f.getBoundingClientRect().right };
+            })"""
+        )
+        assert all(b["h"] >= 120 and b["right"] <= b["card"] for b in boxes), boxes
+        # The legend names the marks that are drawn (dots, not squares).
+        assert "squares" not in page.inner_text("#stats-section")
+        assert "running_var" in page.inner_text("#layers figure .key >> nth=0")
         screenshot(page, "norm-stats")
         assert refused == []
     finally:
@@ -160,7 +173,94 @@ def test_compare_two_jobs(browser: Any, stack: Stack, finished_jobs: dict[str, s
         )
         assert "model.norm" in differing and "name" in differing
         assert "epochs" not in differing and "data.dataset" not in differing
+        # Final metrics are the meaningful ones; lr and throughput are folded away.
+        heads = page.locator("#finals thead th").all_inner_texts()
+        assert "val loss" in heads and "val accuracy" in heads and "best val accuracy" in heads
+        assert not any("lr" in h.split() or "samples_per_s" in h for h in heads), heads
+        assert not page.locator("#finals-more").evaluate("d => d.open")
+        assert "train lr" in (page.locator("#finals-other thead").text_content() or "")
+        # The best val accuracy is the largest val_accuracy the job reported.
+        with stack.client() as c:
+            rows = c.get(f"/jobs/{finished_jobs['bn']}/metrics", params={"limit": 10_000}).json()
+        accs = [r["values"]["val_accuracy"] for r in rows["items"] if "val_accuracy" in r["values"]]
+        col = heads.index("best val accuracy")
+        cell = page.locator(f"#finals tr[data-id='{finished_jobs['bn']}'] td").nth(col)
+        assert float(cell.inner_text()) == pytest.approx(max(accs), rel=1e-3)
+        name = page.locator("#finals tbody a.truncate").first
+        assert "ui-bn" in (name.get_attribute("title") or "")
         screenshot(page, "compare")
+        assert refused == []
+    finally:
+        context.close()
+
+
+def _overflows(page: Any) -> tuple[int, int]:
+    """(document width, viewport width) in CSS pixels."""
+    return page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+
+
+def test_compare_fits_at_1400_px_and_survives_a_deleted_job(
+    browser: Any, stack: Stack, finished_jobs: dict[str, str]
+) -> None:
+    context, page, refused = offline_page(browser, stack.url)
+    try:
+        page.set_viewport_size({"width": 1400, "height": 900})
+        sign_in(page, stack.token)
+        page.goto("/ui/compare#ids=" + ",".join(finished_jobs.values()))
+        page.wait_for_selector("#finals tbody tr")
+        page.wait_for_selector("#chart-loss .u-legend")
+        width, viewport = _overflows(page)
+        assert width <= viewport, (width, viewport)
+        # A job name is one line, whatever its length (truncated, full name in the title).
+        name = page.locator("#finals tbody a.truncate").first
+        assert name.evaluate("a => a.getClientRects().length") == 1
+
+        gone = "0" * 32  # the API answers 404 alike for a deleted and a never-created id
+        page.goto("/ui/compare#ids=" + ",".join([finished_jobs["bn"], gone]))
+        page.reload()  # a hash change alone does not rerun the page's script
+        page.wait_for_selector(f"#error:has-text('{gone}')")
+        assert "not found" in page.inner_text("#error")
+        page.wait_for_selector("#chart-loss .u-legend")
+        assert "ui-bn" in page.inner_text("#chart-loss .u-legend")
+        assert int(page.get_attribute("#chart-loss", "data-points") or 0) > 0
+        assert page.locator("#finals tbody tr").count() == 1
+        screenshot(page, "compare-missing")
+        assert refused == []
+    finally:
+        context.close()
+
+
+def test_top_navigation_on_every_page_and_jobs_fit_a_phone(
+    browser: Any, stack: Stack, finished_jobs: dict[str, str]
+) -> None:
+    context, page, refused = offline_page(browser, stack.url)
+    try:
+        sign_in(page, stack.token)
+        for path in (
+            "/ui/",
+            f"/ui/jobs/{finished_jobs['bn']}",
+            "/ui/compare#ids=" + ",".join(finished_jobs.values()),
+            "/ui/sweeps",
+            "/ui/validate",
+            "/ui/workers",
+        ):
+            page.goto(path)
+            page.wait_for_selector("header nav #nav-sweeps")
+            for link, href in (("#nav-sweeps", "/ui/sweeps"), ("#nav-validate", "/ui/validate")):
+                assert page.locator(f"header nav {link}").is_visible(), (path, link)
+                assert page.get_attribute(f"header nav {link}", "href") == href
+        # Only the current page's link is marked as current.
+        assert page.locator("header nav [aria-current=page]").count() <= 1
+
+        page.set_viewport_size({"width": 420, "height": 800})
+        page.goto("/ui/")
+        page.wait_for_selector(f"tr[data-id='{finished_jobs['bn']}']")
+        width, viewport = _overflows(page)
+        assert width <= viewport, (width, viewport)
+        # The table keeps every column and scrolls inside its own box instead.
+        box = page.locator("#jobs-scroll")
+        assert box.evaluate("b => b.scrollWidth > b.clientWidth")
+        screenshot(page, "jobs-narrow")
         assert refused == []
     finally:
         context.close()

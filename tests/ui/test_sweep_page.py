@@ -75,7 +75,7 @@ def test_sweep_page_heatmap_figure_and_job_links(browser: Any, stack: Stack) -> 
     context, page, refused = offline_page(browser, stack.url)
     try:
         sign_in(page, stack.token)
-        page.click("#sweeps-link")
+        page.click("#nav-sweeps")  # in the top navigation of every page
         page.wait_for_url("**/ui/sweeps")
         page.click(f'#sweeps a[href="/ui/sweeps/{sweep["id"]}"]')
         page.wait_for_selector("#heatmap td.cell .v")

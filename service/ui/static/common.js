@@ -59,6 +59,8 @@ const NC = (() => {
     const header = document.createElement("header");
     header.innerHTML = `<span class="brand">normcore</span><nav aria-label="Main">
       <a href="/ui/" ${active === "jobs" ? 'aria-current="page"' : ""}>Jobs</a>
+      <a href="/ui/sweeps" id="nav-sweeps" ${active === "sweeps" ? 'aria-current="page"' : ""}>Sweeps</a>
+      <a href="/ui/validate" id="nav-validate" ${active === "validate" ? 'aria-current="page"' : ""}>Validate</a>
       <a href="/ui/workers" id="nav-workers" hidden ${active === "workers" ? 'aria-current="page"' : ""}>Workers</a>
       <a href="/docs">API docs</a></nav>
       <button type="button" id="signout" hidden>Sign out</button>`;

@@ -6,14 +6,18 @@
   const $ = (s) => document.querySelector(s);
   const ids = (new URLSearchParams(location.hash.slice(1)).get("ids") || "").split(",").filter(Boolean).map(decodeURIComponent);
   if (ids.length < 2 || ids.length > 20) { $("#error").textContent = "Pick 2 to 20 jobs on the jobs page."; return; }
-  let jobs;
-  try {
-    jobs = await Promise.all(ids.map(async (id) => {
-      const b = `/jobs/${encodeURIComponent(id)}`;
-      const [job, page] = await Promise.all([NC.api(b), NC.api(`${b}/metrics?max_points=1000`)]);
-      return { job, rows: page.items };
-    }));
-  } catch (e) { $("#error").textContent = e.message; return; }
+  // A deleted or unknown id must not blank the page: draw the jobs that load, name the rest.
+  const settled = await Promise.allSettled(ids.map(async (id) => {
+    const b = `/jobs/${encodeURIComponent(id)}`;
+    const [job, page] = await Promise.all([NC.api(b), NC.api(`${b}/metrics?max_points=1000`)]);
+    return { job, rows: page.items };
+  }));
+  const jobs = settled.filter((r) => r.status === "fulfilled").map((r) => r.value);
+  const problems = settled.map((r, i) => (r.status === "rejected"
+    ? (r.reason && r.reason.status === 404 ? `Job ${ids[i]} was not found (deleted?)` : `Job ${ids[i]}: ${r.reason && r.reason.message}`)
+    : null)).filter(Boolean);
+  $("#error").textContent = problems.join("; ");
+  if (!jobs.length) return;
   const label = (j, i) => `${j.job.name} (${i + 1})`;
 
   function draw() {
@@ -40,21 +44,46 @@
   $("#xaxis").onchange = draw;
   draw();
 
-  // Final metrics: the last value of each (split, name); val rows name their split already.
+  // Final metrics: the last value of each metric; a key already naming its split keeps its name.
   const finals = jobs.map((j) => {
     const out = {};
     for (const r of j.rows) for (const [k, v] of Object.entries(r.values || {})) {
-      const key = r.split === "val" ? k : `${r.split} ${k}`;
+      const key = r.split === "val" || k.startsWith(`${r.split}_`) ? k : `${r.split} ${k}`;
       if (!out[key] || out[key].step <= r.step) out[key] = { step: r.step, v };
     }
     return out;
   });
-  const mkeys = [...new Set(finals.flatMap((f) => Object.keys(f)))].sort();
-  const head = `<tr><th>Job</th><th>Status</th>${mkeys.map((k) => `<th class="num">${NC.esc(k)}</th>`).join("")}</tr>`;
-  $("#finals thead").innerHTML = head;
-  $("#finals tbody").innerHTML = jobs.map((j, i) => `<tr><td><span style="color:${NC.PALETTE[i % 8]}">&#9632;</span>
-    <a href="/ui/jobs/${encodeURIComponent(j.job.id)}">${NC.esc(label(j, i))}</a></td><td>${NC.statusBadge(j.job.status)}</td>
-    ${mkeys.map((k) => `<td class="num">${NC.fmt(finals[i][k] && finals[i][k].v)}</td>`).join("")}</tr>`).join("");
+  // Best validation score over all val rows (accuracy and PSNR: higher is better).
+  const best = (j, k) => {
+    const vs = j.rows.filter((r) => r.values && typeof r.values[k] === "number").map((r) => r.values[k]);
+    return vs.length ? Math.max(...vs) : undefined;
+  };
+  const last = (i, keys) => { for (const k of keys) if (finals[i][k]) return finals[i][k].v; return undefined; };
+  const MAIN = [
+    { label: "val loss", keys: ["val_loss"] },
+    { label: "val accuracy", keys: ["val_accuracy"] },
+    { label: "val PSNR (dB)", keys: ["val_psnr"] },
+    { label: "best val accuracy", keys: ["val_accuracy"], best: true },
+    { label: "best val PSNR (dB)", keys: ["val_psnr"], best: true },
+    { label: "train loss", keys: ["train_loss", "train loss"] },
+    { label: "train accuracy", keys: ["train_accuracy", "train accuracy"] },
+    { label: "train PSNR (dB)", keys: ["train_psnr", "train psnr"] },
+  ];
+  const value = (c, i) => (c.best ? best(jobs[i], c.keys[0]) : last(i, c.keys));
+  const cols = MAIN.filter((c) => jobs.some((_, i) => value(c, i) !== undefined));
+  const used = new Set(cols.filter((c) => !c.best).flatMap((c) => c.keys));
+  // The folded table names the job without a link (one link per job is enough for the keyboard).
+  const jobCell = (j, i, link = true) => `<td><span style="color:${NC.PALETTE[i % NC.PALETTE.length]}" aria-hidden="true">&#9632;</span>
+    <${link ? `a href="/ui/jobs/${encodeURIComponent(j.job.id)}"` : "span"} class="truncate" title="${NC.esc(`${j.job.name} (${j.job.id})`)}">${NC.esc(label(j, i))}</${link ? "a" : "span"}></td>`;
+  $("#finals thead").innerHTML = `<tr><th>Job</th><th>Status</th>${cols.map((c) => `<th class="num">${NC.esc(c.label)}</th>`).join("")}</tr>`;
+  $("#finals tbody").innerHTML = jobs.map((j, i) => `<tr data-id="${NC.esc(j.job.id)}">${jobCell(j, i)}<td>${NC.statusBadge(j.job.status)}</td>
+    ${cols.map((c) => `<td class="num">${NC.fmt(value(c, i))}</td>`).join("")}</tr>`).join("");
+  // Learning rate, throughput, gap rows...: kept, but folded away.
+  const other = [...new Set(finals.flatMap((f) => Object.keys(f)))].filter((k) => !used.has(k)).sort();
+  $("#finals-more").hidden = !other.length;
+  $("#finals-other thead").innerHTML = `<tr><th>Job</th>${other.map((k) => `<th class="num">${NC.esc(k)}</th>`).join("")}</tr>`;
+  $("#finals-other tbody").innerHTML = jobs.map((j, i) => `<tr>${jobCell(j, i, false)}
+    ${other.map((k) => `<td class="num">${NC.fmt(finals[i][k] && finals[i][k].v)}</td>`).join("")}</tr>`).join("");
 
   function flat(o, prefix, out) {
     if (o && typeof o === "object" && !Array.isArray(o)) for (const [k, v] of Object.entries(o)) flat(v, prefix ? `${prefix}.${k}` : k, out);
@@ -63,7 +92,7 @@
   }
   const specs = jobs.map((j) => flat(j.job.spec || {}, "", {}));
   const fields = [...new Set(specs.flatMap((s) => Object.keys(s)))].sort();
-  $("#spec-diff thead").innerHTML = `<tr><th>Field</th>${jobs.map((j, i) => `<th>${NC.esc(label(j, i))}</th>`).join("")}</tr>`;
+  $("#spec-diff thead").innerHTML = `<tr><th>Field</th>${jobs.map((j, i) => `<th><span class="truncate" title="${NC.esc(j.job.name)}">${NC.esc(label(j, i))}</span></th>`).join("")}</tr>`;
   function specTable() {
     const only = $("#only-diff").checked;
     $("#spec-diff tbody").innerHTML = fields.map((f) => {

@@ -4,9 +4,6 @@
   const me = await NC.init("jobs");
   if (!me) return;
   const $ = (s) => document.querySelector(s);
-  const sweeps = document.createElement("a");
-  sweeps.href = "/ui/sweeps"; sweeps.id = "sweeps-link"; sweeps.textContent = "Sweeps";
-  $("#validate-link")?.after(" ", sweeps);
   let rows = [], next = null, sortKey = "created_at", sortDir = -1;
   const selected = new Set();
 

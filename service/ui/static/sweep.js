@@ -2,7 +2,7 @@
 // (mean over seeds, colour from worst to best), the report's figure, and links to each cell's jobs.
 "use strict";
 (async () => {
-  const me = await NC.init("jobs");
+  const me = await NC.init("sweeps");
   if (!me) return;
   const $ = (s) => document.querySelector(s);
   const id = decodeURIComponent(location.pathname.replace(/^\/ui\/sweeps\/?/, "").split("/")[0] || "");
