@@ -16,7 +16,7 @@ import threading
 import time
 from enum import IntEnum
 
-__all__ = ["ExitCode", "signal_group", "signal_name", "watch_parent"]
+__all__ = ["ExitCode", "die_with_parent", "signal_group", "signal_name", "watch_parent"]
 
 
 class ExitCode(IntEnum):
@@ -62,5 +62,58 @@ def watch_parent(parent_pid: int, what: str, interval: float = 1.0) -> threading
                 os._exit(ExitCode.ORPHAN)
 
     thread = threading.Thread(target=watch, name="normcore-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when the thread that forked it exits
+    (``prctl(PR_SET_PDEATHSIG)``, prctl(2)); False where that is not available (macOS)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def die_with_parent(
+    parent_pid: int, what: str, grace: float, interval: float = 0.5
+) -> threading.Thread:
+    """Stop this process, as its supervisor would, once its parent ``parent_pid`` is gone.
+
+    For a long-lived child of a supervisor that may itself die without stopping it (kill -9 of
+    ``normcore serve``): the parent's death sends SIGTERM here, this process's own graceful
+    stop (a worker's warm shutdown, uvicorn's), and ``grace`` seconds later its whole process
+    group (when it leads one; else itself) gets SIGKILL. On Linux the SIGTERM comes from the
+    kernel (``PR_SET_PDEATHSIG``, which fires when the forking *thread* exits: the parent must
+    fork from its main thread); a daemon thread polling ``os.getppid()`` every ``interval``
+    seconds covers other systems and enforces the grace. Call it first thing in the child: a
+    parent already gone at that point counts too.
+    """
+    kernel = _set_pdeathsig(signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        print(f"normcore: the supervisor of {what} is gone, stopping", file=sys.stderr)
+        if not kernel:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        print(f"normcore: {what} did not stop within {grace:g} s; killing it", file=sys.stderr)
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(ExitCode.ORPHAN)
+
+    if kernel and os.getppid() != parent_pid:  # died before prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+    thread = threading.Thread(target=watch, name="normcore-death-watch", daemon=True)
     thread.start()
     return thread

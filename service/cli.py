@@ -4,6 +4,7 @@ a running server (``submit``, ``jobs``, ``metrics``, ``download``, ``cancel``, `
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -265,7 +266,7 @@ def serve(
     """
     from service import api_server
     from service.auth import InsecureConfigError, check_auth_allowed, ensure_admin_token
-    from service.supervisor import ChildSpec, Supervisor, listen
+    from service.supervisor import ChildSpec, Supervisor, listen, port_in_use_message
 
     os.umask(PRIVATE_UMASK)
     settings = _settings(data_dir, host=host, port=port)
@@ -282,6 +283,8 @@ def serve(
         # Held here, not by uvicorn: the port stays bound (and requests queue) across restarts.
         sock = listen(settings.host, settings.port)
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise _fail(port_in_use_message(settings.host, settings.port)) from None
         raise _fail(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
         ) from None
@@ -306,7 +309,9 @@ def serve(
         # Started first: its imports (torch) run while the API starts. It stops
         # first too, with the time a running job needs to checkpoint and exit.
         # --api-beside: the worker's default training thread count keeps a core for the API
+        # --supervisor-pid: it stops when this process dies, even of kill -9 (no orphan)
         worker_cmd = [sys.executable, "-m", "worker", "--api-beside"]
+        worker_cmd += ["--supervisor-pid", str(os.getpid())]
         specs.append(
             ChildSpec("worker", worker_cmd, stop_timeout=settings.cancel_grace_seconds + 5)
         )

@@ -23,6 +23,11 @@ Stopping (``stop``): children stop one after the other in the order given (``ser
 before the API, so a running job gets ``stop_timeout`` seconds to checkpoint while the API still
 answers), each with SIGTERM to its process group, then SIGKILL after its timeout.
 
+The supervisor dying (kill -9, the OOM killer) takes its children with it: each one stops on
+its own once its parent is gone (``normcore.procs.die_with_parent``: ``PR_SET_PDEATHSIG`` on
+Linux, a ``getppid`` watch elsewhere), with the same SIGTERM-then-SIGKILL as ``stop``; a running
+job is then recovered as after a worker crash. So the port is free again for the next ``serve``.
+
 Why a small loop and not a library (checked 2026-11 on PyPI): supervisor 4.3 (supervisord) is a
 daemon with its own config file and control socket, restarts a crashed program at once once it
 has reached RUNNING and gives up (FATAL) after ``startretries`` failed starts instead of backing
@@ -318,3 +323,51 @@ class Supervisor:
                 popen.wait(5)
             codes[child.spec.name] = popen.returncode
         return codes
+
+
+def port_owner(port: int) -> int | None:
+    """The pid of a process of this user listening on TCP ``port``, or None when none is found.
+
+    Linux: the socket's inode from ``/proc/net/tcp`` and ``tcp6`` (state 0A = LISTEN), then the
+    process holding it among ``/proc/*/fd`` (other users' processes cannot be read, so are not
+    found). Elsewhere: ``lsof -t -iTCP:<port> -sTCP:LISTEN`` where lsof is installed.
+    """
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f, None)  # the header
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    if inodes:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd.path) in inodes:
+                            return int(entry.name)
+        return None
+    if os.path.isdir("/proc/net"):
+        return None
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+        out = subprocess.run(
+            ["lsof", "-t", f"-iTCP:{port}", "-sTCP:LISTEN"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.split()
+        return int(out[0]) if out else None
+    return None
+
+
+def port_in_use_message(host: str, port: int) -> str:
+    """What ``normcore serve`` says when ``host``:``port`` is taken: who holds it, if known."""
+    pid = port_owner(port)
+    who = f" by PID {pid}" if pid is not None else " by another process"
+    return (
+        f"port {port} is in use{who} (a previous normcore serve?); stop it "
+        f"(kill {pid if pid is not None else '<PID>'}) or choose another port with --port"
+    )

@@ -101,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the API runs on this host too (normcore serve passes it): the default training "
         "thread count keeps a core for it",
     )
+    parser.add_argument(
+        "--supervisor-pid",
+        type=int,
+        default=None,
+        help="stop when this process (normcore serve, our parent) dies, however it dies",
+    )
     parser.add_argument("--loglevel", "-l", default="info", help="Celery log level (default info)")
     parser.add_argument(
         "--hostname", "-n", default=None, help="worker node name (default normcore-PID@host)"
@@ -115,6 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     """Run the worker until it is told to stop."""
     args = parse_args(argv)
     settings = get_settings()
+    if args.supervisor_pid is not None:
+        from normcore.procs import die_with_parent
+
+        # As the supervisor's stop would: SIGTERM (warm shutdown), then SIGKILL after its grace.
+        grace = settings.cancel_grace_seconds + 5
+        die_with_parent(args.supervisor_pid, "the worker", grace)
     settings.worker_concurrency = args.concurrency  # sizes the default training memory limit
 
     from service.store import Store

@@ -7,7 +7,10 @@ job ends ``succeeded`` as attempt 4 with one metric row per (split, step). API: 
 (a request sent during the gap waits on the socket the supervisor holds and is answered), with
 every job and row still there and the running job still in its first attempt. Then: every file
 ``serve`` and its children wrote under the data folder is 0600 and every folder 0700, and the
-admin token appears in no log; SIGTERM stops the worker, then the API, and exits 0.
+admin token appears in no log. A second ``serve`` on the taken port says which PID holds it and
+exits 1; kill -9 of the ``serve`` process alone ends its API, worker and training process within
+seconds and frees the port, and a new ``serve`` on the same data folder resumes the job. Finally
+SIGTERM stops the worker, then the API, and exits 0.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from tests.harness import REPO, free_port, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e-supervisor")]
 
 FINISHED = ("succeeded", "failed", "cancelled")
+SERVE = [sys.executable, "-m", "service.cli", "serve"]
 # ~64 steps an epoch of a few ms each at one thread: the job outlives three kill rounds, each of
 # which kills soon after the attempt starts training.
 SPEC: dict[str, Any] = {
@@ -72,17 +76,15 @@ class Served:
         )
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    root = tmp_path_factory.mktemp("supervised")
-    data_dir = root / "data"
-    log_path = root / "serve.log"  # beside the data folder, as `serve.sh > serve.log` would be
-    port = free_port()
+def start_serve(data_dir: Path, log_path: Path, port: int) -> Served:
+    """Start ``normcore serve`` on ``port`` (its output appended to ``log_path``) and wait until
+    it says it is up; raises (after killing it) when it does not come up."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NORMCORE_")}
     # Three lost attempts and the one that succeeds, plus slack for a lease lost to load.
     env.update(PYTHONUNBUFFERED="1", NORMCORE_TRAIN_THREADS="1", NORMCORE_MAX_ATTEMPTS="6")
-    argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
-    with log_path.open("wb") as log:
+    argv = [*SERVE, "--port", str(port)]
+    start = log_path.stat().st_size if log_path.exists() else 0
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [*argv, "--data-dir", str(data_dir)],
             cwd=REPO,
@@ -92,24 +94,42 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             start_new_session=True,
         )
     served = Served(proc, f"http://127.0.0.1:{port}", data_dir, log_path)
+
+    def up() -> bool:
+        assert proc.poll() is None, served.log()[-4000:]
+        return "Ctrl-C" in served.log()[start:]
+
     try:
-
-        def up() -> bool:
-            assert proc.poll() is None, served.log()[-4000:]
-            return "Ctrl-C" in served.log()
-
         wait_for(up, timeout=120, what="normcore serve to come up")
+    except BaseException:
+        stop_serve(served)
+        raise
+    return served
+
+
+def stop_serve(served: Served) -> None:
+    """SIGTERM, then SIGKILL of whatever ``served`` and its children left."""
+    proc = served.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in served.pids("api") + served.pids("worker"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("supervised")
+    # The log beside the data folder, as `serve.sh > serve.log` would be.
+    served = start_serve(root / "data", root / "serve.log", free_port())
+    try:
         yield served
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in served.pids("api") + served.pids("worker"):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        stop_serve(served)
 
 
 class Prober(threading.Thread):
@@ -305,6 +325,113 @@ def test_files_are_private_and_the_token_is_never_logged(served: Served) -> None
     # Only the token file holds the token (the database keeps its sha256).
     holders = [p.name for p in paths if p.is_file() and token.encode() in p.read_bytes()]
     assert holders == ["admin.token"]
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/``pid``/stat after the command name (state, ppid ...); None when
+    there is no such process (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _parents() -> dict[int, int]:
+    """The parent of every live (not zombie) process."""
+    out: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] != "Z":
+            out[int(entry.name)] = int(fields[1])
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``: children, grandchildren ..."""
+    parent = _parents()
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parent.items() if pp == p} - found
+        found |= kids
+        todo.extend(kids)
+    return found
+
+
+def children(pid: int) -> set[int]:
+    """The live processes whose parent is ``pid``."""
+    return {c for c, pp in _parents().items() if pp == pid}
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def port_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port``."""
+    from service.supervisor import listen
+
+    try:
+        listen("127.0.0.1", port).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree in /proc")
+def test_kill_9_of_serve_alone_leaves_no_orphan_and_the_job_resumes(served: Served) -> None:
+    """Before the SIGTERM test, which then stops the serve started here in place of ``served``."""
+    port = int(served.url.rsplit(":", 1)[1])
+    # The port taken (by this serve): a clear message naming a holder, exit 1, no traceback.
+    taken = subprocess.run(
+        [*SERVE, "--port", str(port), "--data-dir", str(served.data_dir.parent / "other")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    said = taken.stdout + taken.stderr
+    assert taken.returncode == 1, said
+    m = re.search(rf"port {port} is in use by PID (\d+) \(a previous normcore serve\?\)", said)
+    assert m, said
+    assert "Traceback" not in said
+    first = served.proc
+    assert int(m.group(1)) in {first.pid} | descendants(first.pid)
+
+    with served.client() as c:
+        job_id = submit(c, {**SPEC, "name": "through-a-serve-kill", "epochs": 6})
+        wait_for(lambda: c.get(f"/jobs/{job_id}/checkpoints").json(), timeout=120)
+        assert job(c, job_id)["status"] == "running"
+        m = re.search(r"attempt 1 started on worker \S+:(\d+) ", log_text(c, job_id))
+        assert m
+    tree = descendants(first.pid)
+    worker_pid = int(m.group(1))
+    # the training process: below the worker's warm fork server
+    assert descendants(worker_pid) - children(worker_pid), "no training process"
+    assert {served.pids("api")[-1], worker_pid} <= tree
+    os.kill(first.pid, signal.SIGKILL)  # the supervisor alone
+    first.wait(10)
+    killed_at = time.monotonic()
+    wait_for(
+        lambda: not any(alive(p) for p in tree) and port_free(port),
+        timeout=40,
+        interval=0.1,
+        what="the old API, worker and training processes to end and the port to be free",
+        explain=lambda: f"alive: {[p for p in tree if alive(p)]}\n{served.log()[-3000:]}",
+    )
+    gone = time.monotonic() - killed_at
+    print(f"every process of the killed serve gone {gone:.1f} s after its kill -9")
+
+    # The same data folder and port; the module fixture stops this one.
+    served.proc = start_serve(served.data_dir, served.log_path, port).proc
+    with served.client() as c:
+        done = wait_finished(c, job_id)
+        text = log_text(c, job_id)
+    assert done["status"] == "succeeded" and done["attempt"] >= 2, done
+    assert re.search(r"resuming attempt \d+ from checkpoint epoch-\d+", text), text[-3000:]
 
 
 def test_sigterm_stops_the_worker_then_the_api_and_exits_0(served: Served) -> None:

@@ -73,3 +73,36 @@ def test_watch_parent_ends_an_orphan(tmp_path: Path) -> None:
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the orphan kept running after its parent exited")
     assert "the supervisor of the test orphan is gone" in err.read_text()
+
+
+def test_die_with_parent_sends_sigterm_then_kills_after_the_grace(tmp_path: Path) -> None:
+    err = tmp_path / "err.txt"
+    # The orphan-to-be ignores SIGTERM (notes it instead), so only the grace's kill ends it.
+    orphan = (
+        "import os, signal, sys, time\n"
+        "from normcore.procs import die_with_parent\n"
+        "signal.signal(signal.SIGTERM, lambda *a: print('got SIGTERM', file=sys.stderr,"
+        " flush=True))\n"
+        "die_with_parent(os.getppid(), 'the test orphan', grace=0.5, interval=0.1)\n"
+        "print(os.getpid(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    middle = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {orphan!r}], stdout=subprocess.PIPE,"
+        f" stderr=open({str(err)!r}, 'w'))\n"
+        "print(p.stdout.readline().decode().strip(), flush=True)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", middle], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 20
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running(pid):
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the orphan kept running after its parent exited")
+    text = err.read_text()
+    assert "got SIGTERM" in text  # the stop its supervisor would have asked for first
+    assert "the test orphan did not stop within 0.5 s; killing it" in text

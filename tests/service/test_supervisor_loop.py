@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from service.supervisor import Backoff, ChildSpec, Supervisor, describe_exit, listen
+from service.supervisor import (
+    Backoff,
+    ChildSpec,
+    Supervisor,
+    describe_exit,
+    listen,
+    port_in_use_message,
+    port_owner,
+)
 
 
 def py(code: str) -> list[str]:
@@ -149,6 +157,19 @@ def test_listen_holds_the_port_for_a_child_and_refuses_a_taken_one() -> None:
             listen("127.0.0.1", port)
     finally:
         sock.close()
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="Linux's /proc; lsof elsewhere")
+def test_a_taken_port_names_the_process_holding_it() -> None:
+    sock = listen("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        assert port_owner(port) == os.getpid()
+        message = port_in_use_message("127.0.0.1", port)
+        assert f"port {port} is in use by PID {os.getpid()} (a previous normcore serve?)" in message
+    finally:
+        sock.close()
+    assert port_owner(port) is None
 
 
 def test_forked_children_restart_and_stop(caplog: pytest.LogCaptureFixture) -> None:
