@@ -398,6 +398,7 @@ def _moments(t: Tensor | None) -> dict[str, float | None] | None:
 def _row(
     name: str,
     kind: str,
+    cls: str | None,
     num_channels: int | None,
     mean: Tensor | None,
     var: Tensor | None,
@@ -410,6 +411,7 @@ def _row(
     return {
         "name": name,
         "kind": kind,
+        "class": cls,
         "num_channels": num_channels,
         "running_mean": _floats(mean) if has_stats else None,
         "running_var": _floats(var) if has_stats else None,
@@ -425,8 +427,9 @@ def _row(
 def norm_stats(model: nn.Module) -> list[dict[str, Any]]:
     """One JSON-able row per norm layer of ``model``, in module order.
 
-    Row keys: ``name`` (module path, ``""`` for the model itself), ``kind`` (class name),
-    ``num_channels``, ``running_mean``/``running_var`` (lists of floats, None without running
+    Row keys: ``name`` (module path, ``""`` for the model itself), ``kind`` and ``class``
+    (both the torch class name, e.g. "BatchNorm2d"; ``class`` is the name every route uses
+    for it, ``kind`` is kept for older clients), ``num_channels``, ``running_mean``/``running_var`` (lists of floats, None without running
     stats), ``summary`` ({running_mean, running_var: {mean, min, max, finite}},
     num_batches_tracked) and ``affine`` ({weight, bias: {mean, std}} or None). Non-finite
     numbers are reported as None (with ``finite: false``) so the rows are strict JSON.
@@ -444,6 +447,7 @@ def norm_stats(model: nn.Module) -> list[dict[str, Any]]:
             _row(
                 name,
                 type(m).__name__,
+                type(m).__name__,
                 channels,
                 getattr(m, "running_mean", None),
                 getattr(m, "running_var", None),
@@ -458,8 +462,14 @@ def norm_stats(model: nn.Module) -> list[dict[str, Any]]:
 _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def norm_stats_from_state_dict(state_dict: Mapping[str, Tensor]) -> list[dict[str, Any]]:
+def norm_stats_from_state_dict(
+    state_dict: Mapping[str, Tensor], classes: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """The ``norm_stats`` rows of a model, computed from its flat state dict alone.
+
+    ``kind`` is then the family of state the keys show (below), not the class; ``class`` is
+    the torch class name from ``classes`` ({module path: class name}, e.g. what
+    :func:`norm_classes` gives for the model the state dict came from), None where unknown.
 
     Keys are grouped by prefix (``<prefix>.running_mean`` ...). A prefix with running_mean
     and running_var is a ``"batchnorm"`` (BN kinds, FrozenBN, tracked InstanceNorm); one with
@@ -491,10 +501,16 @@ def norm_stats_from_state_dict(state_dict: Mapping[str, Tensor]) -> list[dict[st
             kind, channels = "affine_norm", weight.numel()
         else:
             continue
-        rows.append(
-            _row(prefix, kind, channels, mean, var, g.get("num_batches_tracked"), weight, bias)
-        )
+        cls = (classes or {}).get(prefix)
+        nbt = g.get("num_batches_tracked")
+        rows.append(_row(prefix, kind, cls, channels, mean, var, nbt, weight, bias))
     return sorted(rows, key=lambda r: _natural_key(r["name"]))
+
+
+def norm_classes(model: nn.Module) -> dict[str, str]:
+    """{module path: torch class name} of every norm layer of ``model`` (the ``class`` column
+    of :func:`norm_stats_from_state_dict`); works on a model built on the meta device."""
+    return {name: type(m).__name__ for name, m in model.named_modules() if is_norm_layer(m)}
 
 
 def _natural_key(name: str) -> list[tuple[int, int | str]]:

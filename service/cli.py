@@ -584,7 +584,7 @@ def _print_validation(report: dict[str, Any]) -> None:
         table.add_row(
             row["name"],
             row["kind"] + (" (sync)" if row["synced"] else ""),
-            "x".join(map(str, row["map_size"] or [1])),
+            "-" if row["map_size"] is None else "x".join(map(str, row["map_size"])),
             str(row["per_device_batch"]),
             "-" if row["norm_batch"] is None else str(row["norm_batch"]),
             str(row["values_per_stat"]),

@@ -177,7 +177,8 @@ def download_checkpoint(
                         "layers": [
                             {
                                 "name": "layer1.0.bn1",
-                                "kind": "batch",
+                                "kind": "batchnorm",
+                                "class": "BatchNorm2d",
                                 "num_channels": 2,
                                 "running_mean": [0.01, -0.02],
                                 "running_var": [0.98, 1.03],
@@ -195,7 +196,14 @@ def download_checkpoint(
 def checkpoint_stats(
     job: OwnedJob, name: CheckpointName, store: StoreDep, settings: SettingsDep
 ) -> Any:
-    """Per norm layer: name, kind, channels, running mean and variance, a summary."""
+    """Per norm layer: name, kind, class, channels, running mean and variance, a summary.
+
+    ``class`` is the torch class name ("BatchNorm2d"), as ``kind`` is in ``/norms`` rows and
+    in ``normcore.stats.norm_stats``: the name every route gives the layer's class. ``kind`` here
+    is the family of state the file holds ("batchnorm": running statistics; "affine_norm":
+    weight and bias only), kept for older clients. ``class`` is None for a layer the job's
+    spec does not build.
+    """
     from safetensors.torch import load_file
 
     from normcore.stats import norm_stats_from_state_dict
@@ -210,4 +218,24 @@ def checkpoint_stats(
             status.HTTP_500_INTERNAL_SERVER_ERROR,
             detail=f"checkpoint {name!r} is stored but cannot be read: {exc}",
         ) from None
-    return StatsOut(job_id=job.id, checkpoint=record.name, layers=norm_stats_from_state_dict(state))
+    layers = norm_stats_from_state_dict(state, classes=_norm_classes(job.spec))
+    return StatsOut(job_id=job.id, checkpoint=record.name, layers=layers)
+
+
+def _norm_classes(spec: dict[str, Any]) -> dict[str, str]:
+    """{module path: torch class name} of the norm layers of the job's model, built on the meta
+    device (class names do not depend on the input channels); {} when it cannot be built."""
+    import torch
+
+    from normcore.models import build_model
+    from normcore.spec import JobSpec
+    from normcore.stats import norm_classes
+
+    try:
+        model_spec = JobSpec.model_validate(spec).model
+        with torch.device("meta"):
+            return norm_classes(build_model(model_spec, in_channels=3))
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as exc:
+        # a spec stored by an older release, or an arch that cannot build on meta: no classes
+        log.info("no norm classes for the stats of this job: %s", exc)
+        return {}

@@ -31,6 +31,7 @@ EXAMPLE_NORM_PAGE = {
             "time": 1767225600.0,
             "values": {
                 "kind": "BatchNorm2d",
+                "class": "BatchNorm2d",
                 "source": "running",
                 "channels": 6,
                 "eps": 1e-05,
@@ -99,7 +100,8 @@ async def get_norms(
     Each row is one norm layer at one record (``trigger`` "start" before the first step,
     "eval" at each evaluation, "steps" every ``spec.telemetry.every_steps``); ``values`` holds
     the per-channel summaries, drift, dead channels, gamma/beta norms and
-    ``num_batches_tracked`` (README, "Norm telemetry").
+    ``num_batches_tracked`` (README, "Norm telemetry"); ``kind`` and ``class`` are both the
+    torch class name (``class`` as on ``/stats``).
 
     ``layer`` naming no layer of the job's rows is a 422 that lists the real names; before the
     job has any telemetry rows every ``layer`` reads as an empty page (200).
@@ -120,6 +122,10 @@ async def get_norms(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 f"no norm telemetry for layer {layer!r}; the job's layers: {', '.join(known)}",
             )
-        return NormPage(items=[NormRowOut.model_validate(r) for r in rows], next=nxt)
+        items = [NormRowOut.model_validate(r) for r in rows]
+        for item in items:  # "class": the torch class, as on /stats (telemetry calls it "kind")
+            if "kind" in item.values:
+                item.values.setdefault("class", item.values["kind"])
+        return NormPage(items=items, next=nxt)
 
     return await run_in_threadpool(read)

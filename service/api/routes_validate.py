@@ -19,6 +19,7 @@ _LAYER = {
     "name": "conv1.norm",
     "kind": "bn",
     "cls": "BatchNorm2d",
+    "class": "BatchNorm2d",
     "num_channels": 8,
     "map_size": [8, 8],
     "batch_stats": True,

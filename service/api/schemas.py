@@ -212,6 +212,11 @@ class NormLayerStats(BaseModel):
 
     name: str
     kind: str
+    class_name: str | None = Field(
+        default=None,
+        alias="class",
+        description='The torch class ("BatchNorm2d"), the name every route uses for it.',
+    )
     num_channels: int | None = None
     running_mean: list[float | None] | None = None
     running_var: list[float | None] | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class ValidationWarningOut(BaseModel):
@@ -25,7 +25,12 @@ class NormLayerReportOut(BaseModel):
 
     name: str
     kind: str = Field(description="Registry name of the norm kind (bn, gn, in, ghost_bn, ...).")
-    cls: str = Field(description="The layer's class.")
+    cls: str = Field(description="The layer's class (kept for older clients: see class).")
+    class_name: str | None = Field(
+        default=None,
+        alias="class",
+        description='The torch class ("BatchNorm2d"), the name /stats and /norms use.',
+    )
     num_channels: int
     map_size: list[int] | None = Field(description="(H, W) of the layer's input; null for 2-d.")
     batch_stats: bool = Field(description="Normalizes with batch statistics in training.")
@@ -49,6 +54,13 @@ class NormLayerReportOut(BaseModel):
     )
     num_groups: int | None = None
     channels_per_group: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _class_from_cls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "class" not in data and "cls" in data:
+            return {**data, "class": data["cls"]}
+        return data
 
 
 class ValidateOut(BaseModel):

@@ -12,7 +12,13 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 import normcore.layers as L
-from normcore.stats import norm_stats, norm_stats_from_state_dict, recalibrate_bn, stats_drift
+from normcore.stats import (
+    norm_classes,
+    norm_stats,
+    norm_stats_from_state_dict,
+    recalibrate_bn,
+    stats_drift,
+)
 
 F64 = torch.float64
 
@@ -194,15 +200,19 @@ def test_state_dict_rows_equal_model_rows() -> None:
     model.add_module("10", nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)))
     model.add_module("11", L.BatchNorm2d(8))
     flat = load(save({k: v.contiguous() for k, v in model.state_dict().items()}))
-    from_sd = norm_stats_from_state_dict(flat)
+    from_sd = norm_stats_from_state_dict(flat, classes=norm_classes(model))
     # L2Norm (weight only) and a stateless InstanceNorm cannot be recognized from keys alone
     from_model = [r for r in norm_stats(model) if r["name"] not in ("6", "7")]
-    assert [r["name"] for r in from_sd] == ["1", "2", "3", "4", "5", "8", "10.1", "11"]
+    names = ["1", "2", "3", "4", "5", "8", "10.1", "11"]
+    assert [r["name"] for r in from_sd] == names
 
     def strip(rows: list[dict]) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "kind"} for r in rows]
 
     assert strip(from_sd) == strip(from_model)
+    # "class" is the torch class on both paths; a state dict alone cannot know it
+    assert [r["class"] for r in from_sd] == [type(model.get_submodule(n)).__name__ for n in names]
+    assert {r["class"] for r in norm_stats_from_state_dict(flat)} == {None}
     assert [r["kind"] for r in from_sd] == [
         "batchnorm",
         "batchnorm",

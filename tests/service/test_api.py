@@ -456,13 +456,16 @@ def test_cancel_queued_and_running(api: Api) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def write_checkpoint(api: Api, job_id: str, attempt: int, name: str = "epoch-0001") -> dict:
-    """A model.safetensors with BN buffers in the job's folder, recorded in the store."""
+def write_checkpoint(
+    api: Api, job_id: str, attempt: int, name: str = "epoch-0001", tensors: dict | None = None
+) -> dict:
+    """A model.safetensors with BN buffers (or ``tensors``) in the job's folder, recorded in
+    the store."""
     import torch
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(0)
-    tensors = {
+    tensors = tensors or {
         "features.0.weight": torch.randn(4, 1, 3, 3, generator=gen),
         "features.1.weight": torch.rand(4, generator=gen),
         "features.1.bias": torch.randn(4, generator=gen),
@@ -534,6 +537,29 @@ def test_checkpoint_list_download_etag_range_and_stats(api: Api) -> None:
         assert layer["running_var"] == pytest.approx(tensors["features.1.running_var"].tolist())
         assert layer["summary"]["num_batches_tracked"] == 12
         assert c.get(f"/jobs/{job_id}/checkpoints/nope/stats").status_code == 404
+
+
+def test_stats_class_names_the_torch_class_as_norms_does(api: Api) -> None:
+    """/stats rows carry "class" (BatchNorm2d), the name /norms and norm_stats give as "kind";
+    its own "kind" stays the state family ("batchnorm") for older clients."""
+    import torch
+
+    from normcore.models import build_model
+    from normcore.spec import ModelSpec
+
+    job_id, attempt = running_job(api)
+    model = build_model(ModelSpec.model_validate(SPEC["model"]), in_channels=1)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_checkpoint(api, job_id, attempt, tensors=state)
+    with api.client() as c:
+        layers = c.get(f"/jobs/{job_id}/checkpoints/epoch-0001/stats").json()["layers"]
+    by_name = {row["name"]: (row["kind"], row["class"]) for row in layers}
+    assert by_name == {
+        name: ("batchnorm", type(m).__name__)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+    assert {c for _, c in by_name.values()} == {"BatchNorm1d", "BatchNorm2d"}
 
 
 def test_checkpoint_path_outside_job_folder_is_refused(api: Api, tmp_path: Path) -> None:

@@ -238,7 +238,8 @@ def test_norms_layer_filter_names_the_real_layers(dep: Deployment) -> None:
         # no telemetry yet: any layer reads as an empty page
         assert alice.get(path, params={"layer": "nope"}).json()["items"] == []
         attempt = dep.store.claim_job(job_id, worker_id="w", lease_seconds=600)
-        layers = [{"layer": n, "var_mean": 1.0} for n in ("conv1.norm", "conv2.norm")]
+        names = ("conv1.norm", "conv2.norm")
+        layers = [{"layer": n, "kind": "BatchNorm2d", "var_mean": 1.0} for n in names]
         record = {"step": 0, "epoch": 0, "trigger": "start", "time": 1.0, "layers": layers}
         dep.store.add_norms(job_id, attempt=attempt, records=[record])
         for extra in ({}, {"max_points": 10}):
@@ -247,6 +248,7 @@ def test_norms_layer_filter_names_the_real_layers(dep: Deployment) -> None:
             assert "'nope'" in r.text and "conv1.norm, conv2.norm" in r.text
         page = alice.get(path, params={"layer": "conv2.norm"}).json()
         assert [row["layer"] for row in page["items"]] == ["conv2.norm"]
+        assert page["items"][0]["values"]["class"] == "BatchNorm2d"  # the name /stats uses
         # a later empty page of a real layer is no error
         after = {"layer": "conv2.norm", "after": page["next"]}
         assert alice.get(path, params=after).json()["items"] == []

@@ -58,6 +58,16 @@ def _validate(client: httpx.Client, spec: dict[str, Any]) -> dict[str, Any]:
     return r.json()
 
 
+def test_layers_carry_class_as_stats_and_norms_do(client: httpx.Client) -> None:
+    layers = _validate(client, _spec())["layers"]
+    assert [(x["class"], x["cls"]) for x in layers] == [
+        ("BatchNorm2d", "BatchNorm2d"),
+        ("BatchNorm2d", "BatchNorm2d"),
+        ("BatchNorm1d", "BatchNorm1d"),
+        ("BatchNorm1d", "BatchNorm1d"),
+    ]
+
+
 def test_batch_4_bn_warns_and_names_every_bn_layer(client: httpx.Client) -> None:
     report = _validate(client, _spec(batch=4))
     bn_layers = [row["name"] for row in report["layers"] if row["batch_stats"]]
@@ -145,6 +155,11 @@ def test_client_and_cli(api: tuple[str, str], tmp_path: Path) -> None:
     assert done.returncode == 1, done.stdout + done.stderr  # --strict: warnings fail
     assert "6.58 steps" in done.stdout and "bn_small_batch" in done.stdout
     assert "conv1.norm" in done.stdout
+    # a layer after a Linear has no map: "-", as on the web page (validate.js), not "1"
+    norm1 = next(
+        line.split() for line in done.stdout.splitlines() if line.lstrip().startswith("norm1.")
+    )
+    assert norm1[1:3] == ["bn", "-"], norm1
 
 
 def test_submit_stores_the_validate_warnings(client: httpx.Client) -> None:
