@@ -52,6 +52,10 @@ checkpoints whose normalization layers carry their running statistics.
 
 Authenticate with `Authorization: Bearer <token>` (create one with `normcore token create NAME`).
 `/healthz`, `/readyz`, `/metrics`, `/docs` and `/openapi.json` need no token.
+
+Request bodies are JSON. A body sent without `Content-Type: application/json` (none, or
+`application/x-www-form-urlencoded` as `curl -d @spec.json` sends) is read as JSON too; any
+other Content-Type gets a 422 saying to send `Content-Type: application/json`.
 """
 
 
