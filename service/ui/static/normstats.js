@@ -21,7 +21,7 @@ const NormStats = (() => {
       const p = document.createElement("p");
       p.className = "muted";
       const w = (layer.affine || {}).weight || {}, b = (layer.affine || {}).bias || {};
-      p.textContent = `${layer.kind}: no running statistics; affine weight mean ${NC.fmt(w.mean)}, bias mean ${NC.fmt(b.mean)}`;
+      p.textContent = `${layer.class || layer.kind}: no running statistics; affine weight mean ${NC.fmt(w.mean)}, bias mean ${NC.fmt(b.mean)}`;
       el.append(p);
       return;
     }
@@ -53,7 +53,7 @@ const NormStats = (() => {
       const card = document.createElement("figure");
       card.className = "card layer";
       const m = marks(layer);
-      card.innerHTML = `<h3>${NC.esc(layer.name || "(model)")} <span class="muted">${NC.esc(layer.kind)} x${NC.fmt(layer.num_channels)}</span></h3>`;
+      card.innerHTML = `<h3>${NC.esc(layer.name || "(model)")} <span class="muted">${NC.esc(layer.class || layer.kind)} x${NC.fmt(layer.num_channels)}</span></h3>`;
       box.append(card); // in the page first, so the plot can take the card's width
       plot(card, layer);
       const cap = document.createElement("figcaption");
