@@ -75,8 +75,11 @@ class Deployment:
         raise RuntimeError("the API did not start:\n" + (self.data / "api.log").read_text()[-3000:])
 
     def start_worker(self) -> subprocess.Popen[bytes]:
-        """``python -m worker`` with its default queues, as ``normcore serve`` starts it."""
-        worker = self._start([sys.executable, "-m", "worker"], f"worker{len(self.workers)}.log")
+        """``python -m worker --api-beside`` with its default queues, as ``normcore serve``
+        starts it: the default training thread count keeps a core for the API."""
+        worker = self._start(
+            [sys.executable, "-m", "worker", "--api-beside"], f"worker{len(self.workers)}.log"
+        )
         self.workers.append(worker)
         return worker
 
