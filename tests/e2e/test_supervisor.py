@@ -45,7 +45,9 @@ SPEC: dict[str, Any] = {
     "data": {"dataset": "synthetic", "batch_size": 32, "num_samples": 2048, "image_size": 8},
     "optim": {"name": "sgd", "lr": 0.05},
     "resources": {"device": "cpu"},
-    "epochs": 12,
+    # Enough epochs to outlive three kills on a quiet machine, where an epoch takes ~0.1 s and
+    # each attempt trains a few epochs between "training started" and the test's kill.
+    "epochs": 36,
     "checkpoint": {"every_epochs": 1, "keep_last": 2},
 }
 

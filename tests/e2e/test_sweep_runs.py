@@ -95,7 +95,10 @@ def test_a_sweep_does_not_hold_another_users_job_and_cancel_stops_it(stack: Stac
         what="the sweep's children to stop",
     )
     assert final["counts"]["queued"] == final["counts"]["running"] == 0
-    assert final["counts"]["cancelled"] >= 27
+    # every run not finished when the cancel came is cancelled; on a fast machine a few more
+    # than ann's job and bob's first run may have succeeded by then
+    assert final["counts"]["cancelled"] + final["counts"]["succeeded"] == 30, final["counts"]
+    assert final["counts"]["cancelled"] >= 20, final["counts"]
     bob.close()
     ann.close()
 

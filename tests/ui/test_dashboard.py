@@ -70,7 +70,9 @@ def test_sign_in_and_live_chart_grows_without_reload(browser: Any, stack: Stack)
         page.wait_for_selector("#signin-error:has-text('refused')")
 
         sign_in(page, stack.token)
-        job_id = submit(stack, job_spec("ui-live", "bn", samples=800, epochs=2))
+        # 2,000 steps: a few seconds on a quiet machine (800 samples trained between two looks
+        # of the loop below, and the chart went from 0 to every point at once).
+        job_id = submit(stack, job_spec("ui-live", "bn", samples=4000, epochs=2))
         page.goto(f"/ui/jobs/{job_id}")
         page.wait_for_selector("#job-name:has-text('ui-live')")
         page.evaluate("window.__same_document = true")
