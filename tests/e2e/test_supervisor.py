@@ -404,7 +404,8 @@ def test_kill_9_of_serve_alone_leaves_no_orphan_and_the_job_resumes(served: Serv
     assert int(m.group(1)) in {first.pid} | descendants(first.pid)
 
     with served.client() as c:
-        job_id = submit(c, {**SPEC, "name": "through-a-serve-kill", "epochs": 6})
+        # long enough to be mid-training at the kill on a quiet machine (6 epochs finished first)
+        job_id = submit(c, {**SPEC, "name": "through-a-serve-kill", "epochs": 30})
         wait_for(lambda: c.get(f"/jobs/{job_id}/checkpoints").json(), timeout=120)
         assert job(c, job_id)["status"] == "running"
         m = re.search(r"attempt 1 started on worker \S+:(\d+) ", log_text(c, job_id))
