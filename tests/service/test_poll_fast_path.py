@@ -1,11 +1,13 @@
 """The follower's poll fast path (service/api/poll.py, issue 12): it answers
 ``GET /jobs/{id}/metrics?after=N[&limit=M]`` with the route's exact page, and hands every other
-request (other parameters, malformed numbers, unknown or uncached tokens, foreign or missing
-jobs) to the route unchanged; on SQLite and PostgreSQL."""
+request (other parameters, malformed numbers, unknown or revoked tokens, foreign or missing
+jobs) to the route unchanged; on SQLite and PostgreSQL. A page longer than ``INLINE_PAGE_ROWS``
+is read on a thread and is the same page."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,8 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from service.api import routes_jobs
+from service import auth
+from service.api import poll, routes_jobs
 from service.api.app import create_app
 from service.api.poll import PollFastPath, find_route, parse_poll_query
 from service.db import metadata
@@ -126,9 +129,14 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
         store.dispose()
 
 
-def test_the_fast_page_is_the_route_page(api: Api) -> None:
+@pytest.mark.parametrize("inline_rows", [64, 2, 1])
+def test_the_fast_page_is_the_route_page(
+    api: Api, inline_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 2 and 1: most of these pages are longer than the inline part and read on a thread.
+    monkeypatch.setattr(poll, "INLINE_PAGE_ROWS", inline_rows)
     path = f"/jobs/{api.job_id}/metrics"
-    for query in ("", "after=0", "after=1&limit=2", "limit=1&after=2", "after=99"):
+    for query in ("", "after=0", "after=1&limit=2", "limit=1&after=2", "after=99", "limit=3"):
         status, headers, body = api.fast(path, query, api.alice)
         assert status == 200, query
         # final=false reads the same rows through the route (the fast path passes it on).
@@ -175,7 +183,7 @@ def test_everything_else_goes_to_the_route(api: Api) -> None:
     ):
         assert api.fast(path, query, api.alice)[0] == PASSED_ON, query
     assert api.fast(path, "", api.bob)[0] == PASSED_ON  # someone else's job: the route's 404
-    assert api.fast(path, "", "nc_uncached")[0] == PASSED_ON  # not in the cache: the route's
+    assert api.fast(path, "", "nc_unknown")[0] == PASSED_ON  # no such token: the route's 401
     assert api.fast(path, "", None)[0] == PASSED_ON  # no token: the route's 401
     assert api.fast(path, "", api.alice, method="POST")[0] == PASSED_ON
     assert api.fast(path + "/", "", api.alice)[0] == PASSED_ON
@@ -198,6 +206,90 @@ def test_fast_answers_are_counted_under_the_route_template(api: Api) -> None:
     for _ in range(3):
         assert api.route("after=0", api.alice)[0] == 200
     assert served() == before + 3
+
+
+def test_an_uncached_token_is_looked_up_once_and_revocation_holds(api: Api) -> None:
+    path = f"/jobs/{api.job_id}/metrics"
+    now = [0.0]
+    cache = api.app.state.token_cache = auth.TokenCache(clock=lambda: now[0])
+    second = api.store.create_token("alice", "alice-second-token")
+    status, _, body = api.fast(path, "after=0", second)
+    assert status == 200 and body == api.route("after=0", api.alice)[1]
+    cached = cache.get(second)
+    assert cached is not None and cached.name == "alice"
+    # Revoked: still answered from the cache within its TTL, then passed on (the route's 401).
+    assert api.store.revoke_token("alice-second-token")
+    assert api.fast(path, "after=0", second)[0] == 200
+    now[0] += auth.TOKEN_CACHE_TTL_S + 0.1
+    assert api.fast(path, "after=0", second)[0] == PASSED_ON
+    assert api.route("after=0", second)[0] == 401
+
+
+def _scope(app: Any, path: str, query: str, token: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": [(b"authorization", f"Bearer {token}".encode())],
+        "app": app,
+    }
+
+
+def test_a_long_page_lets_other_polls_in_and_is_read_once_for_all(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 1-row chunks, the 4-row page takes 4 chunks: a poll arriving with it is answered
+    first, and 3 followers asking for the same long page at once share one read."""
+    monkeypatch.setattr(poll, "INLINE_PAGE_ROWS", 1)
+    path = f"/jobs/{api.job_id}/metrics"
+    expected = api.route("after=0", api.alice)[1]
+    last = json.loads(expected)["next"]
+
+    async def passed_on(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("every poll here is the fast path's")
+
+    fast = PollFastPath(passed_on, api.app.state, find_route(routes_jobs.router.routes))
+    fast.inline = True  # reads on the loop on PostgreSQL too: the interleaving is deterministic
+    reads: list[int] = []
+    real_read = fast.statements.read
+
+    def counted(job_id: str, **kw: Any) -> Any:
+        reads.append(kw["after"])
+        return real_read(job_id, **kw)
+
+    monkeypatch.setattr(fast.statements, "read", counted)
+    done: list[str] = []
+
+    async def ask(name: str, query: str) -> bytes:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await fast(_scope(api.app, path, query, api.alice), receive, send)
+        done.append(name)
+        return sent[1]["body"]
+
+    async def main() -> list[bytes]:
+        return await asyncio.gather(
+            ask("long-1", "after=0"),
+            ask("long-2", "after=0"),
+            ask("long-3", "after=0"),
+            ask("tail", f"after={last}"),
+        )
+
+    bodies = asyncio.run(main())
+    assert bodies[:3] == [expected] * 3
+    assert bodies[3] == b'{"items":[],"next":%d}' % last
+    assert done[0] == "tail"  # answered while the long page was still being read
+    # Each caller reads its first chunk; the rest of the page is read once (3 more chunks
+    # and the empty one that ends it), not once per caller.
+    assert len(reads) == 4 + 4, reads
 
 
 def test_parse_poll_query() -> None:
