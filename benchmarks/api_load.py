@@ -12,6 +12,10 @@ Two scenarios on the embedded deployment (uvicorn API as a subprocess, SQLite st
    job's own ``samples_per_s`` (its train rows) in the paced window is compared with the quiet
    one; the fast window gives the API's throughput and latency beside a training job.
 
+wrk corrects its percentiles for coordinated omission: a request that stalls for ``d`` also
+counts the requests a steady client would have sent meanwhile (about ``d`` / the mean interval
+per connection), so one 200 ms stall of the server weighs like dozens of slow answers.
+
 Every window starts 16 followers at ``after=0`` (long first pages, then small ones): the
 catch-up burst is part of what is measured. The API is settled first: a spec check waits for
 the torch import its start leaves to a thread.
