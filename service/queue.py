@@ -62,7 +62,8 @@ def _sqlite_broker_path(url: str) -> Path | None:
 
 
 def prepare_sqlite_broker(settings: Settings) -> None:
-    """Create the embedded broker's SQLite file in WAL mode (persistent in the file).
+    """Create the embedded broker's SQLite file in WAL mode (persistent in the file), and set
+    how often a waiting worker polls it (``broker_poll_seconds``).
 
     kombu opens it with plain defaults (rollback journal, several fsyncs per message); WAL makes a
     publish one fsync and lets the worker poll while the API writes. No-op for other brokers.
@@ -70,6 +71,11 @@ def prepare_sqlite_broker(settings: Settings) -> None:
     path = _sqlite_broker_path(settings.broker_url)
     if path is None:
         return
+    from kombu.transport import sqlalchemy as sqla_transport
+
+    # kombu's SQLAlchemy transport passes every transport option to create_engine, so its
+    # documented polling_interval can only be set on the class (one broker per process).
+    sqla_transport.Transport.polling_interval = settings.broker_poll_seconds
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30.0)
     try:

@@ -90,6 +90,17 @@ def test_celery_config_for_sqlite_broker_passes_only_engine_options(tmp_path: Pa
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_waiting_worker_polls_the_sqlite_broker_every_broker_poll_seconds(
+    tmp_path: Path,
+) -> None:
+    """kombu sleeps 1 s between empty polls by default: a job waited up to 1 s for its claim."""
+    s = Settings(data_dir=tmp_path, broker_poll_seconds=0.3)
+    app = queue.make_celery(s)
+    with app.connection_for_read() as conn:
+        assert conn.transport.polling_interval == 0.3  # what the consumer sleeps between polls
+    assert Settings(data_dir=tmp_path).broker_poll_seconds == 0.25
+
+
 def test_queue_for() -> None:
     from normcore.spec import JobSpec
 
