@@ -172,7 +172,7 @@ class PollFastPath:
             return fn(*args)
         return await anyio.to_thread.run_sync(fn, *args)
 
-    async def _long_page(self, job_id: str, first: _Longer, after: int, limit: int) -> bytes | None:
+    async def _long_page(self, job_id: str, first: _Longer, limit: int) -> bytes | None:
         """The rest of a page after its first chunk, a chunk per turn of the event loop; each
         chunk continues after the last seq read (as a follower paging with a small limit)."""
         parts, count, last = [items_json(first.rows)], len(first.rows), first.rows[-1].seq
@@ -196,7 +196,7 @@ class PollFastPath:
         key = (job_id, first.owner_id, after, limit)
         task = self._long_pages.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._long_page(job_id, first, after, limit))
+            task = asyncio.ensure_future(self._long_page(job_id, first, limit))
             self._long_pages[key] = task
             task.add_done_callback(lambda _: self._long_pages.pop(key, None))
         # Shielded: a caller that goes away does not cancel the read the others wait on.
