@@ -12,9 +12,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import normcore
@@ -208,6 +210,34 @@ DOMAIN_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
 )
 
 
+# FastAPI's answer when the body's bytes could not be decoded as JSON at all (not UTF-8, nested
+# past the recursion limit, an integer past int's digit limit): it names no reason.
+_BODY_PARSE_DETAIL = "There was an error parsing the body"
+
+
+def _body_parse_reason(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 text ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError) and str(cause):
+        return str(cause).split(";")[0][:200]
+    return "unreadable"
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's own HTTP errors, with a reason where it gives none for a body it could not
+    parse (400 ``malformed JSON body: <reason>; send a JSON object``, as for invalid JSON)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == status.HTTP_400_BAD_REQUEST and exc.detail == _BODY_PARSE_DETAIL:
+        reason = _body_parse_reason(exc.__cause__)
+        return JSONResponse(
+            {"detail": f"malformed JSON body: {reason}; send a JSON object"},
+            status_code=status.HTTP_400_BAD_REQUEST,
+        )
+    return await http_exception_handler(request, exc)
+
+
 async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """A domain error as ``{"detail": exc.detail}`` with the status of its kind (DOMAIN_STATUS);
     an unmapped kind is a 400, never a 500."""
@@ -296,6 +326,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ServiceError, domain_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.include_router(routes_health.router)
     # before routes_jobs: /jobs/validate is a path of its own, never a job id
     app.include_router(validate_router)

@@ -150,6 +150,19 @@ def test_malformed_json_is_400(api: Api) -> None:
         assert r.status_code == 422
         r = c.post("/jobs", content=b"", headers={"Content-Type": "application/json"})
         assert r.status_code in (400, 422)
+        # Bodies the JSON decoder cannot even start on get a reason too, never a bare message.
+        for body, reason in (
+            (b'{"name": "\xff"}', "not UTF-8"),
+            (b"[" * 3000 + b"]" * 3000, "nested too deeply"),
+            (b'{"seed": ' + b"9" * 5000 + b"}", "digits"),
+        ):
+            r = c.post("/jobs", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, r.text
+            detail = r.json()["detail"]
+            assert detail.startswith("malformed JSON body: ") and reason in detail, detail
+        # Other HTTP errors keep their own answer (and headers).
+        r = c.get("/jobs", headers={"Authorization": "Bearer nc_wrong"})
+        assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer"
 
 
 def test_unknown_arch_and_norm_list_valid_ones(api: Api) -> None:
