@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["DEFAULT_URL", "ApiError", "Client", "JobFailed"]
+__all__ = ["DEFAULT_URL", "ApiError", "Client", "JobFailed", "SpecFileError", "read_spec"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINISHED = ("succeeded", "failed", "cancelled", "timed_out")
@@ -51,17 +51,70 @@ class ChecksumMismatch(RuntimeError):
     """A downloaded file's sha256 differs from the server's ETag."""
 
 
-def _read_spec(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml  # only for YAML specs
+class SpecFileError(ValueError):
+    """A spec file that cannot be used: missing, a folder, unreadable, not UTF-8, not valid
+    JSON/YAML, a YAML tag or value JSON cannot carry, or not a mapping at the top. Its message is
+    one line and does not name the file (the caller does)."""
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+
+def _yaml_message(exc: Exception) -> str:
+    """One line for a PyYAML error: its problem and where (line/column, 1-based), without the
+    multi-line source excerpt ``str(exc)`` carries."""
+    problem = getattr(exc, "problem", None)
+    if not problem:
+        return " ".join(str(exc).split())
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    context = getattr(exc, "context", None)
+    text = f"{context}: {problem}" if context else str(problem)
+    if mark is not None:
+        text += f" (line {mark.line + 1} column {mark.column + 1})"
+    return "invalid YAML: " + " ".join(text.split())
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """A job or sweep spec from a JSON file, or a YAML file (``.yaml``/``.yml``, safe loader:
+    no tags that build Python objects). Raises SpecFileError, with a one-line reason, for any
+    file that cannot be used (see SpecFileError)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecFileError("no such file") from None
+    except IsADirectoryError:
+        raise SpecFileError("is a directory, not a spec file") from None
+    except OSError as exc:
+        raise SpecFileError(f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecFileError(f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # only for YAML specs
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise SpecFileError(_yaml_message(exc)) from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                # "Expecting value: line 2 column 1 (char 5)" without the char offset
+                raise SpecFileError(str(exc).split(" (char ")[0]) from None
+    except RecursionError:
+        raise SpecFileError("nested too deeply") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a job spec must be a JSON/YAML object")
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise SpecFileError(f"a job spec must be a JSON/YAML object (a mapping), not {kind}")
+    try:  # what YAML can hold and a JSON body cannot: dates, sets, bytes, NaN, ...
+        json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SpecFileError(f"a value cannot be sent as JSON: {exc}") from None
     return data
+
+
+_read_spec = read_spec  # the name earlier versions used
 
 
 class Client:
@@ -114,7 +167,7 @@ class Client:
         self, spec: dict[str, Any] | str | Path, idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Submit a job spec (a dict or a JSON/YAML file); returns the job."""
-        body = spec if isinstance(spec, dict) else _read_spec(Path(spec))
+        body = spec if isinstance(spec, dict) else read_spec(spec)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", "/jobs", json=body, headers=headers)
 
@@ -231,7 +284,7 @@ class Client:
     ) -> dict[str, Any]:
         """Submit a sweep (a dict or a JSON/YAML file: base spec, grid, seeds, metric, ...);
         returns the sweep with its cells. A cell that fails a submit check: ApiError 422."""
-        body = sweep if isinstance(sweep, dict) else _read_spec(Path(sweep))
+        body = sweep if isinstance(sweep, dict) else read_spec(sweep)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", "/sweeps", json=body, headers=headers)
 
@@ -350,7 +403,7 @@ class Client:
         come from, per device and globally, the momentum's half-life in steps, steps per epoch,
         parameters, a memory estimate and warnings. Raises ApiError (422 where a submit would
         be refused)."""
-        body = spec if isinstance(spec, dict) else _read_spec(Path(spec))
+        body = spec if isinstance(spec, dict) else read_spec(spec)
         return self._request("POST", "/jobs/validate", json=body)
 
     def checkpoint_diff(

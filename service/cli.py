@@ -104,6 +104,18 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _load_spec_file(path: Path) -> dict[str, Any]:
+    """The JSON/YAML spec in ``path``, read here before any server is asked; a file that cannot
+    be used (missing, a folder, not UTF-8, bad JSON/YAML, a YAML tag, not a mapping) exits 2
+    with one line naming the file and the reason."""
+    from normcore.client import SpecFileError, read_spec
+
+    try:
+        return read_spec(path)
+    except SpecFileError as exc:
+        raise _fail(f"{path}: {exc}", 2) from None
+
+
 def _api_error(exc: Any) -> typer.Exit:
     detail = exc.detail
     if isinstance(detail, list):
@@ -522,7 +534,7 @@ def _watch(client: Any, job: dict[str, Any]) -> dict[str, Any]:
 
 @app.command()
 def submit(
-    spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON or YAML spec.")],
+    spec: Annotated[Path, typer.Argument(help="JSON or YAML spec.")],
     wait: Annotated[bool, typer.Option(help="Follow the job with a live progress bar.")] = False,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Retry-safe submission key.", show_default=False)
@@ -531,12 +543,10 @@ def submit(
     token: TokenOpt = None,
 ) -> None:
     """Submit a job spec; prints the job id (and with --wait, follows it to the end)."""
+    body = _load_spec_file(spec)
     client, creds = _client(url, token)
     with _api_errors(creds):
-        try:
-            job = client.submit(spec, idempotency_key=idempotency_key)
-        except ValueError as exc:
-            raise _fail(f"{spec}: {exc}") from None
+        job = client.submit(body, idempotency_key=idempotency_key)
         if not wait:
             print(job["id"])
             return
@@ -552,7 +562,7 @@ def submit(
 
 @app.command()
 def validate(
-    spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON or YAML spec.")],
+    spec: Annotated[Path, typer.Argument(help="JSON or YAML spec.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     strict: Annotated[bool, typer.Option(help="Exit 1 when there are warnings.")] = False,
     url: UrlOpt = None,
@@ -560,12 +570,10 @@ def validate(
 ) -> None:
     """Check a spec without training: each norm layer's effective batch, the running-stats
     momentum's half-life, steps, parameters, memory, and warnings with their reasons."""
+    body = _load_spec_file(spec)
     client, creds = _client(url, token)
     with _api_errors(creds):
-        try:
-            report = client.validate(spec)
-        except ValueError as exc:
-            raise _fail(f"{spec}: {exc}") from None
+        report = client.validate(body)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -947,6 +955,11 @@ def sweep(
 ) -> None:
     """Submit a sweep (`normcore sweep FILE [--wait]`), or read one: `normcore sweep report ID
     --format csv|svg`, `normcore sweep show ID`, `normcore sweep cancel ID`."""
+    body: dict[str, Any] | None = None
+    if target not in SWEEP_ACTIONS:
+        if not Path(target).exists():
+            raise _fail(f"{target}: no such sweep file (or use report, show, cancel)", 2)
+        body = _load_spec_file(Path(target))
     client, creds = _client(url, token)
     with _api_errors(creds):
         if target in SWEEP_ACTIONS:
@@ -976,13 +989,8 @@ def sweep(
             else:
                 sys.stdout.write(data)
             return
-        path = Path(target)
-        if not path.is_file():
-            raise _fail(f"{target}: no such sweep file (or use report, show, cancel)", 2)
-        try:
-            created = client.submit_sweep(path, idempotency_key=idempotency_key)
-        except ValueError as exc:
-            raise _fail(f"{path}: {exc}") from None
+        assert body is not None  # read above, before the server was asked
+        created = client.submit_sweep(body, idempotency_key=idempotency_key)
         if not wait:
             print(created["id"])
             return
