@@ -1,16 +1,18 @@
 """Per-layer change between two model state dicts of the same architecture.
 
-For every tensor both state dicts hold, in float64 (``a`` is the reference, ``b`` the other):
+For every tensor both state dicts hold, in float64, the change of ``a`` (the checkpoint looked
+at) relative to ``b`` (the reference it is compared against):
 
-- ``rel_l2``: ``||b - a||_2 / ||a||_2`` (0 when both are zero, None when ``a`` is zero and ``b`` not; None too
-  for any value that is not finite, as JSON has no NaN or infinity);
-- ``max_abs``: ``max |b - a|``; ``mean_abs``: the mean of ``|b - a|``;
+- ``rel_l2``: ``||a - b||_2 / ||b||_2`` (0 when both are zero, None when ``b`` is zero and ``a``
+  not; None too for any value that is not finite, as JSON has no NaN or infinity);
+- ``max_abs``: ``max |a - b|``; ``mean_abs``: the mean of ``|a - b|``;
 - ``norm_a``, ``norm_b``: the two L2 norms.
 
-Integer counters (``num_batches_tracked``) report ``a``, ``b`` and ``change`` instead. Tensors are
+Integer counters (``num_batches_tracked``) report ``a``, ``b`` and ``change`` (``a - b``) instead. Tensors are
 grouped by module: the key ``layer1.0.bn1.running_var`` is the ``running_var`` of module
 ``layer1.0.bn1``. State dicts whose keys or shapes differ are not comparable:
-:class:`ArchitectureMismatch` names the first differences.
+:class:`ArchitectureMismatch` names the first differences, and the side (by the names the caller
+gives the two state dicts) that holds a tensor the other lacks.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def _finite(value: float) -> float | None:
 
 
 def tensor_change(a: Tensor, b: Tensor) -> dict[str, Any]:
-    """The change from ``a`` to ``b`` (same shape), computed in float64; see the module doc.
+    """The change of ``a`` relative to the reference ``b`` (same shape), computed in float64;
+    see the module doc.
 
     Raises:
         ArchitectureMismatch: the shapes differ.
@@ -51,20 +54,20 @@ def tensor_change(a: Tensor, b: Tensor) -> dict[str, Any]:
     if not (a.is_floating_point() or a.is_complex()):
         va, vb = int(a.sum().item()), int(b.sum().item())
         if a.numel() == 1:
-            return {"a": va, "b": vb, "change": vb - va}
-        diff = (b.to(torch.int64) - a.to(torch.int64)).abs()
+            return {"a": va, "b": vb, "change": va - vb}
+        diff = (a.to(torch.int64) - b.to(torch.int64)).abs()
         return {
             "max_abs": int(diff.max().item()) if diff.numel() else 0,
             "changed": int((diff > 0).sum()),
         }
     ta = a.detach().to(torch.float64).reshape(-1)
     tb = b.detach().to(torch.float64).reshape(-1)
-    d = tb - ta
+    d = ta - tb
     norm_a = torch.linalg.vector_norm(ta).item()
     norm_b = torch.linalg.vector_norm(tb).item()
     norm_d = torch.linalg.vector_norm(d).item()
-    # ||a|| = 0 with a change: no finite relative change (None in JSON)
-    rel = norm_d / norm_a if norm_a > 0 else 0.0 if norm_d == 0 else math.inf
+    # ||b|| = 0 with a change: no finite relative change (None in JSON)
+    rel = norm_d / norm_b if norm_b > 0 else 0.0 if norm_d == 0 else math.inf
     empty = d.numel() == 0
     return {
         "rel_l2": _finite(rel),
@@ -75,8 +78,11 @@ def tensor_change(a: Tensor, b: Tensor) -> dict[str, Any]:
     }
 
 
-def _mismatch(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> str | None:
-    """A message naming the keys only one side has and the shapes that differ, or None."""
+def _mismatch(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], names: tuple[str, str]
+) -> str | None:
+    """A message naming the keys only one side has (that side by its name in ``names``) and the
+    shapes that differ (``a``'s first), or None."""
     only_a = sorted(set(a) - set(b), key=_natural_key)
     only_b = sorted(set(b) - set(a), key=_natural_key)
     shapes = [
@@ -86,9 +92,9 @@ def _mismatch(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> str | None:
     ]
     parts = []
     for label, items in (
-        ("only in the first", only_a),
-        ("only in the second", only_b),
-        ("of different shapes", shapes),
+        (f"only in {names[0]}", only_a),
+        (f"only in {names[1]}", only_b),
+        (f"of different shapes ({names[0]} vs {names[1]})", shapes),
     ):
         if items:
             more = f" and {len(items) - MAX_NAMED} more" if len(items) > MAX_NAMED else ""
@@ -96,17 +102,24 @@ def _mismatch(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> str | None:
     return "; ".join(parts) or None
 
 
-def diff_state_dicts(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, dict[str, Any]]:
-    """Per module name (natural order), per tensor name: the change from ``a`` to ``b``.
+def diff_state_dicts(
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    *,
+    names: tuple[str, str] = ("a", "b"),
+) -> dict[str, dict[str, Any]]:
+    """Per module name (natural order), per tensor name: the change of ``a`` relative to the
+    reference ``b``.
 
     ``{"layer1.0.bn1": {"weight": {"rel_l2": ..., "max_abs": ...}, "running_mean": {...},
-    "num_batches_tracked": {"a": 100, "b": 200, "change": 100}}, ...}``. A top-level tensor
-    (a key without a dot) is reported under the module name ``""``.
+    "num_batches_tracked": {"a": 200, "b": 100, "change": 100}}, ...}``. A top-level tensor
+    (a key without a dot) is reported under the module name ``""``. ``names`` are how a
+    mismatch message calls ``a`` and ``b`` (a job id and checkpoint name, say).
 
     Raises:
-        ArchitectureMismatch: the keys or shapes differ (the message names them).
+        ArchitectureMismatch: the keys or shapes differ (the message names them and the side).
     """
-    problem = _mismatch(a, b)
+    problem = _mismatch(a, b, names)
     if problem is not None:
         raise ArchitectureMismatch(f"the checkpoints are of different architectures: {problem}")
     out: dict[str, dict[str, Any]] = {}

@@ -1,4 +1,8 @@
-"""``GET /jobs/{a}/checkpoints/{n}/diff?against={b}/{m}``: per-layer change between checkpoints."""
+"""``GET /jobs/{a}/checkpoints/{n}/diff?against={b}/{m}``: per-layer change between checkpoints.
+
+The answer's ``a`` is the path's checkpoint ``{a}/{n}``, its ``b`` the ``against`` one ``{b}/{m}``
+(the reference): every change is ``a`` relative to ``b``, ``||a - b|| / ||b||``.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +20,13 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["checkpoints"])
 
 EXAMPLE_DIFF = {
-    "a": {"job_id": "3f2c1e0d9b8a47c6a5e4d3c2b1a09f8e", "checkpoint": "epoch-0001"},
-    "b": {"job_id": "3f2c1e0d9b8a47c6a5e4d3c2b1a09f8e", "checkpoint": "epoch-0002"},
+    "a": {"job_id": "3f2c1e0d9b8a47c6a5e4d3c2b1a09f8e", "checkpoint": "epoch-0002"},
+    "b": {"job_id": "3f2c1e0d9b8a47c6a5e4d3c2b1a09f8e", "checkpoint": "epoch-0001"},
     "modules": {
         "conv1.norm": {
             "weight": {"rel_l2": 0.031, "max_abs": 0.012, "mean_abs": 0.004},
             "running_var": {"rel_l2": 0.21, "max_abs": 0.9, "mean_abs": 0.3},
-            "num_batches_tracked": {"a": 44, "b": 88, "change": 44},
+            "num_batches_tracked": {"a": 88, "b": 44, "change": 44},
         }
     },
     "summary": {"largest_running_var_change": {"module": "conv1.norm", "rel_l2": 0.21}},
@@ -75,8 +79,8 @@ def _load(path: Any, label: str) -> dict[str, Any]:
         ),
         422: error_response(
             "The checkpoints are of different architectures (the keys named), or a bad against",
-            "the checkpoints are of different architectures: 1 tensor(s) only in the first: "
-            "fc.bias",
+            "the checkpoints are of different architectures: 1 tensor(s) only in "
+            "3f2c.../epoch-0002: fc.bias",
         ),
     },
 )
@@ -95,8 +99,9 @@ def checkpoint_diff(
     settings: SettingsDep,
     user: CurrentUser,
 ) -> Any:
-    """Per module name, per tensor: relative L2 change, largest and mean absolute change (float64)
-    from the ``against`` checkpoint to this one, and the change of ``num_batches_tracked``.
+    """Per module name, per tensor: the change of this checkpoint (``a``, the path's) relative
+    to the ``against`` one (``b``, the reference), in float64: ``rel_l2`` = ||a - b|| / ||b||,
+    the largest and mean absolute change, and ``num_batches_tracked`` (``change`` = a - b).
 
     Both jobs must be visible to the caller (404 otherwise, as for any job of another user);
     checkpoints whose tensors differ in names or shapes are refused with 422 naming them.
@@ -107,19 +112,18 @@ def checkpoint_diff(
     with store.read_transaction():
         job = owned_job(store, user, job_id)
         other = owned_job(store, user, other_id)
-        record_b = _checkpoint_or_404(store, job.id, name)
-        record_a = _checkpoint_or_404(store, other.id, other_name)
-    path_b = model_file(settings.artifact_dir, job.id, record_b)
-    path_a = model_file(settings.artifact_dir, other.id, record_a)
-    state_a = _load(path_a, f"{other.id}/{record_a.name}")
-    state_b = _load(path_b, f"{job.id}/{record_b.name}")
+        record_a = _checkpoint_or_404(store, job.id, name)
+        record_b = _checkpoint_or_404(store, other.id, other_name)
+    label_a, label_b = f"{job.id}/{record_a.name}", f"{other.id}/{record_b.name}"
+    state_a = _load(model_file(settings.artifact_dir, job.id, record_a), label_a)
+    state_b = _load(model_file(settings.artifact_dir, other.id, record_b), label_b)
     try:
-        modules = diff_state_dicts(state_a, state_b)
+        modules = diff_state_dicts(state_a, state_b, names=(label_a, label_b))
     except ArchitectureMismatch as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=str(exc)) from None
     return CheckpointDiffOut(
-        a=CheckpointRef(job_id=other.id, checkpoint=record_a.name),
-        b=CheckpointRef(job_id=job.id, checkpoint=record_b.name),
+        a=CheckpointRef(job_id=job.id, checkpoint=record_a.name),
+        b=CheckpointRef(job_id=other.id, checkpoint=record_b.name),
         modules=modules,
         summary=summarize(modules),
     )

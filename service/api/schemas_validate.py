@@ -96,14 +96,15 @@ class CheckpointRef(BaseModel):
 
 
 class CheckpointDiffOut(BaseModel):
-    """Per module, per tensor: the change from ``against`` (the reference) to this checkpoint.
+    """Per module, per tensor: the change of this checkpoint (``a``) relative to ``against``
+    (``b``, the reference).
 
-    Float tensors: ``rel_l2`` (||b - a|| / ||a||), ``max_abs``, ``mean_abs``, ``norm_a``,
-    ``norm_b``, in float64; ``num_batches_tracked``: ``a``, ``b`` and ``change``.
+    Float tensors: ``rel_l2`` (||a - b|| / ||b||), ``max_abs``, ``mean_abs``, ``norm_a``,
+    ``norm_b``, in float64; ``num_batches_tracked``: ``a``, ``b`` and ``change`` (a - b).
     """
 
-    a: CheckpointRef = Field(description="The reference checkpoint (?against=).")
-    b: CheckpointRef = Field(description="The checkpoint of the path.")
+    a: CheckpointRef = Field(description="The checkpoint of the path.")
+    b: CheckpointRef = Field(description="The reference checkpoint (?against=).")
     modules: dict[str, dict[str, dict[str, Any]]]
     summary: dict[str, Any] = Field(
         description="The modules whose weight, running_mean and running_var changed most."

@@ -93,14 +93,18 @@ def test_diff_matches_float64_and_names_a_mismatch() -> None:
         k: (v + 0.01 * torch.randn(v.shape) if v.is_floating_point() else v + 3)
         for k, v in a.items()
     }
-    out = diff_state_dicts(a, b)["bn"]
+    # the change of b relative to the reference a
+    out = diff_state_dicts(b, a)["bn"]
     d = b["bn.weight"].double() - a["bn.weight"].double()
     assert out["weight"]["rel_l2"] == pytest.approx(
         (d.norm() / a["bn.weight"].double().norm()).item(), rel=1e-12
     )
     assert out["weight"]["max_abs"] == pytest.approx(d.abs().max().item(), rel=1e-12)
-    assert out["num_batches_tracked"] == {"a": 10, "b": 13, "change": 3}
-    with pytest.raises(ArchitectureMismatch, match=r"bn\.running_var"):
-        diff_state_dicts(a, {k: v for k, v in b.items() if k != "bn.running_var"})
-    with pytest.raises(ArchitectureMismatch, match=r"bn.weight: \[5\] vs \[6\]"):
-        diff_state_dicts(a, {**b, "bn.weight": torch.rand(6)})
+    assert out["weight"]["norm_a"] == pytest.approx(b["bn.weight"].double().norm().item())
+    assert out["num_batches_tracked"] == {"a": 13, "b": 10, "change": 3}
+    with pytest.raises(ArchitectureMismatch, match=r"1 tensor\(s\) only in old: bn\.running_var"):
+        diff_state_dicts(
+            {k: v for k, v in b.items() if k != "bn.running_var"}, a, names=("new", "old")
+        )
+    with pytest.raises(ArchitectureMismatch, match=r"new vs old\): bn.weight: \[6\] vs \[5\]"):
+        diff_state_dicts({**b, "bn.weight": torch.rand(6)}, a, names=("new", "old"))

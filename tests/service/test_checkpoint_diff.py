@@ -61,26 +61,41 @@ def test_diff_equals_float64_from_the_two_checkpoints(trained: tuple[Stack, str,
         assert r.status_code == 200, r.text
         body = r.json()
         a, b = _tensors(c, bn, "epoch-0001"), _tensors(c, bn, "epoch-0002")
-    assert body["a"] == {"job_id": bn, "checkpoint": "epoch-0001"}
-    assert body["b"] == {"job_id": bn, "checkpoint": "epoch-0002"}
+    # ``a`` is the path's checkpoint, ``b`` the ``against`` one; the change is a relative to b
+    assert body["a"] == {"job_id": bn, "checkpoint": "epoch-0002"}
+    assert body["b"] == {"job_id": bn, "checkpoint": "epoch-0001"}
     modules = body["modules"]
     assert sum(len(m) for m in modules.values()) == len(a)
     for key, ta in a.items():
         module, _, leaf = key.rpartition(".")
         got = modules[module][leaf]
         tb = b[key]
-        if not ta.is_floating_point():
-            assert got == {"a": int(ta), "b": int(tb), "change": int(tb) - int(ta)}
+        if not ta.is_floating_point():  # path (epoch 2) is "a", against (epoch 1) is "b"
+            assert got == {"a": int(tb), "b": int(ta), "change": int(tb) - int(ta)}
             continue
         d = tb.double() - ta.double()
         assert got["rel_l2"] == pytest.approx((d.norm() / ta.double().norm()).item(), rel=1e-9)
         assert got["max_abs"] == pytest.approx(d.abs().max().item(), rel=1e-9)
         assert got["mean_abs"] == pytest.approx(d.abs().mean().item(), rel=1e-9)
+        assert got["norm_a"] == pytest.approx(tb.double().norm().item(), rel=1e-9)
+        assert got["norm_b"] == pytest.approx(ta.double().norm().item(), rel=1e-9)
     # one epoch of training moved the BN statistics; the counter grew by one epoch's steps
     bn1 = modules["conv1.norm"]
     assert bn1["running_var"]["rel_l2"] > 0
     assert bn1["num_batches_tracked"]["change"] == int(b["conv1.norm.num_batches_tracked"]) // 2
+    assert bn1["num_batches_tracked"]["change"] > 0
     assert body["summary"]["largest_running_var_change"]["module"] in modules
+
+
+def _only_in(detail: str) -> dict[str, str]:
+    """{side: its tensors} from "N tensor(s) only in SIDE: a, b; ..." parts of a 422."""
+    out = {}
+    for part in detail.split("; "):
+        _, found, rest = part.partition(" only in ")
+        if found:
+            side, _, names = rest.partition(": ")
+            out[side] = names
+    return out
 
 
 def test_other_architecture_is_a_422_naming_the_tensors(trained: tuple[Stack, str, str]) -> None:
@@ -88,7 +103,18 @@ def test_other_architecture_is_a_422_naming_the_tensors(trained: tuple[Stack, st
     with stack.client() as c:
         r = c.get(f"/jobs/{bn}/checkpoints/epoch-0001/diff", params={"against": f"{gn}/epoch-0001"})
         assert r.status_code == 422
-        assert "running_mean" in r.json()["detail"] and "different architectures" in r.text
+        detail = r.json()["detail"]
+        assert "running_mean" in detail and "different architectures" in detail
+        # each side named by its job and checkpoint: BN's running statistics, GN's conv biases
+        sides = _only_in(detail)
+        assert "running_mean" in sides[f"{bn}/epoch-0001"], detail
+        assert "conv1.conv.bias" in sides[f"{gn}/epoch-0001"], detail
+        assert "first" not in detail and "second" not in detail
+        swapped = c.get(
+            f"/jobs/{gn}/checkpoints/epoch-0001/diff", params={"against": f"{bn}/epoch-0001"}
+        )
+        assert swapped.status_code == 422
+        assert _only_in(swapped.json()["detail"]) == sides
         bad = c.get(f"/jobs/{bn}/checkpoints/epoch-0001/diff", params={"against": "no-slash"})
         assert bad.status_code == 422 and "against" in bad.text
         gone = c.get(
