@@ -4,6 +4,7 @@ a running server (``submit``, ``jobs``, ``metrics``, ``download``, ``cancel``, `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -157,14 +158,34 @@ def _credentials(url: str | None, token: str | None) -> Credentials:
         creds = resolve(url_flag=url, token_flag=token, default_url=default_url)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    if settings is not None and creds.token is None and is_loopback(urlsplit(creds.url).hostname):
-        # A server on this machine: the admin token `normcore serve` wrote, if we can read it.
-        path = Path(settings.data_dir) / "admin.token"
-        with contextlib.suppress(OSError):
-            local = path.read_text(encoding="utf-8").strip() or None
-            if local:
-                creds = Credentials(creds.url, local, creds.url_source, str(path))
-    return creds
+    if creds.token is not None:
+        return creds
+    if not is_loopback(urlsplit(creds.url).hostname):
+        why = "not looked for: only a server on this machine (a loopback URL) has one here"
+        return dataclasses.replace(creds, local_token=f"<data_dir>/admin.token ({why})")
+    if settings is None:
+        why = "not looked for: the NORMCORE_* settings are invalid"
+        return dataclasses.replace(creds, local_token=f"<data_dir>/admin.token ({why})")
+    # A server on this machine: the admin token `normcore serve` wrote, if we can read it.
+    path = Path(settings.data_dir) / "admin.token"
+    try:
+        local = path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        problem = "no such file"
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = f"unreadable: {getattr(exc, 'strerror', None) or exc}"
+    else:
+        if local:
+            return Credentials(creds.url, local, creds.url_source, str(path))
+        problem = "empty"
+    if os.environ.get("NORMCORE_DATA_DIR"):
+        origin = "the data folder is NORMCORE_DATA_DIR"
+    else:
+        origin = (
+            "NORMCORE_DATA_DIR is unset, so the data folder is ./normcore-data in the current "
+            "directory; `normcore serve` writes it in the folder it was started from"
+        )
+    return dataclasses.replace(creds, local_token=f"{path} ({problem}; {origin})")
 
 
 def _client(url: str | None, token: str | None) -> tuple[Client, Credentials]:
@@ -180,16 +201,22 @@ def _auth_hint(creds: Credentials) -> str:
     """What to do about a 401: where the token came from and every way to pass one."""
     from service.client_config import config_path
 
-    used = (
-        f"the token came from {creds.token_source}"
-        if creds.token
-        else f"no token was found for {creds.url}"
-    )
+    if creds.token:
+        used = f"the token came from {creds.token_source}"
+    else:
+        used = (
+            f"no token was found for {creds.url}: not --token, not NORMCORE_TOKEN, none saved "
+            f"for this URL in {config_path()}"
+        )
+        if creds.local_token:
+            used += f", and no local admin token at {creds.local_token}"
     return (
         f"{used}. Pass one with --token, the NORMCORE_TOKEN environment variable, or "
         f"`normcore login --url {creds.url} --token TOKEN` (saves both to {config_path()}); "
-        "an admin creates tokens with `normcore token create NAME` on the server's machine "
-        "(`normcore serve` writes the first admin token to <data_dir>/admin.token)."
+        "on the server's machine, set NORMCORE_DATA_DIR to the data folder `normcore serve` "
+        "used (it writes the first admin token to <data_dir>/admin.token) and the CLI reads "
+        "that token from any directory; an admin creates tokens with "
+        "`normcore token create NAME`."
     )
 
 

@@ -36,13 +36,17 @@ class Credentials:
 
     ``url_source`` and ``token_source`` are human-readable: "--url", "NORMCORE_URL",
     "<path of the config file>", "the local default", "<path of admin.token>"; ``token`` is None
-    when no source had one (``token_source`` is then None too).
+    when no source had one (``token_source`` is then None too). ``local_token`` says, when
+    there is no token, whether and where the local admin token file was looked for (for the
+    401 message), e.g. "/srv/normcore-data/admin.token (no such file; ...)"; None when it was
+    not looked for.
     """
 
     url: str
     token: str | None
     url_source: str
     token_source: str | None
+    local_token: str | None = None
 
 
 def config_dir(environ: dict[str, str] | None = None) -> Path:

@@ -388,6 +388,11 @@ def test_cli_finds_server_and_token_by_precedence(server: Server, tmp_path: Path
     for hint in ("no token was found", "--token", "NORMCORE_TOKEN", "normcore login"):
         assert hint in denied.output, denied.output
     assert "normcore token create" in denied.output
+    # ... and where it looked for the local admin token, and how to point it elsewhere.
+    flat = " ".join(denied.output.split())  # rich wraps long lines at the runner's width
+    assert f"no local admin token at {data_dir / 'admin.token'} (no such file; " in flat, flat
+    assert "the data folder is NORMCORE_DATA_DIR" in flat
+    assert "set NORMCORE_DATA_DIR to the data folder `normcore serve` used" in flat
     # The local default token: the admin token file of a server on this machine.
     data_dir.mkdir()
     (data_dir / "admin.token").write_text(server.token + "\n")
@@ -420,6 +425,41 @@ def test_cli_finds_server_and_token_by_precedence(server: Server, tmp_path: Path
     unreachable = run("jobs", "--url", f"http://127.0.0.1:{dead}")
     assert unreachable.exit_code == 1
     assert f"cannot reach the server at http://127.0.0.1:{dead} (from --url)" in unreachable.output
+
+
+def test_no_token_hint_names_the_admin_token_path_it_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from a directory other than the one `normcore serve` ran in, with NORMCORE_DATA_DIR
+    unset: the 401 hint names the ./normcore-data/admin.token it tried, resolved against the
+    current directory, and how to point the CLI at the server's folder."""
+    from service.cli import _auth_hint, _credentials
+
+    for name in ("NORMCORE_DATA_DIR", "NORMCORE_TOKEN", "NORMCORE_URL", "NORMCORE_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    creds = _credentials(None, None)
+    assert creds.token is None
+    hint = _auth_hint(creds)
+    tried = tmp_path / "normcore-data" / "admin.token"
+    assert f"no local admin token at {tried} (no such file; NORMCORE_DATA_DIR is unset" in hint
+    assert "./normcore-data in the current directory" in hint
+    for way in ("--token", "NORMCORE_TOKEN", "normcore login", "set NORMCORE_DATA_DIR"):
+        assert way in hint, hint
+    # An empty token file is named as such; a filled one is used, from any directory.
+    tried.parent.mkdir()
+    tried.write_text("\n")
+    assert f"{tried} (empty; " in _auth_hint(_credentials(None, None))
+    tried.write_text("nc_local\n")
+    monkeypatch.setenv("NORMCORE_DATA_DIR", str(tried.parent))
+    monkeypatch.chdir(tmp_path / "xdg" if (tmp_path / "xdg").is_dir() else "/")
+    found = _credentials(None, None)
+    assert (found.token, found.token_source) == ("nc_local", str(tried))
+    # A server elsewhere: the file is not looked for, and the hint says why.
+    remote = _credentials("http://203.0.113.7:8000", None)
+    assert remote.token is None
+    assert "only a server on this machine" in _auth_hint(remote)
 
 
 def test_config_dir_follows_xdg() -> None:
