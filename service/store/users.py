@@ -34,6 +34,17 @@ def get_or_create_user(conn: Connection, name: str, admin: bool) -> UserRecord:
     return to_user(row)
 
 
+def _name_taken(token_name: str, *, revoked: bool) -> str:
+    """Why ``token_name`` cannot be used: a live token has it, or a revoked one did (names
+    are never reused, so the name in old logs and audits stays unambiguous)."""
+    if revoked:
+        return (
+            f"a revoked token named {token_name!r} exists; token names are never reused "
+            "— pick another name"
+        )
+    return f"a token named {token_name!r} already exists"
+
+
 class UserStore(Database):
     """Users and tokens."""
 
@@ -59,7 +70,8 @@ class UserStore(Database):
     def create_token(self, user_name: str, token_name: str, *, admin: bool = False) -> str:
         """Create a token for a user (created if missing); returns the plaintext, only this once.
 
-        Token names are unique; reusing one raises ValueError.
+        Token names are unique forever: reusing one, even a revoked one's, raises ValueError
+        (whose message says which of the two it is).
         """
         if not token_name or len(token_name) > 200:
             raise ValueError("token name must be 1 to 200 characters")
@@ -68,9 +80,11 @@ class UserStore(Database):
 
         def tx(conn: Connection) -> None:
             user = get_or_create_user(conn, user_name, admin)
-            taken = conn.execute(sa.select(tokens.c.id).where(tokens.c.name == token_name)).first()
+            taken = conn.execute(
+                sa.select(tokens.c.revoked_at).where(tokens.c.name == token_name)
+            ).first()
             if taken is not None:
-                raise ValueError(f"a token named {token_name!r} already exists")
+                raise ValueError(_name_taken(token_name, revoked=taken.revoked_at is not None))
             conn.execute(
                 sa.insert(tokens).values(
                     user_id=user.id,
@@ -82,8 +96,8 @@ class UserStore(Database):
 
         try:
             self._write(tx)
-        except IntegrityError as exc:
-            raise ValueError(f"a token named {token_name!r} already exists") from exc
+        except IntegrityError as exc:  # a concurrent create took the name (or the hash)
+            raise ValueError(_name_taken(token_name, revoked=False)) from exc
         return token
 
     def revoke_token(self, token_name: str) -> bool:

@@ -251,6 +251,12 @@ def test_cli_token_create_and_revoke(server: Server, cli: Any) -> None:
         time.sleep(0.2)
     assert r.status_code == 401
     assert cli("token", "revoke", "erin-cli").exit_code == 1
+    # The name of a revoked token is not reused, and the error says so (not just "exists").
+    again = cli("token", "create", "erin-cli", "--user", "erin")
+    assert again.exit_code == 1
+    flat = " ".join(again.output.split())
+    assert "a revoked token named 'erin-cli' exists; token names are never reused" in flat, flat
+    assert "pick another name" in flat
     admin = cli("token", "create", "ops", "--admin")
     assert admin.exit_code == 0
     assert server.store.get_user("ops").admin is True

@@ -325,6 +325,9 @@ def test_tokens_are_hashed_and_revocable(store: Store, tmp_path: Path) -> None:
     assert store.revoke_token("laptop") is True
     assert store.revoke_token("laptop") is False
     assert store.revoke_token("nope") is False
+    # A revoked token's name stays taken, and the refusal says why.
+    with pytest.raises(ValueError, match="revoked token named 'laptop' exists; token names are"):
+        store.create_token("bob", "laptop")
     assert store.authenticate(token) is None
     assert store.authenticate(other) == user
     assert store.authenticate("nc_unknown") is None
