@@ -659,26 +659,41 @@ def jobs(
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first; an owner column when they belong to more than one user (an
+    admin sees every user's jobs)."""
     from itertools import islice
 
     client, creds = _client(url, token)
+    with _api_errors(creds):
+        listed = list(islice(client.list(status=status, limit=min(limit, 200)), limit))
+    console.print(_jobs_table(listed))
+
+
+def _jobs_table(listed: list[dict[str, Any]]) -> Table:
+    """The jobs as a table: id, name, status, try, queue, created, and an owner column (the
+    owner's name where the API gives one, else its id) when more than one owner is listed."""
+    owners = {str(job.get("owner_id")) for job in listed}
+    show_owner = len(owners) > 1
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", no_wrap=True, min_width=32)
+    if show_owner:
+        table.add_column("owner", no_wrap=True)
     table.add_column("name", overflow="ellipsis", no_wrap=True)
     for column in ("status", "try", "queue", "created"):
         table.add_column(column, no_wrap=True)
-    with _api_errors(creds):
-        for job in islice(client.list(status=status, limit=min(limit, 200)), limit):
-            table.add_row(
-                job["id"],
-                job["name"],
-                job["status"],
-                str(job["attempt"]),
-                job["queue"],
-                str(job["created_at"])[5:16].replace("T", " "),
-            )
-    console.print(table)
+    for job in listed:
+        name = job.get("owner_name")
+        owner = [name if isinstance(name, str) and name else _fmt(job.get("owner_id"))]
+        table.add_row(
+            job["id"],
+            *(owner if show_owner else []),
+            job["name"],
+            job["status"],
+            str(job["attempt"]),
+            job["queue"],
+            str(job["created_at"])[5:16].replace("T", " "),
+        )
+    return table
 
 
 @app.command()

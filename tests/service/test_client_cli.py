@@ -323,6 +323,34 @@ def test_cli_tables_are_full_width_when_piped(
     assert name in row and "succeeded" in row and "…" not in listed.output
 
 
+def test_cli_jobs_shows_owner_column_only_across_owners(
+    server: Server, cli: Any, tmp_path: Path
+) -> None:
+    """A user's `normcore jobs` lists only their jobs, without an owner column; an admin's lists
+    every user's, with the owner (its id: the API gives no name) on each row."""
+    fay = server.store.create_token("fay", "fay-jobs")
+    root = server.store.create_token("root-jobs", "root-jobs", admin=True)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SPEC, "name": "owned-by-fay"}))
+    fay_job = cli("submit", str(spec), "--token", fay).output.strip()
+    spec.write_text(json.dumps({**SPEC, "name": "owned-by-dana"}))
+    dana_job = cli("submit", str(spec)).output.strip()  # the fixture's token: dana's
+
+    own = cli("jobs", "--token", fay)
+    assert own.exit_code == 0, own.output
+    header = next(line for line in own.output.splitlines() if line.lstrip().startswith("id"))
+    assert "owner" not in header.split() and fay_job in own.output and dana_job not in own.output
+
+    every = cli("jobs", "--token", root, "--limit", "200")
+    assert every.exit_code == 0, every.output
+    lines = every.output.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("id"))
+    assert header.split()[:3] == ["id", "owner", "name"], header
+    for job_id, user in ((fay_job, "fay"), (dana_job, "dana")):
+        row = next(line for line in lines if job_id in line).split()
+        assert row[1] == str(server.store.get_user(user).id), row
+
+
 def test_cli_submit_wait_follows_to_the_end(server: Server, cli: Any, tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({**SPEC, "name": "waited"}))
