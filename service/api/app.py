@@ -166,8 +166,18 @@ def _human_msg(error: dict[str, Any]) -> str:
         return f"unknown field {where!r}: remove it or check its spelling"
     value = error.get("input")
     if kind != "value_error" and isinstance(value, str | int | float | bool):
-        return f"{msg} (got {value!r})"
+        return f"{msg} (got {_echo(value)})"
     return msg
+
+
+ECHO_MAX = 80  # characters of a user's value an error message repeats
+
+
+def _echo(value: str | int | float | bool) -> str:
+    """``repr(value)``, a long string cut to its first ECHO_MAX characters and its length."""
+    if isinstance(value, str) and len(value) > ECHO_MAX:
+        return f"{value[:ECHO_MAX]!r}... ({len(value)} characters)"
+    return repr(value)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:

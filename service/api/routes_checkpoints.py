@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["checkpoints"])
 
 MODEL_FILE = "model.safetensors"
-CheckpointName = Annotated[str, PathParam(min_length=1, max_length=200)]
+# No max_length: a name no checkpoint can have (over 200 characters, say) is a 404 from
+# _checkpoint_or_404 before any query, as for job ids, not a 422 echoing the name.
+CheckpointName = Annotated[str, PathParam(min_length=1)]
 
 _CKPT_NOT_FOUND = {
     404: _err("No such job or checkpoint", "checkpoint 'epoch-0009' of job 'abc' not found")
