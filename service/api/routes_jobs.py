@@ -50,6 +50,7 @@ from service.api.schemas import (
     MetricOut,
     MetricPage,
 )
+from service.errors import Conflict
 from service.status import FINISHED_STATUSES, JobStatus
 from service.store import InvalidCursor, JobRecord, Store
 
@@ -241,14 +242,28 @@ def patch_job(job: OwnedJob, store: StoreDep, patch: JobPatch) -> Any:
     "/jobs/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a job with its rows and files",
-    responses={**UNAUTHORIZED, **NOT_FOUND},
+    responses={
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+        409: _err(
+            "A run of a sweep: delete the sweep instead",
+            "job 'abc' is run 3 of sweep 'def'; a sweep's runs are deleted with their sweep",
+        ),
+    },
 )
 def delete_job(job: OwnedJob, store: StoreDep, settings: SettingsDep) -> Response:
     """Delete the job, its metric rows, logs, checkpoints and files (owner or admin).
 
     A running job is stopped: its worker's next heartbeat or write finds the job gone, kills
-    the training process and removes what it wrote since. 404 for another user's job.
+    the training process and removes what it wrote since. 404 for another user's job; 409 for
+    a run of a sweep (its sweep would lose a run: delete the sweep, DELETE /sweeps/{id}).
     """
+    if (owner := store.sweep_of_job(job.id)) is not None:
+        raise Conflict(
+            f"job {job.id} is run {owner[1]} of sweep {owner[0]}; a sweep's runs are deleted "
+            f"with their sweep: DELETE /sweeps/{owner[0]} (or cancel it: POST "
+            f"/sweeps/{owner[0]}/cancel)"
+        )
     disk.delete(store, settings, job.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

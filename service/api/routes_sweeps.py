@@ -56,6 +56,7 @@ def _counts(store: Store, sweep: SweepRecord) -> tuple[dict[str, int], list[Any]
     counts = {str(s): 0 for s in JobStatus}
     for child in children:
         counts[str(child.job.status)] += 1
+    counts[ops.DELETED] = ops.deleted_runs(sweep, len(children))
     return counts, children
 
 

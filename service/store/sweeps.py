@@ -198,6 +198,19 @@ class SweepStore(Database):
         out = [SweepChild(to_job(r), dict(r._mapping["sweep_cell"] or {})) for r in rows]
         return sorted(out, key=lambda c: int(c.cell.get("run", 0)))
 
+    def sweep_of_job(self, job_id: str) -> tuple[str, int] | None:
+        """(sweep id, run number) of the sweep whose run ``job_id`` is, or None (a job of no
+        sweep, an unknown job, or a job whose sweep row is gone)."""
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.sweep_id, jobs.c.sweep_cell)
+                .join(sweeps, sweeps.c.id == jobs.c.sweep_id)
+                .where(jobs.c.id == job_id)
+            ).first()
+        if row is None:
+            return None
+        return str(row.sweep_id), int((row.sweep_cell or {}).get("run", -1))
+
     def reserve_runs(self, sweep_id: str, concurrency: int) -> list[int]:
         """The runs that may be submitted now, in run order; takes new ones under the row lock.
 

@@ -108,7 +108,9 @@ class SweepRequest(BaseModel):
     metric: str = Field(
         default="val_accuracy",
         pattern=METRIC.pattern,
-        description="A key of the jobs' val rows (val_accuracy, val_loss, val_psnr, ...).",
+        description="A key of the jobs' per-epoch val rows: val_accuracy, val_loss, "
+        "train_accuracy, train_loss (classification); val_psnr, val_loss, train_psnr, "
+        "train_loss (super-resolution). Another name is a 422 at submit.",
     )
     direction: Literal["max", "min"] = "max"
     concurrency: int = Field(
@@ -242,6 +244,15 @@ def spec_dict(request: SweepRequest, run: Run) -> dict[str, Any]:
         if isinstance(lr, int | float) and isinstance(batch, int):
             optim["lr"] = float(lr) * batch / request.lr_rule.reference_batch
     return spec
+
+
+def recorded_metrics(spec: JobSpec) -> list[str]:
+    """The keys of the per-epoch "val" rows a job of ``spec`` writes (what a sweep's ``metric``
+    may name): the engine's loss and score over the val split and over the epoch's training
+    batches (``normcore.engine.loop``: ``_Meter.values`` with prefixes "val_" and "train_"),
+    the score being accuracy for classification and PSNR (dB) for super-resolution."""
+    score = "psnr" if spec.task == "super_resolution" else "accuracy"
+    return [f"val_{score}", "val_loss", f"train_{score}", "train_loss"]
 
 
 def build_spec(request: SweepRequest, run: Run) -> JobSpec:

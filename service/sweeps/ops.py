@@ -22,7 +22,14 @@ from service.settings import Settings
 from service.status import JobStatus
 from service.store import IdempotencyConflict, Store, UserRecord
 from service.store.sweeps import SweepRecord, run_key
-from service.sweeps.grid import Run, SweepRequest, build_spec, cell_label, run_of
+from service.sweeps.grid import (
+    Run,
+    SweepRequest,
+    build_spec,
+    cell_label,
+    recorded_metrics,
+    run_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,9 @@ def check_cells(store: Store, settings: Settings, request: SweepRequest) -> None
 
     Raises InvalidInput at ["grid", cell, *field] naming the cell's values and what is wrong:
     a spec the schema refuses, a data path, keep_last, model size (a norm that does not fit a
-    layer's channels), max_runtime, the data and memory checks, GPU capacity.
+    layer's channels), max_runtime, the data and memory checks, GPU capacity; and at
+    ["metric"] when a cell's jobs do not record the sweep's ``metric``
+    (:func:`~service.sweeps.grid.recorded_metrics`, listed in the message).
     """
     n_cells = len(request.product())
     for cell in range(n_cells):
@@ -54,6 +63,15 @@ def check_cells(store: Store, settings: Settings, request: SweepRequest) -> None
             raise _cell_error(request, run, loc, msg) from None
         except ValueError as exc:
             raise _cell_error(request, run, [], str(exc)) from None
+        names = recorded_metrics(spec)
+        if request.metric not in names:
+            where = f" (cell {run.cell}: {cell_label(run.values)})" if n_cells > 1 else ""
+            raise InvalidInput(
+                ["metric"],
+                f"metric {request.metric!r} is not recorded by a {spec.task} job{where}: its "
+                f"per-epoch rows hold {', '.join(names)}",
+                "invalid_metric",
+            )
         try:
             job_service.check_data_path(spec, settings.data_root)
             disk.check_keep_last(spec, settings)
@@ -161,18 +179,38 @@ def delete_sweep(store: Store, settings: Settings, sweep_id: str) -> int:
     return deleted
 
 
+DELETED = "deleted"  # the count of runs whose job is gone, beside the job statuses
+
+
+def deleted_runs(sweep: SweepRecord, children: int) -> int:
+    """How many of the sweep's runs had a job that is gone, given its ``children`` count.
+
+    Only a sweep that gave every run a job (``releasing`` False) can tell: while it releases, a
+    run without a job is one not submitted yet (the releaser submits it, again if its job went
+    away). ``DELETE /jobs/{id}`` refuses a sweep's run (409), so this counts jobs removed some
+    other way (a sweep from before that rule, a row deleted by hand); such a run has ended.
+    """
+    if sweep.releasing:
+        return 0
+    return max(0, sweep.runs - children)
+
+
 def sweep_status(sweep: SweepRecord, counts: dict[str, int]) -> str:
     """The sweep's status from its children's: queued, running, succeeded, failed, cancelled.
 
-    ``counts`` is jobs per status. Succeeded: every run succeeded. Failed: every run ended and
-    one did not succeed. Cancelled: cancel was asked and no child is active.
+    ``counts`` is jobs per status, and ``deleted`` (:func:`deleted_runs`), runs whose job is gone,
+    which count as ended. Succeeded: every run ended and every run that still has its job
+    succeeded (at least one). Failed: every run ended otherwise. Cancelled: cancel was asked and
+    no child is active. So a sweep always reaches a final status once its jobs have ended.
     """
     active = counts.get(JobStatus.QUEUED, 0) + counts.get(JobStatus.RUNNING, 0)
     ended = sum(v for k, v in counts.items() if k not in (JobStatus.QUEUED, JobStatus.RUNNING))
     if sweep.cancel_requested and not active:
         return "cancelled"
-    if ended == sweep.runs:
-        return "succeeded" if counts.get(JobStatus.SUCCEEDED, 0) == sweep.runs else "failed"
+    if ended >= sweep.runs:
+        remaining = sweep.runs - counts.get(DELETED, 0)
+        succeeded = counts.get(JobStatus.SUCCEEDED, 0)
+        return "succeeded" if remaining > 0 and succeeded == remaining else "failed"
     if counts.get(JobStatus.RUNNING, 0) or ended:
         return "running"
     return "queued"

@@ -6,7 +6,8 @@ and ``best_epoch`` the epoch of that row (the first such row on a tie). Per cell
 that succeeded with a value: ``n``, ``final_mean``/``final_std``, ``best_mean``/``best_std``.
 The standard deviation is the sample one, ``sqrt(sum((x - mean)^2) / (n - 1))`` (numpy
 ``std(ddof=1)``), None when n < 2. Runs still going show their newest value as ``latest``; a
-report read while the sweep runs is partial and says so (``complete`` False).
+report read while the sweep runs is partial and says so (``complete`` False). A run whose job is
+gone (``deleted``, see :func:`service.sweeps.ops.deleted_runs`) counts as ended, with no value.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from service.status import FINISHED_STATUSES, JobStatus
 from service.store.sweeps import SweepChild, SweepRecord
 from service.sweeps.grid import SweepRequest, cell_label
+from service.sweeps.ops import DELETED, deleted_runs
 
 STD_NOTE = "sample standard deviation over seeds (ddof=1); null when n < 2"
 
@@ -112,6 +114,8 @@ def build_report(
             per_cell[index].append(run)
     out_cells = summarise_cells(cells, per_cell)
     finished = sum(1 for c in children if c.job.status in FINISHED_STATUSES)
+    deleted = deleted_runs(sweep, len(children))
+    counts[DELETED] = deleted
     return {
         "sweep_id": sweep.id,
         "name": sweep.name,
@@ -123,7 +127,8 @@ def build_report(
         "std": STD_NOTE,
         "runs": sweep.runs,
         "finished": finished,
-        "complete": finished == sweep.runs,
+        "deleted": deleted,
+        "complete": finished + deleted >= sweep.runs,
         "status_counts": counts,
         "cells": out_cells,
     }

@@ -99,3 +99,50 @@ def test_sweep_page_heatmap_figure_and_job_links(browser: Any, stack: Stack) -> 
         assert refused == []
     finally:
         context.close()
+
+
+def test_a_finished_cell_without_a_value_is_not_labelled_running(
+    browser: Any, stack: Stack
+) -> None:
+    body = {
+        "name": "ended",
+        "base": BASE,
+        "grid": {"model.norm": ["bn", "gn:4", "none"]},
+        "seeds": [0],
+        "concurrency": 3,
+    }
+    with stack.client() as c:
+        r = c.post("/sweeps", json=body)
+        assert r.status_code == 201, r.text
+        sweep = r.json()
+        store = stack.env.store()
+        try:  # cell 0 succeeds with a value, cell 1 fails, cell 2 succeeds with no val rows
+            for cell in sweep["cells"]:
+                job_id = cell["jobs"][0]["job_id"]
+                attempt = store.claim_job(job_id, worker_id="w", lease_seconds=60)
+                assert attempt is not None
+                if cell["cell"] == 0:
+                    row = {"step": 10, "epoch": 1, "split": "val", "values": {"val_accuracy": 0.8}}
+                    store.add_metrics(job_id, attempt=attempt, rows=[row])
+                status = "failed" if cell["cell"] == 1 else "succeeded"
+                store.finish_job(job_id, attempt=attempt, status=status)
+        finally:
+            store.dispose()
+        wait_for(
+            lambda: c.get(f"/sweeps/{sweep['id']}").json()["status"] == "failed",
+            timeout=30,
+            what="the sweep to end",
+        )
+
+    context, page, refused = offline_page(browser, stack.url)
+    try:
+        sign_in(page, stack.token)
+        page.goto(f"{stack.url}/ui/sweeps/{sweep['id']}")
+        page.wait_for_selector("#heatmap td.cell .v")
+        texts = [page.locator(f'#heatmap td.cell[data-cell="{i}"]').inner_text() for i in range(3)]
+        assert "running" not in " ".join(texts), texts
+        assert "failed" in texts[1] and "n=0" in texts[1], texts
+        assert "no val_accuracy recorded" in texts[2], texts
+        assert refused == []
+    finally:
+        context.close()

@@ -35,6 +35,15 @@
     if (direction === "min") t = 1 - t;
     return `background: hsl(${Math.round(120 * t)}, ${Math.round(70 - 15 * t)}%, ${Math.round(85 - 10 * t)}%)`;
   }
+  // What a cell without a final mean shows: "running"/"queued" only while one of its runs is;
+  // once its runs ended, why there is no value (their statuses, or no such metric recorded).
+  function noValue(c, report) {
+    const active = c.runs.filter((r) => r.status === "queued" || r.status === "running");
+    if (active.length) return active.some((r) => r.status === "running") ? "running" : "queued";
+    if (!c.runs.length) return report.complete ? "no runs" : "pending";
+    if (c.runs.some((r) => r.status === "succeeded")) return `no ${report.metric} recorded`;
+    return [...new Set(c.runs.map((r) => r.status))].join(", ");
+  }
   function heatmap(report) {
     const axes = report.axes;
     const colAxis = axes.length > 1 ? axes[axes.length - 1] : null;
@@ -55,7 +64,7 @@
       const c = byCol.get(colAxis ? key(v) : "");
       if (!c) return "<td></td>";
       const jobs = c.runs.map((r) => `<a href="/ui/jobs/${enc(r.job_id)}" title="seed ${r.seed}: ${NC.esc(r.status)}">s${r.seed}</a>`).join("");
-      const value = c.final_mean === null ? `<span class="muted">${c.runs.length ? "running" : "pending"}</span>`
+      const value = c.final_mean === null ? `<span class="muted">${NC.esc(noValue(c, report))}</span>`
         : `<span class="v">${NC.fmt(c.final_mean)}</span>${c.final_std !== null ? " ± " + NC.fmt(c.final_std) : ""}`;
       return `<td class="cell" data-cell="${c.cell}" style="${colour(c.final_mean, lo, hi, report.direction)}">${value}
         <div class="muted">n=${c.n}</div><div class="jobs">${jobs}</div></td>`;
@@ -71,7 +80,8 @@
       $("#status").innerHTML = NC.statusBadge(sweep.status);
       const c = sweep.counts;
       $("#progress").textContent = `${c.succeeded} of ${sweep.runs} runs succeeded; ${c.running} running, ${c.queued} queued`
-        + (c.failed ? `, ${c.failed} failed` : "") + (c.cancelled ? `, ${c.cancelled} cancelled` : "");
+        + (c.failed ? `, ${c.failed} failed` : "") + (c.cancelled ? `, ${c.cancelled} cancelled` : "")
+        + (c.timed_out ? `, ${c.timed_out} timed out` : "") + (c.deleted ? `, ${c.deleted} deleted` : "");
       $("#cancel").hidden = !["queued", "running"].includes(sweep.status);
       heatmap(report);
       const k = JSON.stringify(report.cells.map((x) => [x.n, x.final_mean]));
