@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from normcore.checkpoint import CheckpointInfo
+from normcore.client import SpecFileError, read_spec
 from normcore.engine import Callback, MetricRow, TrainingDiverged
 from normcore.spec import JobSpec, load_spec
 
@@ -53,6 +54,8 @@ class _ProgressCallback(Callback):
 
     def on_train_start(self, info: dict[str, Any]) -> None:
         self.epochs = info["epochs"]
+        if info["start_epoch"] >= self.epochs:  # resumed from the last epoch: no bar (the
+            return  # engine's log says the run is already complete), never "epoch 6/5"
         self.task = self.progress.add_task(
             f"epoch {info['start_epoch'] + 1}/{self.epochs}",
             total=info["total_steps"],
@@ -61,6 +64,8 @@ class _ProgressCallback(Callback):
         )
 
     def on_metrics(self, row: MetricRow) -> None:
+        if self.task is None:
+            return
         if row.split == "val":
             self.val = row.values
         elif row.split == "train":  # not the telemetry's "gap" rows (no loss in them)
@@ -112,7 +117,10 @@ def train_command(
 
     err = Console(stderr=True, soft_wrap=True)
     try:
-        spec = load_spec(spec_path)
+        spec = load_spec(read_spec(spec_path))  # read_spec: a one-line reason for a bad file
+    except SpecFileError as exc:
+        err.print(f"error: cannot read job spec {spec_path}: {exc}", markup=False)
+        raise typer.Exit(2) from None
     except ValidationError as exc:
         err.print(f"invalid job spec {spec_path}:", markup=False)
         for line in format_validation_error(exc):

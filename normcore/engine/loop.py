@@ -186,6 +186,13 @@ def _run(
     # the step runs the DDP wrapper; eval, precise BN and checkpoints use the model itself
     net = ddp.wrap(model) if ddp is not None else model
     _log_setup(spec, bundle, model, prec, deterministic, steps_per_epoch, cbs, world)
+    already_complete = completed >= spec.epochs
+    if already_complete:
+        cbs.log(
+            f"the run is already complete: the checkpoint holds epoch {completed} of "
+            f"{spec.epochs}, so there is nothing to train (raise epochs in the spec to train "
+            "further)"
+        )
     if deadline is not None:
         cbs.log(
             f"time limit {time_limit_s / 60:.2f} min: at it the run writes a checkpoint and "
@@ -202,6 +209,7 @@ def _run(
             "total_steps": total_steps,
             "start_epoch": completed,
             "start_step": step,
+            "already_complete": already_complete,
             "resumed_from": str(resumed_from) if resumed_from else None,
             "num_train": bundle.num_train,
             "num_val": bundle.num_val,

@@ -93,6 +93,41 @@ def test_batch_size_one_with_bn_explains_why(tmp_path: Path) -> None:
     assert "spec: batch_size 1 with norm 'bn'" in result.stderr
 
 
+def test_resume_latest_of_a_finished_run_shows_no_epoch_past_the_end(tmp_path: Path) -> None:
+    spec = {
+        "name": "done",
+        "model": {"arch": "lenet", "norm": "bn", "num_classes": 4},
+        "data": {"dataset": "synthetic", "num_samples": 40, "image_size": 16, "batch_size": 8},
+        "epochs": 2,
+    }
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    workdir = tmp_path / "run"
+    first = runner.invoke(app, ["train", str(path), "--workdir", str(workdir)])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(
+        app, ["train", str(path), "--workdir", str(workdir), "--resume", "latest"]
+    )
+    assert again.exit_code == 0, again.output
+    assert "already complete" in again.stdout and "nothing to train" in again.stdout
+    assert "epoch 3/2" not in again.output, again.output
+    assert "succeeded: 2 epochs" in again.stdout
+
+
+def test_bad_yaml_spec_is_one_line_error(tmp_path: Path) -> None:
+    for name, text in (
+        ("syntax.yaml", "model:\n  arch: lenet\n  norm: [1,2\n"),
+        ("tag.yaml", "seed: !!python/object/apply:os.system ['echo pwned']\n"),
+    ):
+        path = tmp_path / name
+        path.write_text(text)
+        result = runner.invoke(app, ["train", str(path), "--workdir", str(tmp_path / "run")])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: cannot read job spec {path}: ")
+        assert "invalid YAML" in lines[0] and "Traceback" not in result.output
+
+
 def test_unreadable_spec_exits_2(tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")

@@ -206,6 +206,31 @@ def test_resume_latest_without_checkpoints_starts_fresh(tmp_path: Path) -> None:
     assert any("starting from scratch" in line for line in rec.logs)
 
 
+def test_resume_of_a_finished_run_trains_nothing_and_says_so(tmp_path: Path) -> None:
+    spec = copy.deepcopy(SMALL_SPEC)
+    spec["epochs"] = 2
+    first = normcore.train(spec, tmp_path, [Recorder()])
+    assert first.epochs_completed == 2
+    rec = Recorder()
+    again = normcore.train(spec, tmp_path, [rec], resume="latest")
+    assert again.status == "succeeded"
+    assert (again.epochs_completed, again.global_step) == (2, first.global_step)
+    assert again.checkpoints == [] and rec.rows == []  # no step, no eval, no new checkpoint
+    assert again.metrics == first.metrics
+    assert rec.info is not None and rec.info["already_complete"] is True
+    assert rec.info["start_epoch"] == rec.info["epochs"] == 2
+    assert any(
+        "already complete" in line and "epoch 2 of 2" in line and "nothing to train" in line
+        for line in rec.logs
+    ), rec.logs
+    # a run resumed before its end is not "complete"
+    spec["epochs"] = 3
+    more = Recorder()
+    normcore.train(spec, tmp_path, [more], resume="latest")
+    assert more.info is not None and more.info["already_complete"] is False
+    assert {r.epoch for r in more.rows} == {3}
+
+
 def test_resume_under_another_thread_count_says_it_is_not_bit_identical(tmp_path: Path) -> None:
     spec = copy.deepcopy(SMALL_SPEC)
     spec["epochs"] = 2
