@@ -46,6 +46,8 @@ __all__ = [
     "dead_channels",
     "gap_probe",
     "gap_warning",
+    "gn_advice",
+    "gn_groups_for",
     "norm_layers",
     "relative_change",
     "uses_running_stats",
@@ -78,6 +80,29 @@ GAP_PROBE_SAMPLES_LARGE = 64
 COLLAPSE_EPS_FACTOR = 1.0
 # Samples of the fixed probe batch for batch-independent layers.
 ACT_PROBE_SAMPLES = 32
+# Group counts the advice may suggest, best first: Wu & He (2018) find 32 groups best, and
+# fewer groups (more channels per group) next; one channel per group is InstanceNorm.
+GN_GROUP_CHOICES = (32, 16, 8, 4, 2)
+
+
+def gn_groups_for(channels: Iterable[int]) -> int | None:
+    """The largest of :data:`GN_GROUP_CHOICES` that divides every channel count in ``channels``
+    and leaves more than one channel per group (LeNet's 8/16/128/64: 4; resnet20's 16/32/64:
+    8); None when none does or no count is known (counts of 0 are ignored)."""
+    counts = {int(c) for c in channels if c and int(c) > 0}
+    if not counts:
+        return None
+    for groups in GN_GROUP_CHOICES:
+        if all(c % groups == 0 and c // groups > 1 for c in counts):
+            return groups
+    return None
+
+
+def gn_advice(channels: Iterable[int]) -> str | None:
+    """The ``model.norm`` text of the GroupNorm to suggest for norm layers of these channel
+    counts (``"gn:4"``; see :func:`gn_groups_for`), or None when no group count fits them all."""
+    groups = gn_groups_for(channels)
+    return None if groups is None else f"gn:{groups}"
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -439,6 +464,8 @@ def gap_warning(
 
     running = [r for r in records if r.get("source") == "running"]
     names = [str(r["layer"]) for r in sorted(running, key=moved, reverse=True)[:top]]
+    gn = gn_advice(int(r.get("channels") or 0) for r in records)
+    try_gn = f'GroupNorm (model.norm "{gn}")' if gn is not None else 'LayerNorm (model.norm "ln")'
     acc = ""
     if "gap_accuracy" in gap:
         acc = (
@@ -448,8 +475,8 @@ def gap_warning(
     message = (
         f"train/eval gap: {acc}val loss {gap['val_loss_eval']:.4f} vs "
         f"{gap['val_loss_batch']:.4f}, at {per_device_batch} samples per device. The running "
-        f"statistics moved most in {', '.join(names) or 'no layer'}. Try GroupNorm "
-        '(model.norm "gn:8"), a larger data.batch_size, SyncBN over devices '
+        f"statistics moved most in {', '.join(names) or 'no layer'}. Try {try_gn}, "
+        "a larger data.batch_size, SyncBN over devices "
         "(resources.sync_bn with resources.gpus > 1), or precise BN "
         "(checkpoint.precise_bn_batches)."
     )

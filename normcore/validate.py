@@ -38,13 +38,16 @@ from normcore.models.size import count_parameters
 from normcore.registry import is_norm_layer, is_syncable, kind_of
 from normcore.resources import estimate_memory
 from normcore.spec import JobSpec, ModelSpec
+from normcore.telemetry import gn_advice
 
 __all__ = [
     "THRESHOLDS",
     "LayerReport",
     "ValidationReport",
     "ValidationWarning",
+    "check_norm_batch",
     "half_life",
+    "keeps_running_stats",
     "validate_spec",
 ]
 
@@ -156,6 +159,72 @@ class ValidationReport:
         return asdict(self)
 
 
+# --------------------------------------------------------------------------- the batch check
+
+
+def check_norm_batch(spec: JobSpec, info: DataInfo | None = None) -> None:
+    """Refuse a per-device batch the spec's norm layers cannot split as they must.
+
+    Split BN (``"split_bn:K"``) cuts each training batch into K equal splits and raises at the
+    first forward when ``data.batch_size`` is not a multiple of K. Every batch a layer sees in
+    training has exactly ``data.batch_size`` samples: the loader drops the last partial batch,
+    precise BN, recalibration and the gap probe use whole batches, and under data parallel
+    each process gets ``data.batch_size`` (split BN is never synced). So the per-device batch is
+    what must divide. With ``info`` (the data set, for the input size) a split of one sample is
+    refused too where a layer sees one value per channel (a 2-d feature or a 1x1 map): batch
+    statistics of one value have no variance. Ghost BN has no such constraint: a last, smaller
+    virtual batch is normalized on its own (merged into the one before if it is a single value).
+
+    Raises:
+        normcore.data.check.DataCheckError: at ("data", "batch_size"), saying why and what to
+            use instead.
+    """
+    from normcore.data.check import DataCheckError
+
+    parsed = parse_norm(spec.model.norm)
+    if getattr(parsed.entry, "name", None) != "split_bn":
+        return
+    splits = int(parsed.kwargs.get("num_splits", 2))
+    batch = spec.data.batch_size
+    norm = spec.model.norm if isinstance(spec.model.norm, str) else str(spec.model.norm)
+    flat = _flat_batch_layers(spec, info)
+    least = splits * (2 if flat else 1)  # the smallest batch every split can train on
+    if batch % splits:
+        lower, upper = batch - batch % splits, batch + splits - batch % splits
+        choices = f"{lower} or {upper}" if lower >= least else f"{max(upper, least)}"
+        raise DataCheckError(
+            ("data", "batch_size"),
+            f"data.batch_size {batch} is not divisible by the {splits} splits of model.norm "
+            f"{norm!r}: split BN cuts every training batch (per device) into {splits} equal "
+            f"parts and would fail at the first step. Use a data.batch_size of {choices}, or a "
+            "num_splits that divides it.",
+        )
+    if flat and batch < least:
+        raise DataCheckError(
+            ("data", "batch_size"),
+            f"data.batch_size {batch} with model.norm {norm!r} gives each split one sample, "
+            f"and {', '.join(flat[:4])}{' and more' if len(flat) > 4 else ''} see one value "
+            "per channel: batch statistics of a single value have no variance, so training "
+            f"fails at the first step. Use a data.batch_size of at least {least}.",
+        )
+
+
+def _flat_batch_layers(spec: JobSpec, info: DataInfo | None) -> list[str]:
+    """The batch-statistics norm layers that see one value per channel and sample (a 2-d
+    feature or a 1x1 map), from the cached shape trace; [] without ``info`` or when the trace
+    fails (its errors are :func:`validate_spec`'s to report)."""
+    if info is None:
+        return []
+    in_channels = spec.model.in_channels or info.channels
+    h, w = info.image_size
+    try:
+        model_json = _trace_model(spec.model).model_dump_json()
+        rows = _norm_layers(model_json, spec.data.batch_size, in_channels, h, w)
+    except Exception:
+        return []
+    return [row[0] for row in rows if row[9] and math.prod(row[4][2:]) == 1]
+
+
 # --------------------------------------------------------------------------- the shape trace
 
 
@@ -169,9 +238,35 @@ def _trace_model(model_spec: ModelSpec) -> ModelSpec:
     if getattr(parsed.entry, "name", None) != "split_bn":
         return model_spec
     stand_in: dict[str, Any] = {"type": "bn"}
-    if "momentum" in parsed.kwargs:
-        stand_in["momentum"] = parsed.kwargs["momentum"]
+    for key in ("momentum", "track_running_stats"):
+        if key in parsed.kwargs:
+            stand_in[key] = parsed.kwargs[key]
     return model_spec.model_copy(update={"norm": stand_in})
+
+
+@functools.lru_cache(maxsize=256)
+def _keeps_running_stats(model_json: str, in_channels: int) -> bool:
+    from normcore.models import build_model
+
+    spec = ModelSpec.model_validate_json(model_json)
+    with torch.device("meta"):
+        model = build_model(_trace_model(spec), in_channels=in_channels)
+    return any(
+        getattr(m, "track_running_stats", False) and getattr(m, "running_var", None) is not None
+        for m in model.modules()
+    )
+
+
+def keeps_running_stats(model_spec: ModelSpec, in_channels: int = 3) -> bool:
+    """Whether the model of ``model_spec`` has a layer keeping running statistics (a
+    ``running_var`` it tracks): what a recalibration (precise BN) recomputes, and the test the
+    worker applies before one. Built on the meta device (nothing allocated; cached). GroupNorm,
+    LayerNorm and the other batch-independent norms keep none.
+
+    Raises:
+        ValueError: the spec cannot be built.
+    """
+    return _keeps_running_stats(model_spec.model_dump_json(), in_channels)
 
 
 @functools.lru_cache(maxsize=256)
@@ -298,6 +393,8 @@ def _warnings(
     out: list[ValidationWarning] = []
     world = max(1, spec.resources.gpus)
     min_batch = int(THRESHOLDS["min_bn_batch"])
+    gn = gn_advice(r.num_channels for r in layers)  # a group count every norm layer fits
+    independent = f'"{gn}", "ln"' if gn is not None else '"ln"'
     small = [r for r in layers if r.batch_stats and (r.norm_batch or 0) < min_batch]
     if small:
         sizes = sorted({r.norm_batch for r in small if r.norm_batch is not None})
@@ -308,7 +405,7 @@ def _warnings(
                 f"variance from {', '.join(map(str, sizes))} sample(s) per step, under "
                 f"{min_batch}: below that BatchNorm's error rises steeply (Wu & He 2018) and "
                 "its running statistics drift from what eval sees. Try a larger "
-                'data.batch_size, a batch-independent norm ("gn:8", "ln")'
+                f"data.batch_size, a batch-independent norm ({independent})"
                 + (", or resources.sync_bn to pool all processes" if world > 1 else "")
                 + ".",
                 [r.name for r in small],
@@ -374,7 +471,8 @@ def _warnings(
             ValidationWarning(
                 "in_small_map",
                 f"InstanceNorm in {_names(tiny)} sees {', '.join(maps)} maps: {reason}. Use a "
-                'larger data.image_size, or "gn:8"/"ln" for these layers.',
+                f"larger data.image_size, or {independent.replace(', ', '/')} for these "
+                "layers.",
                 [r.name for r in tiny],
             )
         )
@@ -409,13 +507,15 @@ def validate_spec(
 
     Raises:
         pydantic.ValidationError: ``spec`` is a dict that is not a valid JobSpec.
-        normcore.data.check.DataCheckError: the data set cannot be described, or the model
-            cannot take its images (``loc`` names the field).
+        normcore.data.check.DataCheckError: the data set cannot be described, the model
+            cannot take its images, or its norm cannot take the per-device batch
+            (:func:`check_norm_batch`; ``loc`` names the field).
     """
     from normcore.data.check import DataCheckError
 
     spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
     info = info if info is not None else describe_data(spec, data_root)
+    check_norm_batch(spec, info)
     world = max(1, spec.resources.gpus)
     batch = spec.data.batch_size
     in_channels = spec.model.in_channels or info.channels

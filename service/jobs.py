@@ -209,20 +209,39 @@ def check_data_and_memory(spec: JobSpec, settings: Settings) -> DataInfo | None:
     return info
 
 
+def check_norm_batch(spec: JobSpec, info: DataInfo | None) -> None:
+    """Refuse (InvalidInput at ["data", "batch_size"]) a per-device batch the norm layers cannot
+    take: ``split_bn:K`` with a batch that K does not divide, or that gives a split of one
+    sample where a layer sees one value per channel (``normcore.validate.check_norm_batch``)."""
+    from normcore.data.check import DataCheckError
+    from normcore.validate import check_norm_batch as check
+
+    try:
+        check(spec, info)
+    except DataCheckError as exc:
+        raise InvalidInput(list(exc.loc), str(exc)) from None
+
+
 def run_checks(spec: JobSpec, settings: Settings) -> DataInfo | None:
     """The spec checks of ``submit`` that need no store: data path, keep_last, model size,
-    runtime cap, data set and memory budget. Returns the data set's description (None when
-    the memory estimate failed). Raises what each check raises (InvalidInput, OverMemoryBudget).
+    runtime cap, data set and memory budget, the norm's constraints on the batch. Returns the
+    data set's description (None when the memory estimate failed). Raises what each check
+    raises (InvalidInput, OverMemoryBudget).
     """
     check_data_path(spec, settings.data_root)
     disk.check_keep_last(spec, settings)
     check_model_size(spec, settings)
     check_runtime(spec, settings)
-    return check_data_and_memory(spec, settings)
+    info = check_data_and_memory(spec, settings)
+    check_norm_batch(spec, info)
+    return info
 
 
-def validate(spec: JobSpec, settings: Settings) -> ValidationReport:
-    """``POST /jobs/validate``: the submit checks, then ``normcore.validate.validate_spec``.
+def validate(spec: JobSpec, settings: Settings, store: Store) -> ValidationReport:
+    """``POST /jobs/validate``: the submit checks (those of :func:`run_checks`, and the GPU
+    capacity of this deployment's workers, :func:`check_gpu_capacity`), then
+    ``normcore.validate.validate_spec``. A job that would be accepted but wait for a gpu
+    worker says so in the report's notes.
 
     Raises InvalidInput (a bad field, or a model the shape trace cannot run) or
     OverMemoryBudget, as ``submit`` would.
@@ -231,8 +250,9 @@ def validate(spec: JobSpec, settings: Settings) -> ValidationReport:
     from normcore.validate import validate_spec
 
     info = run_checks(spec, settings)
+    waiting = check_gpu_capacity(spec, store, settings)
     try:
-        return validate_spec(spec, settings.data_root, info=info)
+        report = validate_spec(spec, settings.data_root, info=info)
     except DataCheckError as exc:
         raise InvalidInput(list(exc.loc), str(exc)) from None
     except Exception as exc:  # a meta-device op the model lacks: say so, never a 5xx
@@ -240,6 +260,9 @@ def validate(spec: JobSpec, settings: Settings) -> ValidationReport:
         raise InvalidInput(
             ["model"], f"the spec cannot be traced without training: {exc}"
         ) from None
+    if waiting is not None:
+        report.notes.append(f"the job would be accepted and wait: {waiting}")
+    return report
 
 
 def submit_warnings(
@@ -286,7 +309,9 @@ def submit(
 
     Checks, in order: data.path under the data root; checkpoint.keep_last under the server's
     bound; the model's parameter count; max_runtime under the server's cap; the spec against
-    its data set and its memory estimate against the budget; GPU capacity of the live workers;
+    its data set and its memory estimate against the budget; the norm's constraints on the
+    per-device batch (split BN's splits, :func:`check_norm_batch`); GPU capacity of the live
+    workers;
     the user's disk quota (:mod:`service.disk`). The warnings of ``normcore.validate`` (advice,
     never a refusal) are stored on a new job (``warnings``, source "validate"). Then one store
     transaction does idempotency and the active-job quota

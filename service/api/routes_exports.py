@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,8 +20,10 @@ from service.api.deps import OwnedJob, SettingsDep, StoreDep
 from service.api.examples import NOT_FOUND, UNAUTHORIZED, error_response
 from service.api.routes_checkpoints import CheckpointName, _checkpoint_or_404, _etag_matches
 from service.api.schemas import ArtifactOut, RecalibrateIn
+from service.errors import InvalidInput
 from service.store.exports import ArtifactKind, ArtifactRecord, ArtifactStatus
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["exports"])
 
 CERTIFICATE_HEADER = "X-Normcore-Certificate"
@@ -303,6 +306,29 @@ async def export_certificate(
     return JSONResponse(art.result, headers={CACHE_HEADER: "hit" if cached else "miss"})
 
 
+def _refuse_without_running_stats(spec: dict[str, Any], name: str) -> None:
+    """Raise InvalidInput (a 422 at ["path", "name"]) when the job's model keeps no running
+    statistics (GroupNorm, LayerNorm, ...): the worker would fail the recalibration with the
+    same reason. A spec that cannot be read or built here is left to the worker to judge."""
+    from normcore.spec import ModelSpec
+    from normcore.validate import keeps_running_stats
+
+    try:
+        model = ModelSpec.model_validate(spec.get("model") or {})
+        channels = model.in_channels or (spec.get("data") or {}).get("channels") or 3
+        keeps = keeps_running_stats(model, in_channels=int(channels))
+    except Exception as exc:  # a spec from an older release, or a meta-device gap
+        log.info("recalibrate: running statistics of the job's model not checked: %s", exc)
+        return
+    if not keeps:
+        norm = model.norm if isinstance(model.norm, str) else str(model.norm)
+        raise InvalidInput(
+            ["path", "name"],
+            f"checkpoint {name!r}: model.norm {norm!r} keeps no running statistics: nothing "
+            "to recalibrate (only batch-statistics norms such as BatchNorm keep them)",
+        )
+
+
 @router.post(
     "/jobs/{job_id}/checkpoints/{name}/recalibrate",
     summary="Recompute a checkpoint's BN statistics over K training batches (precise BN)",
@@ -320,6 +346,18 @@ async def export_certificate(
         },
         400: error_response(
             "Malformed JSON body", "malformed JSON body: invalid JSON; send a JSON object"
+        ),
+        422: error_response(
+            "The job's model keeps no running statistics (GroupNorm, LayerNorm, ...)",
+            [
+                {
+                    "loc": ["path", "name"],
+                    "msg": "checkpoint 'epoch-0001': model.norm 'gn:4' keeps no running "
+                    "statistics: nothing to recalibrate (only batch-statistics norms such as "
+                    "BatchNorm keep them)",
+                    "type": "value_error",
+                }
+            ],
         ),
         **_FAILED,
         **UNAUTHORIZED,
@@ -339,6 +377,7 @@ async def recalibrate_checkpoint(
     validation metrics (the list of checkpoints shows both). 202 with a Location to poll; 200
     with the result once it is built."""
     record = await run_in_threadpool(_checkpoint_or_404, store, job.id, name)
+    await run_in_threadpool(_refuse_without_running_stats, job.spec, name)
     art, cached = await run_in_threadpool(
         artifact_service.request_artifact,
         store,

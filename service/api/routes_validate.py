@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from normcore.spec import JobSpec
 from service import jobs as job_service
-from service.api.deps import CurrentUser, SettingsDep
+from service.api.deps import CurrentUser, SettingsDep, StoreDep
 from service.api.examples import SPEC_EXAMPLES, UNAUTHORIZED, error_response
 from service.api.schemas_validate import ValidateOut
 
@@ -91,9 +91,11 @@ EXAMPLE_REPORT = {
 async def validate_job(
     spec: Annotated[JobSpec, Body(openapi_examples=SPEC_EXAMPLES)],
     settings: SettingsDep,
+    store: StoreDep,
     user: CurrentUser,
 ) -> Any:
-    """Run the submit-time checks on ``spec`` (422 where the submit would refuse it), then report,
+    """Run the submit-time checks on ``spec`` (422 where the submit would refuse it, this
+    deployment's GPU workers included: a cuda job no gpu worker could ever take), then report,
     without training or storing anything: per norm layer the batch its statistics come from per
     device and globally (SyncBN: per-device x world size; ghost BN: its virtual batch), the map
     it sees, its momentum's half-life in steps; steps per epoch and in the run, the parameter
@@ -101,5 +103,5 @@ async def validate_job(
     a submitted job (``warnings``, source "validate").
     """
     del user  # signed-in users only; nothing of theirs is read
-    report = await run_in_threadpool(job_service.validate, spec, settings)
+    report = await run_in_threadpool(job_service.validate, spec, settings, store)
     return report.to_dict()
