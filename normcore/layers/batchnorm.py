@@ -182,8 +182,10 @@ class _BatchNorm(_NormBase, nn.modules.batchnorm._BatchNorm):
     def _average_factor(self) -> float | Tensor:
         """Count this batch and return the running-average factor (torch.nn's rule).
 
-        ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked`` as a 0-dim
-        float64 tensor: reading the count on the host would break a ``torch.compile`` graph.
+        ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked``: a Python
+        float in eager mode, as torch.nn (``F.batch_norm`` then blends exactly as torch.nn's),
+        a 0-dim float64 tensor while compiling (reading the count on the host would break a
+        ``torch.compile`` graph).
         """
         momentum = self.momentum
         if self.training and self.track_running_stats:
@@ -191,7 +193,9 @@ class _BatchNorm(_NormBase, nn.modules.batchnorm._BatchNorm):
             if nbt is not None:
                 nbt.add_(1)
                 if momentum is None:
-                    return nbt.double().reciprocal()
+                    if torch.compiler.is_compiling():
+                        return nbt.double().reciprocal()
+                    return 1.0 / float(nbt)
         return 0.0 if momentum is None else momentum
 
     def _cumulative_batch_norm(
@@ -252,10 +256,13 @@ class _BatchNorm(_NormBase, nn.modules.batchnorm._BatchNorm):
                 if nbt is not None:
                     nbt.add_(1)
                     if momentum is None:
-                        # 1 / count as a tensor: no host sync, no torch.compile graph break
-                        return self._cumulative_batch_norm(
-                            input, running_mean, running_var, nbt.double().reciprocal()
-                        )
+                        if torch.compiler.is_compiling():
+                            # 1 / count as a tensor: no torch.compile graph break
+                            return self._cumulative_batch_norm(
+                                input, running_mean, running_var, nbt.double().reciprocal()
+                            )
+                        # torch.nn's float factor: its kernel blends in double, bit for bit
+                        factor = 1.0 / float(nbt)
             else:
                 running_mean = running_var = None
         return F.batch_norm(

@@ -1,7 +1,10 @@
 """Implementations of the channel-dim norms, picked per device, memory layout and dtype.
 
 LayerNorm2d and RMSNorm2d normalize over C at each position of an (N, C, H, W) map,
-InstanceNorm2d over (H, W) of each channel, RMSNorm over the trailing dims. Each has a ``torch``
+``instance_norm_2d`` over (H, W) of each channel, ``rms_norm`` over the trailing dims. The twins
+of torch.nn (InstanceNorm1d/2d/3d, RMSNorm) do not use these routes: a twin's outputs and
+gradients are bit-identical to torch.nn's, so it runs torch.nn's own computation, and the routes
+below reduce in another order (equal to rounding, not to the bit). Each has a ``torch``
 implementation (torch's own kernels, with permutes where the kernel wants the normalized dim
 last) and faster ones written for a layout:
 

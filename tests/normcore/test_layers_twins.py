@@ -47,11 +47,16 @@ def _randomize(module: nn.Module, gen: torch.Generator) -> None:
                 b.copy_(torch.rand(b.shape, generator=gen, dtype=b.dtype) + 0.5)
 
 
-def _close(a: Tensor | None, b: Tensor | None, tol: float, what: str) -> None:
+def _close(a: Tensor | None, b: Tensor | None, tol: float | None, what: str) -> None:
+    """``a`` and ``b`` agree within ``tol``; bit for bit (``torch.equal``) when ``tol`` is None."""
     assert (a is None) == (b is None), what
     if a is not None and b is not None:
         assert a.shape == b.shape and a.dtype == b.dtype, what
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+        if tol is None:
+            diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+            assert torch.equal(a, b), f"{what}: not bit-identical, max |diff| = {diff:.3g}"
+        else:
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
 def check_twin(
@@ -62,16 +67,20 @@ def check_twin(
     layout: str,
     steps: int = STEPS,
     transform: Callable[[Tensor], Tensor] | None = None,
+    exact: bool = True,
 ) -> None:
     """Train both modules ``steps`` times on the same data, then eval; compare everything.
 
+    Outputs, input and parameter gradients and buffers must be bit-identical (``torch.equal``):
+    a twin runs torch.nn's computation. ``exact=False`` compares within ``TOL`` instead, for a
+    layer checked against a torch.nn layer that computes the same thing another way.
     ``transform`` maps our input to theirs and their output back (e.g. a permutation).
     """
     gen = torch.Generator().manual_seed(0)
     ours, theirs = ours.to(dtype), theirs.to(dtype)
     _randomize(theirs, gen)
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    tol = TOL[dtype]
+    tol = None if exact else TOL[dtype]
     t = transform or (lambda v: v)
     for mode in ["train"] * steps + ["eval"]:
         ours.train(mode == "train")
@@ -134,6 +143,57 @@ def test_batchnorm_bias_false_twin() -> None:
         torch.float64,
         "contiguous",
     )
+
+
+SYNC_SHAPES = [(5, 3), (4, 3, 5), (4, 3, 5, 4), (3, 3, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
+@pytest.mark.parametrize("shape", SYNC_SHAPES, ids=["2D", "3D", "4D", "5D"])
+def test_syncbatchnorm_single_process_twin(shape, momentum, track, layout, dtype) -> None:
+    """Without a process group, SyncBatchNorm is torch.nn.SyncBatchNorm bit for bit."""
+    kw = {"momentum": momentum, "track_running_stats": track}
+    check_twin(L.SyncBatchNorm(3, **kw), nn.SyncBatchNorm(3, **kw), shape, dtype, layout)
+
+
+HALF = [torch.float16, torch.bfloat16]
+# (ours, theirs, input shape): the twins torch.nn runs in float16/bfloat16 on CPU
+HALF_CASES = [
+    (lambda: L.BatchNorm2d(3), lambda: nn.BatchNorm2d(3), (4, 3, 3, 3)),
+    (lambda: L.BatchNorm1d(3, momentum=None), lambda: nn.BatchNorm1d(3, momentum=None), (5, 3)),
+    (
+        lambda: L.InstanceNorm2d(3, affine=True, track_running_stats=True),
+        lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+        (2, 3, 4, 5),
+    ),
+    (lambda: L.InstanceNorm2d(3), lambda: nn.InstanceNorm2d(3), (2, 3, 4, 5)),
+    (
+        lambda: L.InstanceNorm1d(3, affine=True),
+        lambda: nn.InstanceNorm1d(3, affine=True),
+        (2, 3, 6),
+    ),
+    (lambda: L.RMSNorm(6), lambda: nn.RMSNorm(6), (4, 6)),
+    (lambda: L.RMSNorm((2, 3), eps=1e-3), lambda: nn.RMSNorm((2, 3), eps=1e-3), (4, 2, 3)),
+    (lambda: L.GroupNorm(3, 6), lambda: nn.GroupNorm(3, 6), (2, 6, 3, 3)),
+    (lambda: L.LayerNorm(6), lambda: nn.LayerNorm(6), (3, 6)),
+]
+HALF_IDS = ["bn2d", "bn1d-mNone", "in2d-track", "in2d", "in1d", "rms", "rms-2dims", "gn", "ln"]
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+@pytest.mark.parametrize("dtype", HALF, ids=["f16", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("ours", "theirs", "shape"), HALF_CASES, ids=HALF_IDS)
+def test_half_precision_twin(ours, theirs, shape, layout, dtype) -> None:
+    """Where torch.nn runs a norm in float16/bfloat16 on CPU, the twin is bit-identical too.
+
+    (LocalResponseNorm is not here on purpose: normcore's computes half input in float32,
+    where torch's overflows to zeros, and runs 4-D/5-D half input torch's CPU pooling refuses.)
+    """
+    check_twin(ours(), theirs(), shape, dtype, layout, steps=2)
 
 
 IN_CASES = [
@@ -215,6 +275,7 @@ def test_layernorm2d_matches_layernorm_on_permuted_input(affine, layout, dtype) 
         dtype,
         layout,
         transform=_to_nhwc,
+        exact=False,
     )
 
 
@@ -241,11 +302,11 @@ def test_frozen_matches_eval_batchnorm(layout, dtype) -> None:
     x1 = _layout(base, layout).requires_grad_()
     x2 = _layout(base, layout).requires_grad_()
     y1, y2 = frozen(x1), bn(x2)
-    _close(y1, y2, TOL[dtype], "output")
+    _close(y1, y2, None, "output")
     g = torch.randn(y1.shape, generator=gen, dtype=dtype)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
-    _close(x1.grad, x2.grad, TOL[dtype], "input grad")
+    _close(x1.grad, x2.grad, None, "input grad")
     assert list(frozen.parameters()) == []
     assert all(not b.requires_grad for b in frozen.buffers())
     # the statistics did not move
