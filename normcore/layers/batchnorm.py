@@ -261,7 +261,8 @@ class _BatchNorm(_NormBase, nn.modules.batchnorm._BatchNorm):
                             return self._cumulative_batch_norm(
                                 input, running_mean, running_var, nbt.double().reciprocal()
                             )
-                        # torch.nn's float factor: its kernel blends in double, bit for bit
+                        # the Python float torch.nn passes: F.batch_norm then updates the buffers
+                        # bit for bit as torch.nn (a tensor factor is rounded to float32 first)
                         factor = 1.0 / float(nbt)
             else:
                 running_mean = running_var = None
