@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.harness import Stack, wait_for
@@ -191,6 +193,13 @@ def test_compare_two_jobs(browser: Any, stack: Stack, finished_jobs: dict[str, s
         name = page.locator("#finals tbody a.truncate").first
         assert "ui-bn" in (name.get_attribute("title") or "")
         screenshot(page, "compare")
+        # On the epoch axis: the legend names it, and the hint names the styles drawn there.
+        assert page.inner_text("#styles-hint").startswith("Solid: train")
+        page.select_option("#xaxis", "epoch")
+        page.wait_for_selector("#chart-loss .u-legend")
+        assert page.inner_text("#chart-loss .u-legend tr.u-series >> nth=0").startswith("epoch")
+        assert page.inner_text("#styles-hint").startswith("Dotted: train (epoch average)")
+        screenshot(page, "compare-epoch")
         assert refused == []
     finally:
         context.close()
@@ -281,6 +290,68 @@ def test_second_user_sees_none_of_the_first_users_jobs(
         page.goto(f"/ui/jobs/{finished_jobs['bn']}")
         page.wait_for_selector("#error:has-text('not found')")
         assert page.locator("#chart-loss canvas").count() == 0
+        assert refused == []
+    finally:
+        context.close()
+
+
+def _npz(n: int = 64) -> bytes:
+    """A small grey .npz set (8x8 images, 4 classes)."""
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    np.savez(buf, x=rng.integers(0, 255, (n, 8, 8), dtype=np.uint8), y=np.arange(n) % 4)
+    return buf.getvalue()
+
+
+def test_job_page_before_the_first_evaluation_failed_before_step_1_and_missing(
+    browser: Any, stack: Stack, finished_jobs: dict[str, str]
+) -> None:
+    # split BN (a BatchNorm kind whose aux_bn.* are BatchNorm2d parts of it), long enough to
+    # be watched between its start record and its first evaluation, then cancelled
+    split = job_spec("ui-split-running", "split_bn:4", samples=40_000, epochs=1)
+    split["data"]["batch_size"] = 8
+    running = submit(stack, split)
+    # queued behind it: a set that reads at submit and is cut in half before the worker reads
+    # it, so the job fails before its first step
+    npz = stack.env.data_root / "sets" / "ui-bad.npz"
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    npz.write_bytes(_npz())
+    bad_spec = job_spec("ui-fail-early", "gn:2", epochs=1)
+    bad_spec["data"] = {"dataset": "npz", "path": "sets/ui-bad.npz", "batch_size": 16}
+    failed = submit(stack, bad_spec)
+    npz.write_bytes(_npz()[:200])
+    context, page, refused = offline_page(browser, stack.url)
+    try:
+        sign_in(page, stack.token)
+        page.goto(f"/ui/jobs/{running}")
+        # a BatchNorm kind without a gap row yet: not measured, not "no batch statistics"
+        page.wait_for_selector("#norms-note:has-text('No gap measured yet')", timeout=60_000)
+        note = page.inner_text("#norms-note")
+        assert "no layer uses batch statistics" not in note
+        assert note.startswith("4 norm layers."), note  # not 16: aux_bn.* are parts
+        page.wait_for_selector("#chart-dead .u-legend")
+        assert "conv1.norm > aux_bn.0" in page.inner_text("#chart-dead .u-legend")
+        assert "No gap measured yet" in page.inner_text("#chart-gap .chart-empty")
+        page.locator("#norms-section").scroll_into_view_if_needed()
+        screenshot(page, "norm-panel-before-eval")
+        with stack.client() as c:
+            assert c.post(f"/jobs/{running}/cancel").status_code in (200, 202)
+        assert wait_finished(stack, failed)["status"] == "failed"
+
+        page.goto(f"/ui/jobs/{failed}")
+        page.wait_for_selector("#chart-loss .chart-empty:has-text('failed before its first step')")
+        assert "failed before" in page.inner_text("#chart-acc .chart-empty")
+        screenshot(page, "job-failed-before-step-1")
+
+        page.goto(f"/ui/jobs/{finished_jobs['gn']}")  # GroupNorm: truly no batch statistics
+        page.wait_for_selector("#norms-note:has-text('no layer uses batch statistics')")
+
+        page.goto("/ui/jobs/deadbeef")
+        page.wait_for_selector("#error:has-text('not found')")
+        page.wait_for_selector("#back-to-jobs", state="visible")
+        for hidden in ("#labels-section", "#labels-save", "#chart-loss", "#norms-section", "#log"):
+            assert page.locator(hidden).is_hidden(), hidden
+        screenshot(page, "job-missing")
         assert refused == []
     finally:
         context.close()

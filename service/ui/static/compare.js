@@ -26,6 +26,7 @@
     const loss = new Charts.Curves($("#chart-loss"), "loss");
     const acc = new Charts.Curves($("#chart-acc"), "accuracy");
     loss.xLabel = acc.xLabel = x;
+    const drawn = new Set(); // the line styles (roles) on the charts, for the hint
     jobs.forEach((j, i) => {
       const color = NC.PALETTE[i % NC.PALETTE.length];
       for (const r of j.rows) {
@@ -35,11 +36,15 @@
         for (const [k, v] of Object.entries(r.values || {})) {
           const s = Charts.seriesOf(r.split, k);
           if (!s.chart) continue;
+          drawn.add(s.role);
           (s.chart === "loss" ? loss : acc).add(`${label(j, i)} ${s.label}`, xv, v, color, s.dash);
         }
       }
     });
     for (const c of [loss, acc]) c.redraw();
+    const styles = [["train", "solid: train (per step)"], ["train (epoch)", "dotted: train (epoch average)"], ["val", "dashed: val"]];
+    const hint = styles.filter(([role]) => drawn.has(role)).map(([, text]) => text).join(", ");
+    $("#styles-hint").textContent = (hint ? hint[0].toUpperCase() + hint.slice(1) + "; " : "") + "one colour per job.";
   }
   $("#xaxis").onchange = draw;
   draw();

@@ -13,8 +13,8 @@ NCJob.onJob = (fn) => { NCJob.listeners.push(fn); if (NCJob.job) fn(NCJob.job); 
   const MAX_POINTS = 2000;
   const loss = new Charts.Curves($("#chart-loss"), "loss");
   const acc = new Charts.Curves($("#chart-acc"), "accuracy");
-  const seen = [];
   let finished = false;
+  const FINISHED = ["succeeded", "failed", "cancelled", "timed_out"];
 
   function addRow(row) {
     for (const [k, y] of Object.entries(row.values || {})) {
@@ -22,6 +22,7 @@ NCJob.onJob = (fn) => { NCJob.listeners.push(fn); if (NCJob.job) fn(NCJob.job); 
       const s = Charts.seriesOf(row.split, k);
       if (s.chart) (s.chart === "loss" ? loss : acc).add(s.label, row.step, y, s.color, s.dash);
     }
+    if (loaded && NCJob.job && !acc.points()) acc.setEmpty(emptyText(NCJob.job, acc));
   }
   function showJob(job) {
     document.title = `${job.name} - normcore`;
@@ -77,10 +78,46 @@ NCJob.onJob = (fn) => { NCJob.listeners.push(fn); if (NCJob.job) fn(NCJob.job); 
     return job;
   }
 
+  // No such job (or another user's): only the message and a way back, no panels or forms.
+  function notFound(message) {
+    for (const el of document.querySelectorAll("main > *")) el.hidden = true;
+    const h1 = $("main > h1");
+    h1.textContent = "Job not found";
+    h1.hidden = false;
+    const p = $("#error").parentElement;
+    p.hidden = false;
+    $("#error").textContent = message;
+    const back = document.createElement("p");
+    back.innerHTML = '<a href="/ui/" id="back-to-jobs">Back to the jobs list</a>';
+    p.after(back);
+    document.title = "Job not found - normcore";
+  }
+  // What an empty loss or accuracy chart says: why it has no point (once the history is read).
+  let loaded = false;
+  function emptyText(job, chart) {
+    const over = FINISHED.includes(job.status);
+    if (chart === acc && loss.points()) {
+      return over ? "No accuracy rows (the job ended before its first evaluation)." : "No accuracy yet (measured at each evaluation).";
+    }
+    if (!over) return "No metric rows yet.";
+    return job.status === "failed" ? "No metric rows (the job failed before its first step)."
+      : `No metric rows (the job ended ${job.status} before its first step).`;
+  }
+  function showEmpty(j) {
+    if (!loaded) return;
+    for (const c of [loss, acc]) { c.setEmpty(emptyText(j, c)); if (!c.points()) c.redraw(); }
+  }
+  NCJob.onJob(showEmpty);
+
   let job;
-  try { job = await refresh(); } catch (e) { $("#error").textContent = e.message; return; }
+  try { job = await refresh(); } catch (e) {
+    if (e.status === 404) notFound(e.message); else $("#error").textContent = e.message;
+    return;
+  }
   const page = await NC.api(`${base}/metrics?max_points=${MAX_POINTS}`);
   page.items.forEach(addRow);
+  loaded = true;
+  showEmpty(job);
   loss.redraw(); acc.redraw();
   let after = page.next;
 
@@ -89,7 +126,7 @@ NCJob.onJob = (fn) => { NCJob.listeners.push(fn); if (NCJob.job) fn(NCJob.job); 
       await NC.events(`${base}/events?after=${after}`, (ev, data, eid) => {
         if (ev === "metric") { addRow(data); after = Math.max(after, data.seq); }
         else if (ev === "status") {
-          finished = ["succeeded", "failed", "cancelled", "timed_out"].includes(data.status);
+          finished = FINISHED.includes(data.status);
           refresh().catch(() => {});
         }
       });
