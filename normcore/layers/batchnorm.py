@@ -193,7 +193,8 @@ class _BatchNorm(_NormBase, nn.modules.batchnorm._BatchNorm):
             if nbt is not None:
                 nbt.add_(1)
                 if momentum is None:
-                    if torch.compiler.is_compiling():
+                    # compiling: no host read, no graph break; meta (a shape trace): no value
+                    if torch.compiler.is_compiling() or nbt.device.type == "meta":
                         return nbt.double().reciprocal()
                     return 1.0 / float(nbt)
         return 0.0 if momentum is None else momentum
@@ -256,8 +257,9 @@ class _BatchNorm(_NormBase, nn.modules.batchnorm._BatchNorm):
                 if nbt is not None:
                     nbt.add_(1)
                     if momentum is None:
-                        if torch.compiler.is_compiling():
-                            # 1 / count as a tensor: no torch.compile graph break
+                        if torch.compiler.is_compiling() or nbt.device.type == "meta":
+                            # 1 / count as a tensor: no torch.compile graph break, and no host
+                            # read of a meta tensor (normcore.validate's shape trace)
                             return self._cumulative_batch_norm(
                                 input, running_mean, running_var, nbt.double().reciprocal()
                             )
