@@ -948,7 +948,7 @@ def _sweep_summary(sweep: dict[str, Any]) -> str:
 
 def _watch_sweep(client: Any, sweep: dict[str, Any]) -> dict[str, Any]:
     """A progress bar over the sweep's runs (ended / all) until every run ended."""
-    ended = ("succeeded", "failed", "cancelled", "timed_out")
+    ended = ("succeeded", "failed", "cancelled", "timed_out", "deleted")
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(bar_width=20),

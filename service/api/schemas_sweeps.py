@@ -34,7 +34,10 @@ class SweepOut(BaseModel):
     status: str = Field(description="queued, running, succeeded, failed or cancelled.")
     runs: int = Field(description="Cells x seeds.")
     released: int = Field(description="Runs handed to the submit path so far.")
-    counts: dict[str, int] = Field(description="The sweep's jobs per status.")
+    counts: dict[str, int] = Field(
+        description="The sweep's runs per status of their job; `deleted`: runs whose job went "
+        "away after the sweep released every run (ended, no value)."
+    )
     cancel_requested: bool
     concurrency: int
     metric: str
