@@ -81,7 +81,9 @@ class ModelSpec(_Strict):
         '"evo_s0:8", "split_bn:2", "none", "bn(momentum=0.01)", or a dict such as '
         '{"type": "batch", "momentum": 0.01}. edsr defaults to "none". At most 200 '
         "characters; arguments are bounded (normcore.norm_bounds: split_bn at most 16 splits, "
-        "groups at most 8192, finite numbers; device and dtype are the service's).",
+        "groups at most 8192, finite numbers; device and dtype are the service's). "
+        "split_bn:K needs data.batch_size divisible by K, with more than one sample per split "
+        "where a layer sees one value per channel (normcore.validate.check_norm_batch).",
     )
     conv: Literal["standard", "std"] = Field(
         default="standard",
