@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from normcore.checkpoint import CheckpointInfo
-from normcore.client import SpecFileError, read_spec
 from normcore.engine import Callback, MetricRow, TrainingDiverged
 from normcore.spec import JobSpec, load_spec
+from normcore.specfile import SpecFileError
 
 __all__ = ["app", "format_validation_error", "main", "train_command"]
 
@@ -117,7 +117,7 @@ def train_command(
 
     err = Console(stderr=True, soft_wrap=True)
     try:
-        spec = load_spec(read_spec(spec_path))  # read_spec: a one-line reason for a bad file
+        spec = load_spec(spec_path)
     except SpecFileError as exc:
         err.print(f"error: cannot read job spec {spec_path}: {exc}", markup=False)
         raise typer.Exit(2) from None

@@ -7,11 +7,12 @@ what to change. ``JobSpec.model_json_schema()`` is the reference the README is g
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from normcore.specfile import read_spec
 
 # A path component longer than this is refused by Linux (NAME_MAX) and by most file systems.
 MAX_PATH_COMPONENT_BYTES = 255
@@ -416,24 +417,16 @@ class JobSpec(_Strict):
 
 
 def load_spec(source: str | Path | dict[str, Any] | JobSpec) -> JobSpec:
-    """Read a JobSpec from a dict, a JSON/YAML file path, or return it unchanged."""
+    """Read a JobSpec from a dict, a JSON/YAML file path, or return it unchanged.
+
+    Raises ``normcore.specfile.SpecFileError`` (a ValueError, one-line reason) for a file that
+    cannot be used, pydantic's ValidationError for a spec it holds that is not valid.
+    """
     if isinstance(source, JobSpec):
         return source
     if isinstance(source, dict):
         return JobSpec.model_validate(source)
-    path = Path(source)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{path}: a job spec must be a JSON/YAML object, got {type(data).__name__}"
-        )
-    return JobSpec.model_validate(data)
+    return JobSpec.model_validate(read_spec(source))
 
 
 def spec_json_schema() -> dict[str, Any]:
