@@ -671,7 +671,7 @@ def jobs(
 
 def _jobs_table(listed: list[dict[str, Any]]) -> Table:
     """The jobs as a table: id, name, status, try, queue, created, and an owner column (the
-    owner's name where the API gives one, else its id) when more than one owner is listed."""
+    owner's id: the API gives no name) when more than one owner is listed."""
     owners = {str(job.get("owner_id")) for job in listed}
     show_owner = len(owners) > 1
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -682,11 +682,9 @@ def _jobs_table(listed: list[dict[str, Any]]) -> Table:
     for column in ("status", "try", "queue", "created"):
         table.add_column(column, no_wrap=True)
     for job in listed:
-        name = job.get("owner_name")
-        owner = [name if isinstance(name, str) and name else _fmt(job.get("owner_id"))]
         table.add_row(
             job["id"],
-            *(owner if show_owner else []),
+            *([_fmt(job.get("owner_id"))] if show_owner else []),
             job["name"],
             job["status"],
             str(job["attempt"]),
