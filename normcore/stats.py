@@ -28,6 +28,7 @@ from normcore.layers.frozen import FrozenBatchNorm2d
 
 __all__ = [
     "check_norm_buffers",
+    "has_recalibratable_layers",
     "norm_stats",
     "norm_stats_from_state_dict",
     "recalibrate_bn",
@@ -54,6 +55,14 @@ def _recalibratable(m: nn.Module) -> bool:
         return False
     has_mean, has_var = _stat_tensors(m)
     return has_var and (has_mean or not hasattr(m, "running_mean"))
+
+
+def has_recalibratable_layers(model: nn.Module) -> bool:
+    """Whether ``recalibrate_bn`` would recompute anything in ``model``: a layer keeping running
+    statistics it can recompute (BatchNorm and its kin, a tracked InstanceNorm). False for a
+    model of batch-independent norms (GroupNorm, LayerNorm, ...) or frozen ones. Works on the
+    meta device (it reads no values)."""
+    return any(_recalibratable(m) for m in model.modules())
 
 
 def _stat_tensors(m: nn.Module) -> tuple[bool, bool]:

@@ -247,21 +247,19 @@ def _trace_model(model_spec: ModelSpec) -> ModelSpec:
 @functools.lru_cache(maxsize=256)
 def _keeps_running_stats(model_json: str, in_channels: int) -> bool:
     from normcore.models import build_model
+    from normcore.stats import has_recalibratable_layers
 
     spec = ModelSpec.model_validate_json(model_json)
     with torch.device("meta"):
         model = build_model(_trace_model(spec), in_channels=in_channels)
-    return any(
-        getattr(m, "track_running_stats", False) and getattr(m, "running_var", None) is not None
-        for m in model.modules()
-    )
+    return has_recalibratable_layers(model)
 
 
 def keeps_running_stats(model_spec: ModelSpec, in_channels: int = 3) -> bool:
-    """Whether the model of ``model_spec`` has a layer keeping running statistics (a
-    ``running_var`` it tracks): what a recalibration (precise BN) recomputes, and the test the
-    worker applies before one. Built on the meta device (nothing allocated; cached). GroupNorm,
-    LayerNorm and the other batch-independent norms keep none.
+    """Whether the model of ``model_spec`` has a layer keeping running statistics that a
+    recalibration (precise BN) recomputes: ``normcore.stats.has_recalibratable_layers``, the
+    test the worker applies before one. Built on the meta device (nothing allocated; cached).
+    GroupNorm, LayerNorm and the other batch-independent norms keep none.
 
     Raises:
         ValueError: the spec cannot be built.

@@ -257,17 +257,14 @@ def recalibrate_checkpoint(
     from safetensors.torch import save as st_save
 
     from normcore.checkpoint import MODEL_FILE, load_model, read_model_header
-    from normcore.stats import recalibrate_bn
+    from normcore.stats import has_recalibratable_layers, recalibrate_bn
 
     if batches < 1:
         raise ValueError(f"batches must be at least 1, got {batches}")
     folder = Path(folder)
     spec, meta, bundle = _spec_and_data(folder, data_root)
     model = _model_of(load_model(folder)).float().eval()
-    if not any(
-        getattr(m, "track_running_stats", False) and getattr(m, "running_var", None) is not None
-        for m in model.modules()
-    ):
+    if not has_recalibratable_layers(model):
         raise ValueError(
             f"model.norm {spec.model.norm!r} keeps no running statistics: nothing to recalibrate"
         )

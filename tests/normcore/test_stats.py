@@ -250,3 +250,18 @@ def test_stats_drift_between_reports() -> None:
     statuses = {r["name"]: r["status"] for r in stats_drift(before, renamed)}
     assert statuses["1"] == "only_a" and statuses["renamed"] == "only_b"
     json.dumps(stats_drift(before, renamed), allow_nan=False)
+
+
+def test_has_recalibratable_layers_is_what_recalibrate_bn_would_touch() -> None:
+    """The test the worker and the recalibrate route apply before a precise-BN build."""
+    from normcore.stats import has_recalibratable_layers
+
+    assert has_recalibratable_layers(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    assert has_recalibratable_layers(nn.Sequential(nn.InstanceNorm2d(4, track_running_stats=True)))
+    assert not has_recalibratable_layers(nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4)))
+    assert not has_recalibratable_layers(
+        nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False))
+    )
+    assert not has_recalibratable_layers(nn.Sequential(nn.InstanceNorm2d(4)))
+    with torch.device("meta"):  # reads no values: validate builds its model on meta
+        assert has_recalibratable_layers(nn.Sequential(nn.BatchNorm2d(4)))
