@@ -2,7 +2,7 @@
 
 from normcore.checkpoint import CheckpointInfo
 from normcore.engine.callbacks import Callback, MetricRow, TrainingDiverged, TrainResult
-from normcore.engine.loop import train
+from normcore.engine.loop import epoch_metric_names, train
 
 __all__ = [
     "Callback",
@@ -10,5 +10,6 @@ __all__ = [
     "MetricRow",
     "TrainResult",
     "TrainingDiverged",
+    "epoch_metric_names",
     "train",
 ]

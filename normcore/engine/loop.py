@@ -468,11 +468,26 @@ class _TrainRows:
         self.t0 = time.perf_counter()
 
 
+def score_name(task: str) -> str:
+    """The name of a task's score in metric rows: "psnr" (dB) for super_resolution, else
+    "accuracy" (top-1)."""
+    return "psnr" if task == "super_resolution" else "accuracy"
+
+
+def epoch_metric_names(task: str) -> list[str]:
+    """The value keys of the per-epoch "val" rows a run of ``task`` writes: loss and score over
+    the val split, then over the epoch's training batches (``val_accuracy``, ``val_loss``,
+    ``train_accuracy``, ``train_loss`` for classification; psnr for super-resolution)."""
+    score = score_name(task)
+    return [f"val_{score}", "val_loss", f"train_{score}", "train_loss"]
+
+
 class _Meter:
     """Running sums over an epoch (or the val split) kept on the device: no sync per step."""
 
     def __init__(self, task: str, device: torch.device) -> None:
         self.sr = task == "super_resolution"
+        self.score = score_name(task)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.score_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.count = 0
@@ -487,7 +502,6 @@ class _Meter:
             self.score_sum += (out.detach().argmax(1) == y).sum()
 
     def values(self, prefix: str, ddp: DistContext | None = None) -> dict[str, float]:
-        score = "psnr" if self.sr else "accuracy"
         if ddp is None:
             loss_sum, score_sum, count = self.loss_sum.item(), self.score_sum.item(), self.count
         else:  # sums over every rank's samples
@@ -497,7 +511,7 @@ class _Meter:
             totals = ddp.all_reduce_sum(torch.stack([self.loss_sum, self.score_sum, count_t]))
             loss_sum, score_sum, count = totals.tolist()
         n = max(count, 1)
-        return {f"{prefix}loss": loss_sum / n, f"{prefix}{score}": score_sum / n}
+        return {f"{prefix}loss": loss_sum / n, f"{prefix}{self.score}": score_sum / n}
 
 
 def _psnr(out: Tensor, target: Tensor) -> Tensor:

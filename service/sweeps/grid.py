@@ -248,11 +248,10 @@ def spec_dict(request: SweepRequest, run: Run) -> dict[str, Any]:
 
 def recorded_metrics(spec: JobSpec) -> list[str]:
     """The keys of the per-epoch "val" rows a job of ``spec`` writes (what a sweep's ``metric``
-    may name): the engine's loss and score over the val split and over the epoch's training
-    batches (``normcore.engine.loop``: ``_Meter.values`` with prefixes "val_" and "train_"),
-    the score being accuracy for classification and PSNR (dB) for super-resolution."""
-    score = "psnr" if spec.task == "super_resolution" else "accuracy"
-    return [f"val_{score}", "val_loss", f"train_{score}", "train_loss"]
+    may name): ``normcore.engine.epoch_metric_names`` of its task."""
+    from normcore.engine import epoch_metric_names  # torch: imported once a spec is checked
+
+    return epoch_metric_names(spec.task)
 
 
 def build_spec(request: SweepRequest, run: Run) -> JobSpec:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import normcore
 from normcore.checkpoint import CheckpointInfo, list_checkpoints, read_meta, verify_checkpoint
-from normcore.engine import Callback, MetricRow, TrainingDiverged, TrainResult
+from normcore.engine import Callback, MetricRow, TrainingDiverged, TrainResult, epoch_metric_names
 from normcore.engine.optim import param_groups
 from normcore.engine.schedule import lr_at
 from normcore.spec import OptimSpec
@@ -368,6 +368,9 @@ def test_every_model_and_norm_trains_a_step(arch: str, norm: str, tmp_path: Path
     assert all(torch.isfinite(torch.tensor(v)) for v in val[0].values.values())
     score = "val_psnr" if arch == "edsr" else "val_accuracy"
     assert score in val[0].values
+    # what a sweep's metric may name (service.sweeps.grid.recorded_metrics)
+    task = "super_resolution" if arch == "edsr" else "classification"
+    assert set(epoch_metric_names(task)) <= set(val[0].values), val[0].values
     verify_checkpoint(result.checkpoints[-1].path)
 
 
